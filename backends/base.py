@@ -1,0 +1,148 @@
+"""The backend interface and what the backends share.
+
+A backend owns what differs between single-process, DDP, FSDP2 and ZeRO: wrapping or
+sharding the model, building the optimizer around the (possibly sharded) parameters,
+backward (loss scaling, gradient sync), the optimizer step (clipping, grad norm) and
+gathering consolidated weights. The trainer owns everything else.
+
+Loss contract: `backward(loss)` receives the loss already normalised by the *global*
+number of target tokens of the optimizer step (sum of token losses / global count). Each
+backend undoes whatever averaging its gradient reduction applies, so the summed gradient is
+exactly the gradient of the global token-mean loss.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Iterable, Optional
+
+import torch
+from torch import nn
+
+from unsloth_dist.config import TrainConfig
+from unsloth_dist.distributed import LaunchEnv
+
+OptimizerFactory = Callable[[list], torch.optim.Optimizer]
+
+
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Trainable parameters split into decayed (matrices) and not decayed (biases, norms)."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module under DDP / DeepSpeed wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+class Backend:
+    """Base class; subclasses set `name` and implement `setup`."""
+
+    name: str = "base"
+
+    def __init__(self, cfg: TrainConfig, backend_cfg: Any, env: LaunchEnv, device: torch.device) -> None:
+        self.cfg = cfg
+        self.bcfg = backend_cfg
+        self.env = env
+        self.device = device
+        self.model: Optional[nn.Module] = None  # what the trainer calls forward on
+        self.module: Optional[nn.Module] = None  # the user's module (for state dicts)
+        self.optimizer: Optional[torch.optim.Optimizer] = None  # the torch optimizer (LR scheduler target)
+        self.scaler: Optional[torch.amp.GradScaler] = None
+
+    # ------------------------------------------------------------------ interface
+
+    def setup(self, model: nn.Module, optimizer_factory: OptimizerFactory) -> nn.Module:
+        raise NotImplementedError
+
+    def autocast(self) -> ContextManager:
+        """The autocast context for forward (the *-mixed precisions)."""
+        p = self.cfg.precision
+        if p in ("bf16-mixed", "fp16-mixed"):
+            dtype = torch.bfloat16 if p == "bf16-mixed" else torch.float16
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def no_sync(self) -> ContextManager:
+        """Skip gradient synchronisation for a micro-batch that is not the last of a step."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> float:
+        """Clip, optimizer step, zero grad; returns the global grad norm before clipping."""
+        raise NotImplementedError
+
+    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """Consolidated weights (CPU tensors, keyed like `model.state_dict()`) on rank 0, None elsewhere.
+        Every rank must call it (it may gather)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared helpers
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """dtype the model's parameters are kept in on this backend."""
+        return torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
+
+    def _max_norm(self) -> float:
+        return self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+
+
+class LocalOptimizerMixin:
+    """Optimizer handling for backends whose every rank holds full parameters and gradients
+    (single, DDP): fp32 master weights under `precision: bf16`, GradScaler under fp16-mixed."""
+
+    def _build_optimizer(self, module: nn.Module, optimizer_factory: OptimizerFactory) -> None:
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._model_params = [p for _, p in named]
+        if self.cfg.precision == "bf16":
+            # bf16 weights for compute; the optimizer updates fp32 master copies
+            self._master = [p.detach().float().clone().requires_grad_(True) for p in self._model_params]
+            master_named = [(n, m) for (n, _), m in zip(named, self._master)]
+            self.optimizer = optimizer_factory(param_groups(master_named, self.cfg.weight_decay))
+        else:
+            self._master = None
+            self.optimizer = optimizer_factory(param_groups(named, self.cfg.weight_decay))
+        if self.cfg.precision == "fp16-mixed":
+            self.scaler = torch.amp.GradScaler(self.device.type)
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def step(self) -> float:
+        if self._master is not None:
+            for p, m in zip(self._model_params, self._master):
+                m.grad = None if p.grad is None else p.grad.detach().float()
+            params = self._master
+        else:
+            params = self._model_params
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, self._max_norm())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._master is not None:
+            with torch.no_grad():
+                for p, m in zip(self._model_params, self._master):
+                    p.copy_(m)
+                    p.grad = None
+        return float(norm)

@@ -1,0 +1,110 @@
+"""DeepSpeed ZeRO stage 1, 2 and 3.
+
+DeepSpeed owns gradient accumulation, clipping and loss scaling here; the facade does none
+of them a second time. The config passed to `deepspeed.initialize` is the one
+`unsloth_dist.launch.deepspeed_config` derives from the TrainConfig.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unsloth_dist.launch.deepspeed_config import deepspeed_config
+
+from .base import Backend, OptimizerFactory, param_groups
+
+
+class ZeroBackend(Backend):
+    name = "zero"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.name = self.bcfg.name
+        self.ds_config = deepspeed_config(self.cfg, self.bcfg, self.env.world_size)
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return torch.float32  # DeepSpeed casts to bf16/fp16 itself and keeps fp32 masters
+
+    def autocast(self):
+        if self.cfg.precision == "fp16-mixed":  # DeepSpeed's fp16 mode: half weights + loss scaling
+            import contextlib
+
+            return contextlib.nullcontext()
+        return super().autocast()
+
+    def setup(self, model: nn.Module, optimizer_factory: OptimizerFactory) -> nn.Module:
+        import deepspeed
+
+        model.to(device=self.device)
+        groups = param_groups(model.named_parameters(), self.cfg.weight_decay)
+        optimizer = None if "optimizer" in self.ds_config else optimizer_factory(groups)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=groups,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.engine = self.model = engine
+        self.module = engine.module
+        # the LR scheduler drives the torch optimizer's param_groups, which ZeRO steps
+        self.optimizer = optimizer if optimizer is not None else getattr(ds_optimizer, "optimizer", ds_optimizer)
+        self._micro = 0
+        return engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # ZeRO averages gradients over ranks; the loss already carries the 1/global-tokens
+        # normalisation, so no division by accumulation steps (scale_wrt_gas=False) and a
+        # world-size factor to make the reduction a sum.
+        self.engine.backward(loss * self.env.world_size, scale_wrt_gas=False)
+        self._micro += 1
+        if self._micro < self.cfg.gradient_accumulation_steps:
+            self.engine.step()  # not a boundary: advances DeepSpeed's micro-step counter only
+
+    def step(self) -> float:
+        assert self.engine.is_gradient_accumulation_boundary(), "ZeRO step called off the accumulation boundary"
+        self.engine.step()
+        self._micro = 0
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        import deepspeed
+
+        is_main = dist.get_rank() == 0
+        module = self.engine.module
+        out: dict[str, torch.Tensor] = {}
+        stage3 = self.bcfg.stage == 3
+        # gather one module's own parameters at a time (ZeRO-3 partitions them)
+        for prefix, sub in module.named_modules():
+            own = list(sub.named_parameters(recurse=False))
+            buffers = [
+                (n, b)
+                for n, b in sub.named_buffers(recurse=False)
+                if n not in getattr(sub, "_non_persistent_buffers_set", set())
+            ]
+            if not own and not buffers:
+                continue
+            ctx = deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None) if stage3 else _null()
+            with ctx:
+                if is_main:
+                    for n, t in own + buffers:
+                        key = f"{prefix}.{n}" if prefix else n
+                        out[key] = t.detach().to("cpu", copy=True)
+        if not is_main:
+            return None
+        # keep the order (and tied-weight duplicates) of the module's own state_dict keys
+        keys = list(module.state_dict().keys())
+        return {k: out[k] for k in keys if k in out}
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

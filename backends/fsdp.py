@@ -1,0 +1,105 @@
+"""FSDP2: `fully_shard` on every decoder layer and on the root."""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from unsloth_dist.config import ConfigError
+
+from .base import Backend, OptimizerFactory, param_groups
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a (possibly peft-wrapped) HF causal LM.
+
+    Uses the model's `_no_split_modules` (the classes HF never splits across devices: the
+    decoder layers); falls back to the longest ModuleList of identical blocks."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names] if names else []
+    if layers:
+        return layers
+    best: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1:
+            best = list(m)
+    if not best:
+        raise ConfigError(
+            f"backend fsdp: found no decoder layers to shard in {type(model).__name__} (no "
+            "`_no_split_modules` and no ModuleList of blocks); use backend ddp or a zero backend for this model"
+        )
+    return best
+
+
+class FSDPBackend(Backend):
+    name = "fsdp"
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return torch.float32  # sharded master params stay fp32; MixedPrecisionPolicy casts for compute
+
+    def _mesh(self):
+        world, local = self.env.world_size, self.env.local_world_size
+        dev = self.device.type
+        sharding = self.bcfg.sharding
+        if sharding == "hybrid":
+            return init_device_mesh(dev, (world // local, local), mesh_dim_names=("replicate", "shard"))
+        if sharding == "none":
+            return init_device_mesh(dev, (world, 1), mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
+
+    def setup(self, model: nn.Module, optimizer_factory: OptimizerFactory) -> nn.Module:
+        model.to(device=self.device, dtype=torch.float32)
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.cfg.precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
+        offload = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.bcfg.cpu_offload else OffloadPolicy()
+        kwargs = dict(mesh=self._mesh(), mp_policy=mp, offload_policy=offload)
+        reshard = self.bcfg.resolved_reshard_after_forward
+        for layer in decoder_layers(model):
+            fully_shard(layer, reshard_after_forward=reshard, **kwargs)
+        # the root keeps its parameters (embeddings, final norm, head) unsharded after forward:
+        # backward needs them first
+        fully_shard(model, reshard_after_forward=False, **kwargs)
+        self.module = self.model = model
+        self.optimizer = optimizer_factory(param_groups(model.named_parameters(), self.cfg.weight_decay))
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        return model
+
+    @contextlib.contextmanager
+    def _no_sync(self) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def no_sync(self) -> ContextManager:
+        return self._no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # reduce-scatter averages over ranks: scale so the reduction sums token losses
+        (loss * self.env.world_size).backward()
+
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self._params, self._max_norm())
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if dist.get_rank() == 0 else None

@@ -1,0 +1,6 @@
+"""unsloth_dist: fine-tune Hugging Face causal LMs on one GPU or many."""
+from .config import ConfigError, TrainConfig, load_config
+from .trainer import Trainer, TrainResult
+
+__all__ = ["ConfigError", "TrainConfig", "Trainer", "TrainResult", "load_config"]
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""The DeepSpeed JSON config derived from a TrainConfig.
+
+The ZeRO backends pass exactly this dict to `deepspeed.initialize`, and the CLI writes it to
+disk, so what is generated and what runs cannot disagree.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import TrainConfig, ZeroConfig
+
+
+def deepspeed_config(cfg: TrainConfig, zero: ZeroConfig, world_size: int) -> dict[str, Any]:
+    """A DeepSpeed config for `zero` under `cfg` on `world_size` ranks."""
+    zopt: dict[str, Any] = {
+        "stage": zero.stage,
+        "overlap_comm": zero.overlap_comm,
+        "contiguous_gradients": zero.contiguous_gradients,
+        "reduce_bucket_size": zero.reduce_bucket_size,
+    }
+    if zero.stage < 3:
+        zopt["allgather_bucket_size"] = zero.allgather_bucket_size
+        zopt["reduce_scatter"] = True
+    else:
+        zopt.update(
+            stage3_prefetch_bucket_size=zero.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=zero.stage3_param_persistence_threshold,
+            stage3_max_live_parameters=zero.stage3_max_live_parameters,
+            stage3_max_reuse_distance=zero.stage3_max_reuse_distance,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    if zero.offload_optimizer == "cpu":
+        zopt["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if zero.offload_param == "cpu":
+        zopt["offload_param"] = {"device": "cpu", "pin_memory": True}
+
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.global_batch(world_size),
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zopt,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {
+            "enabled": cfg.precision == "fp16-mixed",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        # bf16 weights and compute, fp32 master weights / optimizer state and fp32 reductions
+        ds["communication_data_type"] = "fp32"
+    if zero.offload_optimizer == "cpu":
+        # DeepSpeed's CPU Adam runs the offloaded step; it reads the hyper-parameters from here.
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.learning_rate,
+                "betas": [cfg.adam_beta1, cfg.adam_beta2],
+                "eps": cfg.adam_epsilon,
+                "weight_decay": cfg.weight_decay,
+            },
+        }
+    return ds

@@ -1,0 +1,336 @@
+"""The one training loop, behind the `Trainer` facade.
+
+The trainer owns the data order, the loop, the LR schedule, the global-token loss
+normalisation, evaluation and logging; the backend (single, ddp, fsdp, zero1/2/3) owns
+wrapping, backward, the optimizer step and weight gathering.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import distributed as D
+from .config import ConfigError, TrainConfig, load_config
+from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, check_sample
+
+logger = logging.getLogger("unsloth_dist")
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over positions whose (shifted) label is not -100, in fp32."""
+    logits = logits[:, :-1, :].float()
+    target = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # global loss of every optimizer step (same list on every rank)
+    global_step: int
+    grad_norms: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    train_runtime_s: float = 0.0
+
+
+class _MicroBatchIndices(torch.utils.data.Sampler):
+    """Yields this rank's micro-batch index lists, step after step, from `start_step`."""
+
+    def __init__(self, sampler: GlobalBatchSampler, start_step: int, total_steps: int, rank: int, world: int, micro: int):
+        self.s, self.start, self.total, self.rank, self.world, self.micro = sampler, start_step, total_steps, rank, world, micro
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.total):
+            yield from self.s.local_micro_batches(step, self.rank, self.world, self.micro)
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * (self.s.global_batch_size // (self.micro * self.world))
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (host RSS)
+
+
+class Trainer:
+    """Train a causal LM under any backend with one loop.
+
+    Args:
+        model: a Hugging Face causal LM (optionally peft-wrapped); any module whose forward takes
+            `input_ids`, `attention_mask` and returns an object with `.logits`.
+        train_dataset: a map-style dataset (a list works) of dicts with `input_ids` and optional
+            `labels` (-100 = not trained on) and `attention_mask`.
+        args: a TrainConfig, a dict of its fields, or a YAML path.
+        backend: a backend name or config; overrides `args.backend`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Optional[Sequence[dict]] = None,
+        *,
+        args: Any = None,
+        backend: Any = None,
+        eval_dataset: Optional[Sequence[dict]] = None,
+        data_collator: Any = None,
+        tokenizer: Any = None,
+        callbacks: Optional[list] = None,
+    ) -> None:
+        cfg = load_config(args)
+        if backend is not None:
+            cfg = load_config(cfg, backend=backend)
+        # ---- everything that can reject input runs before the process group exists
+        self.env = D.read_launch_env()
+        backend_cfg = D.resolve_backend(cfg.backend, self.env)
+        D.check_runtime(cfg, backend_cfg, self.env)
+        self.cfg = cfg
+        self.backend_cfg = backend_cfg
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if ds is None:
+                continue
+            if not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
+                raise TypeError(f"{name} must be a map-style dataset (len() and [i]), e.g. a list of dicts")
+            if len(ds) == 0:
+                raise ValueError(f"{name} is empty")
+            check_sample(ds[0], 0, name)
+        if train_dataset is not None:
+            # checks the dataset can fill one global batch at this world size
+            self.sampler = GlobalBatchSampler(len(train_dataset), cfg.global_batch(self.env.world_size), cfg.seed)
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.tokenizer = tokenizer
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        self.collator = data_collator or PadCollator(pad if pad is not None else 0)
+        self.callbacks = list(callbacks or [])
+
+        # ---- process group, then the backend
+        self.device = D.device_for(self.env)
+        D.init_process_group(cfg, backend_cfg, self.env, self.device)
+        self.rank, self.world_size = D.rank(), D.world_size()
+        torch.manual_seed(cfg.seed)
+        if cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
+        from unsloth_dist.backends import make_backend
+
+        self.backend = make_backend(cfg, backend_cfg, self.env, self.device)
+        self.model = self.backend.setup(model, self._make_optimizer)
+        self.global_step = 0
+        self.lr_scheduler = None
+        self._metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ pieces
+
+    def _make_optimizer(self, groups: list) -> torch.optim.Optimizer:
+        c = self.cfg
+        return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon)
+
+    @property
+    def total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        return max(1, math.ceil(self.cfg.num_train_epochs * self.sampler.steps_per_epoch))
+
+    def _make_scheduler(self, total: int):
+        from transformers import get_scheduler
+
+        c = self.cfg
+        warmup = c.warmup_steps or math.ceil(c.warmup_ratio * total)
+        return get_scheduler(
+            c.lr_scheduler_type,
+            optimizer=self.backend.optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=total,
+            scheduler_specific_kwargs=c.lr_scheduler_kwargs or None,
+        )
+
+    def _loader(self, start: int, total: int) -> DataLoader:
+        c = self.cfg
+        batches = _MicroBatchIndices(self.sampler, start, total, self.rank, self.world_size, c.per_device_train_batch_size)
+        return DataLoader(
+            self.train_dataset,
+            batch_sampler=batches,
+            collate_fn=self.collator,
+            num_workers=c.dataloader_num_workers,
+            pin_memory=c.dataloader_pin_memory and self.device.type == "cuda",
+        )
+
+    def _forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        with self.backend.autocast():
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        logits = out.logits if hasattr(out, "logits") else out
+        return token_loss_sum(logits, batch["labels"])
+
+    def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        self._metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for cb in self.callbacks:
+            if hasattr(cb, "on_log"):
+                cb.on_log(self, record)
+
+    # ------------------------------------------------------------------ public API
+
+    def train(self) -> TrainResult:
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train() needs a train_dataset")
+        c = self.cfg
+        total = self.total_steps
+        gas = c.gradient_accumulation_steps
+        if self.lr_scheduler is None:
+            self.lr_scheduler = self._make_scheduler(total)
+        result = TrainResult(losses=[], global_step=self.global_step)
+        bar = None
+        if self.rank == 0 and not c.disable_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.global_step, desc=f"train [{self.backend.name}]", dynamic_ncols=True)
+        self.model.train()
+        t_start = time.perf_counter()
+        t_log, tokens_since_log = t_start, 0
+        it = iter(self._loader(self.global_step, total))
+        for step in range(self.global_step, total):
+            micros = [next(it) for _ in range(gas)]
+            counts = torch.tensor(
+                [sum(count_targets(mb["labels"]) for mb in micros), sum(int(mb["attention_mask"].sum()) for mb in micros)],
+                dtype=torch.float64,
+                device=self._comm_device,
+            )
+            D.all_reduce_sum(counts)
+            n_targets, n_tokens = counts.tolist()
+            norm = max(n_targets, 1.0)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            for i, mb in enumerate(micros):
+                last = i == gas - 1
+                ctx = self.backend.no_sync() if not last else _nullctx()
+                with ctx:
+                    s = self._forward_loss_sum(mb)
+                    self.backend.backward(s / norm)
+                loss_sum += s.detach().double()
+            grad_norm = self.backend.step()
+            self.lr_scheduler.step()
+            global_loss = float(D.all_reduce_sum(loss_sum.to(self._comm_device))) / norm
+            self.global_step = step + 1
+            result.losses.append(global_loss)
+            result.grad_norms.append(grad_norm)
+            tokens_since_log += n_tokens
+            for cb in self.callbacks:
+                if hasattr(cb, "on_step_end"):
+                    cb.on_step_end(self, self.global_step, global_loss)
+            if self.global_step % c.logging_steps == 0 or self.global_step == total:
+                now = time.perf_counter()
+                record = {
+                    "step": self.global_step,
+                    "epoch": self.global_step / self.sampler.steps_per_epoch,
+                    "loss": global_loss,
+                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
+                    "peak_mem_gib": _peak_memory_gib(self.device),
+                    "backend": self.backend.name,
+                    "world_size": self.world_size,
+                }
+                t_log, tokens_since_log = now, 0
+                self._log(record)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{global_loss:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{grad_norm:.3f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.1f}G",
+                    )
+            if bar is not None:
+                bar.update(1)
+            if self.eval_dataset is not None and c.eval_steps and self.global_step % c.eval_steps == 0:
+                ev = self.evaluate()
+                result.eval_losses.append((self.global_step, ev))
+                self._log({"step": self.global_step, "eval_loss": ev})
+        if bar is not None:
+            bar.close()
+        result.global_step = self.global_step
+        result.train_runtime_s = time.perf_counter() - t_start
+        for cb in self.callbacks:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end(self, result)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset: Optional[Sequence[dict]] = None) -> float:
+        """Global token-mean loss over the eval set (every sample counted once)."""
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError("evaluate() needs an eval_dataset (here or in the Trainer)")
+        bs, world = self.cfg.per_device_eval_batch_size, self.world_size
+        n = len(ds)
+        rounds = math.ceil(n / (bs * world))
+        was_training = self.model.training
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self._comm_device)
+        for r in range(rounds):
+            start = r * bs * world + self.rank * bs
+            idx = list(range(start, min(start + bs, n)))
+            if idx:
+                batch = self.collator([ds[i] for i in idx])
+            else:
+                # every rank must run the same number of forwards (FSDP / ZeRO-3 gather in forward):
+                # a sample whose labels are all ignored contributes nothing
+                batch = self.collator([ds[0]])
+                batch["labels"].fill_(IGNORE_INDEX)
+            totals[0] += float(self._forward_loss_sum(batch))
+            totals[1] += count_targets(batch["labels"])
+        D.all_reduce_sum(totals)
+        if was_training:
+            self.model.train()
+        return float(totals[0] / max(float(totals[1]), 1.0))
+
+    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """Consolidated weights on rank 0 (CPU tensors keyed like `model.state_dict()`), None elsewhere.
+        Call it on every rank."""
+        return self.backend.full_state_dict()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        # gloo reduces CPU tensors, NCCL CUDA ones
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    fn = getattr(model, "gradient_checkpointing_enable", None)
+    if fn is None:
+        raise ConfigError(
+            f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable(); "
+            "set gradient_checkpointing: false or use a transformers model"
+        )
+    fn(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
