@@ -39,6 +39,7 @@ def run(backend: str, variant: str, out_dir: str) -> None:
         "seed": 3,
         "disable_tqdm": True,
     }
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer = Trainer(model, ragged_dataset(n=32, seed=5), args=args, backend=backend,
                       eval_dataset=ragged_dataset(n=7, seed=9))
     result = trainer.train()
@@ -47,7 +48,8 @@ def run(backend: str, variant: str, out_dir: str) -> None:
     if trainer.rank == 0:
         torch.save(
             {"losses": result.losses, "grad_norms": result.grad_norms, "eval_loss": eval_loss, "state_dict": sd,
-             "backend": trainer.backend.name, "world_size": trainer.world_size},
+             "backend": trainer.backend.name, "world_size": trainer.world_size,
+             "initial": initial if trainer.world_size == 1 else None},
             os.path.join(out_dir, f"{backend}-{variant}.pt"),
         )
     # every rank saw the same global losses

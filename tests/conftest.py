@@ -1,0 +1,56 @@
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# torch.distributed / DeepSpeed must not see a launcher environment left in the shell
+for _var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "UNSLOTH_FORCE_SINGLE_GPU"):
+    os.environ.pop(_var, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cmd(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a launcher command from the repo root; on failure show its output."""
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env["PYTHONUNBUFFERED"] = "1"
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stdout[-6000:] + "\n---- stderr ----\n" + proc.stderr[-8000:])
+        pytest.fail(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return proc
+
+
+def torchrun(nproc: int, script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
+
+
+@pytest.fixture(scope="session")
+def deepspeed_cpu_ops():
+    """Build DeepSpeed's CPU shared-memory comm op once, in one process, before any two ranks
+    would race to JIT-compile it."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        try:
+            builder.load(verbose=False)
+        except Exception as exc:  # the op is optional for DeepSpeed on CPU
+            print(f"DeepSpeed shm comm op not built: {exc}")
+    return True
