@@ -43,13 +43,27 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # numbers given for string fields (`--set output_dir=2024`) become strings; inf/nan never
+    # pass a size check
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, coerce_numbers_to_str=True, allow_inf_nan=False
+    )
 
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, type(self))) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # validate on a copy first: pydantic's validate_assignment stores the value before the
+        # model validators run, so a rejected value would otherwise stay in place
+        if name in type(self).model_fields:
+            try:
+                BaseModel.__setattr__(self.model_copy(), name, value)
+            except ValidationError as exc:
+                raise ConfigError(format_validation_error(exc, type(self))) from None
+        super().__setattr__(name, value)
 
 
 # --------------------------------------------------------------------------- backends
@@ -182,7 +196,12 @@ def _backend_to_dict(value: Any) -> Any:
 
 def parse_backend(value: Any) -> "SingleConfig | DDPConfig | FSDPConfig | ZeroConfig | AutoConfig":
     """A backend config from a name, a dict, or a backend config."""
-    value = _backend_to_dict(value)
+    try:
+        value = _backend_to_dict(value)
+    except ValueError as exc:
+        raise ConfigError(f"{_HEADER}\n  backend: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{_HEADER}\n  backend: give a name, a mapping or a backend config, not {type(value).__name__}")
     return _BACKEND_CLASSES[value["name"]](**value)
 
 
