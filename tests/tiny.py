@@ -14,9 +14,9 @@ def tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 64, layers: int = 
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        num_attention_heads=4 if hidden < 256 else hidden // 64,
+        num_key_value_heads=2 if hidden < 256 else hidden // 256,
+        max_position_embeddings=4096,
         tie_word_embeddings=tie,
         attn_implementation="sdpa",
     )

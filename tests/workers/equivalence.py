@@ -1,7 +1,10 @@
-"""Run one backend on a tiny Llama and save the per-step losses and final weights.
+"""Run one backend on a Llama built from a config and save the per-step losses and final weights.
 
     torchrun --nproc_per_node 2 tests/workers/equivalence.py BACKEND OUT_DIR VARIANT [VARIANT...]
     VARIANT = full-gas1 | full-gas2 | lora-gas1 | lora-gas2  (also runs with backend=single, one process)
+
+Environment knobs (the GPU check uses them): EQ_PRECISION (default fp32), EQ_SIZE (tiny | medium:
+a ~280M-parameter Llama), EQ_SEQ (max sample length), EQ_GLOBAL_BATCH, EQ_STEPS.
 """
 from __future__ import annotations
 
@@ -15,15 +18,21 @@ from tiny import add_lora, ragged_dataset, tiny_llama  # noqa: E402
 
 from unsloth_dist import Trainer  # noqa: E402
 
-GLOBAL_BATCH = 4
-STEPS = 8
+GLOBAL_BATCH = int(os.environ.get("EQ_GLOBAL_BATCH", "4"))
+STEPS = int(os.environ.get("EQ_STEPS", "8"))
+PRECISION = os.environ.get("EQ_PRECISION", "fp32")
+SIZE = os.environ.get("EQ_SIZE", "tiny")
+SEQ = int(os.environ.get("EQ_SEQ", "16"))
+# medium: hidden 1024, 24 layers, GQA 16/4 heads, vocab 32000 -> about 280M parameters
+SHAPES = {"tiny": dict(vocab=128, hidden=64, layers=2), "medium": dict(vocab=32000, hidden=1024, layers=24)}
 
 
 def run(backend: str, variant: str, out_dir: str) -> None:
     kind, gas = variant.split("-gas")
     gas = int(gas)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    model = tiny_llama(seed=0)
+    shape = SHAPES[SIZE]
+    model = tiny_llama(seed=0, **shape)
     if kind == "lora":
         model = add_lora(model, seed=1)
     args = {
@@ -35,13 +44,14 @@ def run(backend: str, variant: str, out_dir: str) -> None:
         "weight_decay": 0.01,
         "warmup_steps": 2,
         "max_grad_norm": 1.0,
-        "precision": "fp32",
+        "precision": PRECISION,
         "seed": 3,
         "disable_tqdm": True,
     }
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trainer = Trainer(model, ragged_dataset(n=32, seed=5), args=args, backend=backend,
-                      eval_dataset=ragged_dataset(n=7, seed=9))
+    initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    data = ragged_dataset(n=GLOBAL_BATCH * STEPS, seed=5, vocab=shape["vocab"], max_len=SEQ, min_len=min(6, SEQ))
+    evals = ragged_dataset(n=7, seed=9, vocab=shape["vocab"], max_len=SEQ, min_len=min(6, SEQ))
+    trainer = Trainer(model, data, args=args, backend=backend, eval_dataset=evals)
     result = trainer.train()
     eval_loss = trainer.evaluate()
     sd = trainer.full_state_dict()
