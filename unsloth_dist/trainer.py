@@ -130,6 +130,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
+        # a model patched with the fused linear cross-entropy (unsloth_dist.models) computes the
+        # token-loss sum inside its own forward, so the [tokens, vocab] logits never exist
+        self.fused_loss = bool(getattr(model, "unsloth_fused_loss", False))
         from unsloth_dist.backends import make_backend
 
         self.backend = make_backend(cfg, backend_cfg, self.env, self.device)
@@ -177,8 +180,17 @@ class Trainer:
     def _forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        extra = {}
+        if "position_ids" in batch:
+            extra["position_ids"] = batch["position_ids"].to(self.device, non_blocking=True)
+        if self.fused_loss:
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            with self.backend.autocast():
+                out = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False,
+                                 loss_reduction="sum", **extra)
+            return out.loss.float()
         with self.backend.autocast():
-            out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
         logits = out.logits if hasattr(out, "logits") else out
         return token_loss_sum(logits, batch["labels"])
 
