@@ -13,6 +13,8 @@ exactly the gradient of the global token-mean loss.
 from __future__ import annotations
 
 import contextlib
+import warnings
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Optional
 
 import torch
@@ -87,9 +89,28 @@ class Backend:
         """Clip, optimizer step, zero grad; returns the global grad norm before clipping."""
         raise NotImplementedError
 
+    def skip_step(self) -> None:
+        """Drop this step's gradients without updating (nan_policy: skip)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.module is not None:
+            for p in self.module.parameters():
+                p.grad = None
+
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """Consolidated weights (CPU tensors, keyed like `model.state_dict()`) on rank 0, None elsewhere.
         Every rank must call it (it may gather)."""
+        raise NotImplementedError
+
+    # native checkpoint format: "dcp" (torch.distributed.checkpoint: single, ddp, fsdp; any of
+    # them can load another's, at any world size) or "deepspeed" (DeepSpeed's own)
+    checkpoint_format: str = "dcp"
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write weights, optimizer state and loss scaler into the directory `path` (collective)."""
+        raise NotImplementedError
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore what `save_checkpoint` wrote (collective)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared helpers
@@ -109,6 +130,7 @@ class LocalOptimizerMixin:
 
     def _build_optimizer(self, module: nn.Module, optimizer_factory: OptimizerFactory) -> None:
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
         self._model_params = [p for _, p in named]
         if self.cfg.precision == "bf16":
             # bf16 weights for compute; the optimizer updates fp32 master copies
@@ -146,3 +168,105 @@ class LocalOptimizerMixin:
                     p.copy_(m)
                     p.grad = None
         return float(norm)
+
+    # ------------------------------------------------------------------ checkpoints (DCP)
+
+    def _checkpoint_state(self) -> dict:
+        """The state DCP saves / loads in place: FQN-keyed like FSDP's `get_state_dict`, so a
+        checkpoint of one DCP backend loads into another at any world size."""
+        opt_params = self._master if self._master is not None else self._model_params
+        ensure_adam_state(self.optimizer)
+        model_sd = self.module.state_dict()
+        if self._master is not None:
+            model_sd.update(zip(self._names, self._master))  # the fp32 master is the weight of record
+        fqn = {id(p): n for n, p in zip(self._names, opt_params)}
+        state = {"model": model_sd, "optim": optimizer_to_fqn(self.optimizer, fqn)}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def save_checkpoint(self, path: Path) -> None:
+        dcp_save(self._checkpoint_state(), path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = self._checkpoint_state()
+        dcp_load(state, path)
+        self.module.load_state_dict(state["model"])
+        opt_params = self._master if self._master is not None else self._model_params
+        fqn = {id(p): n for n, p in zip(self._names, opt_params)}
+        self.optimizer.load_state_dict(optimizer_from_fqn(state["optim"], self.optimizer, fqn))
+        if self._master is not None:
+            with torch.no_grad():
+                for p, m in zip(self._model_params, self._master):
+                    p.copy_(m)
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+# --------------------------------------------------------------------------- DCP helpers
+
+
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def dcp_save(state: dict, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # one process without a process group is meant, not a mistake
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(state, checkpoint_id=str(path), no_dist=not _dist_ready())
+
+
+def dcp_load(state: dict, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_ready())
+
+
+def ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create zero Adam state for parameters that have none yet, so DCP has tensors to load into."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise TypeError(f"checkpointing supports Adam / AdamW optimizers, not {type(optimizer).__name__}")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def optimizer_to_fqn(optimizer: torch.optim.Optimizer, fqn: dict[int, str]) -> dict:
+    """`optimizer.state_dict()` with parameter indices replaced by parameter names (the
+    layout of torch.distributed.checkpoint.state_dict.get_state_dict)."""
+    osd = optimizer.state_dict()
+    idx_name: dict[int, str] = {}
+    for g_sd, group in zip(osd["param_groups"], optimizer.param_groups):
+        for idx, p in zip(g_sd["params"], group["params"]):
+            idx_name[idx] = fqn[id(p)]
+    return {
+        "state": {idx_name[i]: st for i, st in osd["state"].items()},
+        "param_groups": [dict(g, params=[idx_name[i] for i in g["params"]]) for g in osd["param_groups"]],
+    }
+
+
+def optimizer_from_fqn(fqn_sd: dict, optimizer: torch.optim.Optimizer, fqn: dict[int, str]) -> dict:
+    """The inverse of `optimizer_to_fqn` for this optimizer's parameter order."""
+    name_idx: dict[str, int] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name_idx[fqn[id(p)]] = len(name_idx)
+    groups = []
+    for g in fqn_sd["param_groups"]:
+        missing = [n for n in g["params"] if n not in name_idx]
+        if missing:
+            raise KeyError(f"checkpoint optimizer state for parameters this model does not train: {missing[:3]}")
+        groups.append(dict(g, params=[name_idx[n] for n in g["params"]]))
+    return {"state": {name_idx[n]: st for n, st in fqn_sd["state"].items()}, "param_groups": groups}

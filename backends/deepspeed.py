@@ -72,6 +72,20 @@ class ZeroBackend(Backend):
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
+    # checkpoints: DeepSpeed's own (partitioned optimizer states, one file set per rank)
+    checkpoint_format = "deepspeed"
+    _TAG = "zero"
+
+    def save_checkpoint(self, path) -> None:
+        self.engine.save_checkpoint(str(path), tag=self._TAG, save_latest=False)
+
+    def load_checkpoint(self, path) -> None:
+        load_path, _ = self.engine.load_checkpoint(
+            str(path), tag=self._TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {path}/{self._TAG}")
+
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         import deepspeed
 

@@ -7,14 +7,14 @@ from typing import ContextManager, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from unsloth_dist.config import ConfigError
 
-from .base import Backend, OptimizerFactory, param_groups
+from .base import Backend, OptimizerFactory, dcp_load, dcp_save, param_groups
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -103,3 +103,16 @@ class FSDPBackend(Backend):
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if dist.get_rank() == 0 else None
+
+    # checkpoints: sharded DTensors through torch.distributed.checkpoint (reshardable)
+    def _checkpoint_state(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save_checkpoint(self, path) -> None:
+        dcp_save(self._checkpoint_state(), path)
+
+    def load_checkpoint(self, path) -> None:
+        state = self._checkpoint_state()
+        dcp_load(state, path)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

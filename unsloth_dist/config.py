@@ -253,6 +253,13 @@ class TrainConfig(_Strict):
     eval_steps: Optional[int] = Field(None, gt=0)
     save_steps: Optional[int] = Field(None, gt=0)
     save_total_limit: Optional[int] = Field(None, gt=0)
+    # "latest" = the newest complete checkpoint in output_dir (a fresh start when there is none),
+    # or the path of a checkpoint-* directory
+    resume_from_checkpoint: Optional[str] = None
+    # a step whose global loss is NaN/inf: stop (raise, naming the step) or skip (no update)
+    nan_policy: Literal["stop", "skip"] = "stop"
+    # save a checkpoint at the next step boundary on SIGTERM (preemption), then stop cleanly
+    save_on_sigterm: bool = True
     seed: int = 42
     gradient_checkpointing: bool = False
     dataloader_num_workers: int = Field(0, ge=0)

@@ -178,8 +178,21 @@ def check_runtime(cfg: TrainConfig, backend, env: LaunchEnv) -> None:
 
 def init_process_group(cfg: TrainConfig, backend, env: LaunchEnv, device: torch.device) -> None:
     """Create the default process group (if the launch is distributed and none exists)."""
-    if not env.distributed or (dist.is_available() and dist.is_initialized()):
+    if dist.is_available() and dist.is_initialized():
         return
+    if not env.distributed:
+        if not isinstance(backend, (FSDPConfig, ZeroConfig)):
+            return
+        # FSDP2 and DeepSpeed need a process group even in one process (`Trainer(backend="fsdp")`
+        # in a notebook): a one-rank group on a free local port
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                           ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
     dist_backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
     if device.type == "cuda":

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import checkpoint
 from . import distributed as D
 from .config import ConfigError, TrainConfig, load_config
 from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, check_sample
@@ -48,6 +49,8 @@ class TrainResult:
     grad_norms: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     train_runtime_s: float = 0.0
+    start_step: int = 0  # the step this call started from (after a resume); losses[i] is step start_step + i + 1
+    stopped_by_signal: bool = False  # SIGTERM arrived: a checkpoint was saved and training stopped early
 
 
 class _MicroBatchIndices(torch.utils.data.Sampler):
@@ -101,6 +104,12 @@ class Trainer:
         self.env = D.read_launch_env()
         backend_cfg = D.resolve_backend(cfg.backend, self.env)
         D.check_runtime(cfg, backend_cfg, self.env)
+        checkpoint.validate_resume_config(cfg, backend_cfg.name, self.env.world_size)
+        if cfg.nan_policy == "skip" and backend_cfg.name.startswith("zero"):
+            raise ConfigError(
+                "nan_policy: skip is not supported with the zero backends (DeepSpeed owns the optimizer step; "
+                "its fp16 loss scaler already skips overflowing steps); use nan_policy: stop"
+            )
         self.cfg = cfg
         self.backend_cfg = backend_cfg
         if not isinstance(model, nn.Module):
@@ -138,6 +147,7 @@ class Trainer:
         self.backend = make_backend(cfg, backend_cfg, self.env, self.device)
         self.model = self.backend.setup(model, self._make_optimizer)
         self.global_step = 0
+        self._loss_history: list[float] = []
         self.lr_scheduler = None
         self._metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
 
@@ -206,7 +216,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ public API
 
-    def train(self) -> TrainResult:
+    def save_checkpoint(self) -> Path:
+        """Write a complete checkpoint at the current step (call it on every rank)."""
+        if self.lr_scheduler is None:
+            self.lr_scheduler = self._make_scheduler(self.total_steps)
+        return checkpoint.save(self, self._loss_history)
+
+    def train(self, resume_from_checkpoint: Any = None) -> TrainResult:
+        """Train to `max_steps` (or the epochs asked for). `resume_from_checkpoint` ("latest" or
+        a checkpoint directory; default: the config's) continues a saved run exactly."""
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset")
         c = self.cfg
@@ -214,70 +232,105 @@ class Trainer:
         gas = c.gradient_accumulation_steps
         if self.lr_scheduler is None:
             self.lr_scheduler = self._make_scheduler(total)
-        result = TrainResult(losses=[], global_step=self.global_step)
-        bar = None
-        if self.rank == 0 and not c.disable_tqdm:
-            from tqdm.auto import tqdm
+        spec = resume_from_checkpoint if resume_from_checkpoint is not None else c.resume_from_checkpoint
+        path = checkpoint.resolve(spec, c.output_dir)
+        if path is not None:
+            meta = checkpoint.load(self, path)
+            self._loss_history = list(meta.get("losses", []))[: self.global_step]
+            self._log({"step": self.global_step, "resumed_from": str(path)})
+            if self.rank == 0:
+                logger.info("resumed from %s at step %d", path, self.global_step)
+        result = TrainResult(losses=[], global_step=self.global_step, start_step=self.global_step)
+        stop = _SigtermFlag(c.save_on_sigterm)
+        try:
+            bar = None
+            if self.rank == 0 and not c.disable_tqdm:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, initial=self.global_step, desc=f"train [{self.backend.name}]", dynamic_ncols=True)
-        self.model.train()
-        t_start = time.perf_counter()
-        t_log, tokens_since_log = t_start, 0
-        it = iter(self._loader(self.global_step, total))
-        for step in range(self.global_step, total):
-            micros = [next(it) for _ in range(gas)]
-            counts = torch.tensor(
-                [sum(count_targets(mb["labels"]) for mb in micros), sum(int(mb["attention_mask"].sum()) for mb in micros)],
-                dtype=torch.float64,
-                device=self._comm_device,
-            )
-            D.all_reduce_sum(counts)
-            n_targets, n_tokens = counts.tolist()
-            norm = max(n_targets, 1.0)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            for i, mb in enumerate(micros):
-                last = i == gas - 1
-                ctx = self.backend.no_sync() if not last else _nullctx()
-                with ctx:
-                    s = self._forward_loss_sum(mb)
-                    self.backend.backward(s / norm)
-                loss_sum += s.detach().double()
-            grad_norm = self.backend.step()
-            self.lr_scheduler.step()
-            global_loss = float(D.all_reduce_sum(loss_sum.to(self._comm_device))) / norm
-            self.global_step = step + 1
-            result.losses.append(global_loss)
-            result.grad_norms.append(grad_norm)
-            tokens_since_log += n_tokens
-            for cb in self.callbacks:
-                if hasattr(cb, "on_step_end"):
-                    cb.on_step_end(self, self.global_step, global_loss)
-            if self.global_step % c.logging_steps == 0 or self.global_step == total:
-                now = time.perf_counter()
-                record = {
-                    "step": self.global_step,
-                    "epoch": self.global_step / self.sampler.steps_per_epoch,
-                    "loss": global_loss,
-                    "lr": self.lr_scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
-                    "peak_mem_gib": _peak_memory_gib(self.device),
-                    "backend": self.backend.name,
-                    "world_size": self.world_size,
-                }
-                t_log, tokens_since_log = now, 0
-                self._log(record)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{global_loss:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{grad_norm:.3f}",
-                        tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.1f}G",
+                bar = tqdm(total=total, initial=self.global_step, desc=f"train [{self.backend.name}]", dynamic_ncols=True)
+            self.model.train()
+            t_start = time.perf_counter()
+            t_log, tokens_since_log = t_start, 0
+            it = iter(self._loader(self.global_step, total))
+            for step in range(self.global_step, total):
+                micros = [next(it) for _ in range(gas)]
+                counts = torch.tensor(
+                    [
+                        sum(count_targets(mb["labels"]) for mb in micros),
+                        sum(int(mb["attention_mask"].sum()) for mb in micros),
+                        float(stop.raised),  # any rank's SIGTERM stops every rank at this boundary
+                    ],
+                    dtype=torch.float64,
+                    device=self._comm_device,
+                )
+                D.all_reduce_sum(counts)
+                n_targets, n_tokens, n_stop = counts.tolist()
+                if n_stop > 0:
+                    self.save_checkpoint()
+                    result.stopped_by_signal = True
+                    break
+                norm = max(n_targets, 1.0)
+                loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+                for i, mb in enumerate(micros):
+                    last = i == gas - 1
+                    ctx = self.backend.no_sync() if not last else _nullctx()
+                    with ctx:
+                        s = self._forward_loss_sum(mb)
+                        self.backend.backward(s / norm)
+                    loss_sum += s.detach().double()
+                global_loss = float(D.all_reduce_sum(loss_sum.to(self._comm_device))) / norm
+                if math.isfinite(global_loss):
+                    grad_norm = self.backend.step()
+                elif c.nan_policy == "skip":
+                    self.backend.skip_step()
+                    grad_norm = float("nan")
+                    self._log({"step": step + 1, "skipped": True, "loss": global_loss})
+                    if self.rank == 0:
+                        logger.warning("step %d: loss is %s; step skipped (nan_policy: skip)", step + 1, global_loss)
+                else:
+                    raise FloatingPointError(
+                        f"step {step + 1}: the loss is {global_loss}; training stopped (nan_policy: stop). Lower the "
+                        "learning_rate, check the data of this step, or set nan_policy: skip"
                     )
-            if bar is not None:
-                bar.update(1)
-            if self.eval_dataset is not None and c.eval_steps and self.global_step % c.eval_steps == 0:
-                ev = self.evaluate()
-                result.eval_losses.append((self.global_step, ev))
-                self._log({"step": self.global_step, "eval_loss": ev})
+                self.lr_scheduler.step()
+                self.global_step = step + 1
+                result.losses.append(global_loss)
+                self._loss_history.append(global_loss)
+                result.grad_norms.append(grad_norm)
+                tokens_since_log += n_tokens
+                for cb in self.callbacks:
+                    if hasattr(cb, "on_step_end"):
+                        cb.on_step_end(self, self.global_step, global_loss)
+                if self.global_step % c.logging_steps == 0 or self.global_step == total:
+                    now = time.perf_counter()
+                    record = {
+                        "step": self.global_step,
+                        "epoch": self.global_step / self.sampler.steps_per_epoch,
+                        "loss": global_loss,
+                        "lr": self.lr_scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
+                        "peak_mem_gib": _peak_memory_gib(self.device),
+                        "backend": self.backend.name,
+                        "world_size": self.world_size,
+                    }
+                    t_log, tokens_since_log = now, 0
+                    self._log(record)
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{global_loss:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{grad_norm:.3f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.1f}G",
+                        )
+                if bar is not None:
+                    bar.update(1)
+                if self.eval_dataset is not None and c.eval_steps and self.global_step % c.eval_steps == 0:
+                    ev = self.evaluate()
+                    result.eval_losses.append((self.global_step, ev))
+                    self._log({"step": self.global_step, "eval_loss": ev})
+                if c.save_steps and self.global_step % c.save_steps == 0:
+                    self.save_checkpoint()
+        finally:
+            stop.restore()
         if bar is not None:
             bar.close()
         result.global_step = self.global_step
@@ -325,6 +378,30 @@ class Trainer:
     def _comm_device(self) -> torch.device:
         # gloo reduces CPU tensors, NCCL CUDA ones
         return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+class _SigtermFlag:
+    """Records SIGTERM (preemption) instead of dying, so the loop can save at the next step
+    boundary; the previous handler comes back when training ends."""
+
+    def __init__(self, enabled: bool) -> None:
+        import signal
+        import threading
+
+        self.raised = False
+        self._previous = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 class _nullctx:

@@ -1,0 +1,123 @@
+"""Train a tiny Llama with checkpoints, or resume one, and save losses and final weights.
+
+    [torchrun --nproc_per_node 2] tests/workers/resume.py BACKEND OUT_DIR MODE [options]
+
+MODE:
+  full                 8 steps, checkpoint every 4 (checkpoint-4, checkpoint-8)
+  resume PATH          resume from PATH (a checkpoint dir or "latest") and train to step 8
+  sigterm STEP RANK    send SIGTERM to rank RANK after step STEP (the run must save and stop)
+  kill-in-save STEP    SIGKILL this process in the middle of the save at step STEP
+  kill-rank STEP RANK  SIGKILL rank RANK after step STEP (a crashed rank)
+  nan STEP POLICY      the loss of step STEP is NaN; nan_policy POLICY
+
+The global batch is 4 samples whatever the world size (gradient accumulation fills it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tiny import ragged_dataset, tiny_llama  # noqa: E402
+
+from unsloth_dist import Trainer  # noqa: E402
+
+GLOBAL_BATCH, STEPS = 4, 8
+
+
+class AfterStep:
+    def __init__(self, step, fn):
+        self.step, self.fn = step, fn
+
+    def on_step_end(self, trainer, step, loss):
+        if step == self.step:
+            self.fn(trainer)
+
+
+def main() -> int:
+    backend, out_dir, mode, *rest = sys.argv[1:]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    micro = 2  # world 2: no accumulation; world 1: accumulation 2
+    args = {
+        "output_dir": out_dir,
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": GLOBAL_BATCH // (micro * world),
+        "max_steps": STEPS,
+        "learning_rate": 1e-3,
+        "weight_decay": 0.01,
+        "warmup_steps": 2,
+        "lr_scheduler_type": "cosine",
+        "precision": "fp32",
+        "seed": 3,
+        "disable_tqdm": True,
+        "save_steps": 4,
+    }
+    args.update(json.loads(os.environ.get("WORKER_ARGS", "{}")))
+    callbacks = []
+    resume = None
+    if mode == "resume":
+        resume = rest[0]
+    elif mode == "sigterm":
+        step, who = int(rest[0]), int(rest[1])
+        if rank == who:
+            callbacks.append(AfterStep(step, lambda t: os.kill(os.getpid(), signal.SIGTERM)))
+    elif mode == "kill-in-save":
+        step = int(rest[0])
+        args["save_steps"] = step
+    elif mode == "kill-rank":
+        step, who = int(rest[0]), int(rest[1])
+        if rank == who:
+            callbacks.append(AfterStep(step, lambda t: os.kill(os.getpid(), signal.SIGKILL)))
+    elif mode == "nan":
+        args["nan_policy"] = rest[1]
+        args["save_steps"] = None
+    model = tiny_llama(seed=0)
+    if mode == "nan":
+        bad_step = int(rest[0])
+        state = {"step": 0}
+
+        def poison(module, inputs, output):
+            if state["step"] == bad_step - 1:
+                output.logits = output.logits * float("nan")
+            return output
+
+        model.register_forward_hook(poison)
+        callbacks.append(type("C", (), {"on_step_end": lambda self, t, s, l: state.update(step=s)})())
+        snapshots = {}
+        callbacks.append(AfterStep(bad_step - 1, lambda t: snapshots.update(before=t.full_state_dict())))
+        callbacks.append(AfterStep(bad_step, lambda t: snapshots.update(after=t.full_state_dict())))
+    data = ragged_dataset(n=GLOBAL_BATCH * STEPS, seed=5)
+    trainer = Trainer(model, data, args=args, backend=backend, callbacks=callbacks)
+    if mode == "kill-in-save":
+        real = trainer.backend.save_checkpoint
+
+        def save_then_die(path):
+            real(path)
+            if trainer.global_step == 2 * step:
+                os.kill(os.getpid(), signal.SIGKILL)  # the state is written, the checkpoint is not finished
+
+        trainer.backend.save_checkpoint = save_then_die
+    result = trainer.train(resume_from_checkpoint=resume)
+    sd = trainer.full_state_dict()
+    if trainer.rank == 0:
+        record = {
+            "losses": result.losses,
+            "start_step": result.start_step,
+            "global_step": result.global_step,
+            "stopped_by_signal": result.stopped_by_signal,
+            "state_dict": sd,
+            "world_size": trainer.world_size,
+        }
+        if mode == "nan":
+            record.update(snapshots)
+        torch.save(record, os.path.join(out_dir, f"result-{mode}.pt"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

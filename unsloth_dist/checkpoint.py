@@ -1,0 +1,263 @@
+"""Checkpoint policy: where, when, atomically; what the trainer adds to the backend's state.
+
+Layout of `<output_dir>`:
+
+    checkpoint-40/                  one complete checkpoint
+        state/                      the backend's native files (DCP shards, or DeepSpeed's own)
+        trainer_state.pt            LR scheduler state (rank 0)
+        rng_state_<rank>.pth        every rank's RNG states
+        unsloth_checkpoint.json     step, backend, format, world size, ... -- written last
+    latest                          the name of the newest complete checkpoint (written after it)
+
+A checkpoint is written into `.checkpoint-<step>.tmp/`, flushed to disk, and renamed into
+place only once every rank has finished; `latest` is replaced atomically after that, and old
+checkpoints are pruned (`save_total_limit`) only then. A save killed half-way leaves a `.tmp`
+directory that is never taken for a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import distributed as D
+from .config import ConfigError
+
+PREFIX = "checkpoint-"
+META = "unsloth_checkpoint.json"
+LATEST = "latest"
+STATE = "state"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used for what was asked; the message says why and what to do."""
+
+
+def is_complete(path: Path) -> bool:
+    return (path / META).is_file()
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / META).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} is not a complete unsloth_dist checkpoint (no {META}); it may be a save that was "
+            "interrupted. Resume from another checkpoint-* directory or from 'latest'"
+        ) from None
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under output_dir, oldest first."""
+    found = []
+    for p in Path(output_dir).glob(f"{PREFIX}*"):
+        suffix = p.name[len(PREFIX):]
+        if p.is_dir() and suffix.isdigit() and is_complete(p):
+            found.append((int(suffix), p))
+    return sorted(found)
+
+
+def resolve(spec: Any, output_dir: str) -> Optional[Path]:
+    """The checkpoint directory `resume_from_checkpoint` names, or None for a fresh start.
+
+    "latest" (or True) is the newest complete checkpoint in output_dir, None if there is none
+    (so a restart script can always pass it); a path must be a complete checkpoint."""
+    if spec is None or spec is False:
+        return None
+    out = Path(output_dir)
+    if spec is True or spec == "latest":
+        marker = out / LATEST
+        if marker.is_file():
+            path = out / marker.read_text().strip()
+            if is_complete(path):
+                return path
+        # no marker (or it names a pruned / broken directory): the newest complete one
+        found = list_checkpoints(out)
+        return found[-1][1] if found else None
+    path = Path(spec)
+    if not path.is_dir():
+        raise CheckpointError(f"resume_from_checkpoint: {str(path)!r} does not exist; give a checkpoint-* directory or 'latest'")
+    if not is_complete(path):
+        read_meta(path)  # raises with the explanation
+    return path
+
+
+def check_compatible(meta: dict, *, backend_format: str, backend_name: str, world_size: int, global_batch: int) -> None:
+    """Refuse a resume that cannot continue the same run, before anything is loaded."""
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    if meta["global_batch_size"] != global_batch:
+        raise CheckpointError(
+            f"the checkpoint was trained with a global batch of {meta['global_batch_size']} samples, this run "
+            f"uses {global_batch} (per_device_train_batch_size x gradient_accumulation_steps x world size); "
+            "keep the global batch (change gradient_accumulation_steps when the world size changes) so the "
+            "data order carries on where it stopped"
+        )
+    if meta["format"] != backend_format:
+        raise CheckpointError(
+            f"the checkpoint was written by backend {meta['backend']!r} ({meta['format']} format) and this "
+            f"run uses {backend_name!r} ({backend_format} format); converting between them is not supported "
+            "yet: resume with a backend of the same family (single / ddp / fsdp read each other's "
+            "checkpoints at any world size; zero1-3 read DeepSpeed's), or start a new run from the saved "
+            "weights (for DeepSpeed checkpoints, the zero_to_fp32.py script in its state/ directory writes them)"
+        )
+    if backend_format == "deepspeed" and (meta["world_size"] != world_size or meta["backend"] != backend_name):
+        raise CheckpointError(
+            f"the DeepSpeed checkpoint was written by {meta['backend']} on {meta['world_size']} ranks; resuming it "
+            f"with {backend_name} on {world_size} ranks is not supported yet: resume with the same backend and "
+            "world size"
+        )
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(trainer, losses: list[float]) -> Path:
+    """Write a complete checkpoint of `trainer` at its current step (every rank calls this)."""
+    cfg = trainer.cfg
+    out = Path(cfg.output_dir)
+    step = trainer.global_step
+    final = out / f"{PREFIX}{step}"
+    tmp = out / f".{PREFIX}{step}.tmp"
+    rank = trainer.rank
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that was killed
+        tmp.mkdir()
+    D.barrier()
+    t0 = time.perf_counter()
+    trainer.backend.save_checkpoint(tmp / STATE)
+    torch.save(_rng_state(), tmp / f"rng_state_{rank}.pth")
+    D.barrier()  # every rank's files are written
+    if rank == 0:
+        torch.save({"lr_scheduler": trainer.lr_scheduler.state_dict()}, tmp / "trainer_state.pt")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "backend": trainer.backend.name,
+            "format": trainer.backend.checkpoint_format,
+            "world_size": trainer.world_size,
+            "global_batch_size": cfg.global_batch(trainer.world_size),
+            "precision": cfg.precision,
+            "seed": cfg.seed,
+            "losses": losses,
+            "config": cfg.model_dump(mode="json"),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _fsync_tree(tmp)
+        _write_atomic(tmp / META, json.dumps(meta, indent=1))
+        if final.exists():  # the same step saved again (e.g. by a resumed run)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(out / LATEST, final.name)
+        _prune(out, cfg.save_total_limit, keep=final)
+    D.barrier()
+    if rank == 0:
+        trainer._log({"step": step, "checkpoint": str(final), "save_s": time.perf_counter() - t0})
+    return final
+
+
+def _prune(out: Path, limit: Optional[int], keep: Path) -> None:
+    if not limit:
+        return
+    found = [p for _, p in list_checkpoints(out) if p != keep]
+    for p in found[: max(0, len(found) - (limit - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load(trainer, path: Path) -> dict:
+    """Restore `trainer` (backend state, scheduler, RNG, step) from a complete checkpoint."""
+    meta = read_meta(path)
+    check_compatible(
+        meta,
+        backend_format=trainer.backend.checkpoint_format,
+        backend_name=trainer.backend.name,
+        world_size=trainer.world_size,
+        global_batch=trainer.cfg.global_batch(trainer.world_size),
+    )
+    trainer.backend.load_checkpoint(path / STATE)
+    ts = torch.load(path / "trainer_state.pt", weights_only=False)
+    trainer.lr_scheduler.load_state_dict(ts["lr_scheduler"])
+    # the optimizer's learning rate is the scheduler's (some optimizer loads keep their own)
+    for group, lr in zip(trainer.backend.optimizer.param_groups, trainer.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    rng = path / f"rng_state_{trainer.rank}.pth"
+    if rng.is_file():  # a rank that did not exist in the saved run keeps its seeded state
+        _set_rng_state(torch.load(rng, weights_only=False))
+    trainer.global_step = int(meta["step"])
+    return meta
+
+
+def backend_format(backend_name: str) -> str:
+    return "deepspeed" if backend_name.startswith("zero") else "dcp"
+
+
+def validate_resume_config(cfg, backend_name: str, world_size: int) -> None:
+    """Checks on `resume_from_checkpoint` that can run before any process group exists."""
+    spec = cfg.resume_from_checkpoint
+    try:
+        path = resolve(spec, cfg.output_dir)
+        if path is None:
+            return
+        check_compatible(
+            read_meta(path),
+            backend_format=backend_format(backend_name),
+            backend_name=backend_name,
+            world_size=world_size,
+            global_batch=cfg.global_batch(world_size),
+        )
+    except CheckpointError as exc:
+        raise ConfigError(f"resume_from_checkpoint: {exc}") from None
