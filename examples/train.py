@@ -5,15 +5,16 @@
     deepspeed --num_gpus 2 examples/train.py --backend zero2
     accelerate launch --config_file FILE examples/train.py     # backend from accelerate's env
 
-Without --model it builds a small Llama from a config and trains it as a byte-level language
-model (one token per UTF-8 byte, so no tokenizer download is needed) on --text, by default
-this repository's own sources and docs. With --model DIR it loads a local Hugging Face model
-directory and its tokenizer.
+The same as `unsloth-dist train CONFIG` (both use unsloth_dist.recipes). Without --model it
+builds a small Llama from a config and trains it as a byte-level language model (one token per
+UTF-8 byte, so no tokenizer download is needed) on --text, by default this package's own
+sources. With --model DIR it loads a local Hugging Face model directory and its tokenizer.
+Under `accelerate launch` with backend auto, the backend (FSDP sharding, ZeRO stage, offload)
+comes from the accelerate config, and a launch that disagrees with the recipe is an error.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -35,75 +36,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def default_corpus() -> list[Path]:
-    files = sorted(ROOT.glob("unsloth_dist/**/*.py")) + sorted(ROOT.glob("backends/*.py")) + sorted(ROOT.glob("*.md"))
-    return [f for f in files if f.is_file()]
-
-
-def byte_samples(paths: list[Path], seq_len: int) -> list[dict]:
-    data = b"\n".join(p.read_bytes() for p in paths)
-    if len(data) < 2 * seq_len:
-        sys.exit(f"error: --text has {len(data)} bytes; need at least {2 * seq_len} for --seq-len {seq_len}")
-    return [{"input_ids": list(data[i : i + seq_len])} for i in range(0, len(data) - seq_len + 1, seq_len)]
-
-
-def build_model(args, precision: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    if args.model:
-        path = Path(args.model)
-        if not (path / "config.json").is_file():
-            sys.exit(f"error: --model {args.model!r} is not a Hugging Face model directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-        return model, AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-        num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 32),
-        num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=max(args.seq_len, 256),
-    )
-    return LlamaForCausalLM(cfg), None
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from unsloth_dist import ConfigError, Trainer, load_config
+    sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+    from unsloth_dist import ConfigError, load_config
     from unsloth_dist.distributed import LaunchError
+    from unsloth_dist.launch.accelerate_config import AccelerateLaunchError
+    from unsloth_dist.recipes import RecipeError, RecipeOptions, train_recipe  # noqa: F401
 
+    opts = RecipeOptions(model=args.model, text=args.text, seq_len=args.seq_len, hidden=args.hidden, layers=args.layers)
     try:
         cfg = load_config(args.config, overrides=args.overrides, **({"backend": args.backend} if args.backend else {}))
-    except ConfigError as exc:
+        train_recipe(cfg, opts)
+    except (ConfigError, LaunchError, AccelerateLaunchError, RecipeError, ValueError) as exc:  # user mistakes
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    paths = [Path(p) for p in args.text.split(",")] if args.text else default_corpus()
-    for p in paths:
-        if not p.is_file():
-            print(f"error: --text file {str(p)!r} does not exist", file=sys.stderr)
-            return 2
-    model, tokenizer = build_model(args, cfg.precision)
-    if tokenizer is not None:
-        text = "\n".join(p.read_text() for p in paths)
-        ids = tokenizer(text)["input_ids"]
-        train = [{"input_ids": ids[i : i + args.seq_len]} for i in range(0, len(ids) - args.seq_len + 1, args.seq_len)]
-    else:
-        train = byte_samples(paths, args.seq_len)
-    n_eval = max(1, len(train) // 20)
-    train, evals = train[n_eval:], train[:n_eval]
-    try:
-        trainer = Trainer(model, train, args=cfg, eval_dataset=evals, tokenizer=tokenizer)
-    except (ConfigError, LaunchError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    before = trainer.evaluate()
-    result = trainer.train()
-    after = trainer.evaluate()
-    if trainer.rank == 0:
-        print(
-            f"backend={trainer.backend.name} world_size={trainer.world_size} steps={result.global_step} "
-            f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}  eval {before:.4f} -> {after:.4f}  "
-            f"({result.train_runtime_s:.1f}s)  metrics: {os.path.join(cfg.output_dir, 'metrics.jsonl')}"
-        )
     return 0
 
 

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # torch.distributed / DeepSpeed must not see a launcher environment left in the shell
 for _var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "UNSLOTH_FORCE_SINGLE_GPU"):
+             "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "UNSLOTH_FORCE_SINGLE_GPU",
+             "UNSLOTH_DIST_ACCELERATE_CONFIG", "ACCELERATE_MIXED_PRECISION"):
     os.environ.pop(_var, None)
 
 

@@ -85,7 +85,9 @@ def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     if _truthy(env.get("ACCELERATE_USE_DEEPSPEED")):
         mode = "deepspeed"
         stage = _int_var(env, "ACCELERATE_DEEPSPEED_ZERO_STAGE", None)
-        if stage not in (1, 2, 3):
+        if stage is None and env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            pass  # the stage is in that JSON (unsloth_dist.launch.accelerate_config reads it)
+        elif stage not in (1, 2, 3):
             raise LaunchError(
                 "accelerate set ACCELERATE_USE_DEEPSPEED=true but ACCELERATE_DEEPSPEED_ZERO_STAGE is "
                 f"{env.get('ACCELERATE_DEEPSPEED_ZERO_STAGE')!r}; set zero_stage 1, 2 or 3 in the "
@@ -117,6 +119,13 @@ def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
 def resolve_backend(backend: Any, env: LaunchEnv):
     """Turn `auto` into a concrete backend config and check the choice fits the launch."""
     if isinstance(backend, AutoConfig):
+        if env.launcher == "accelerate":
+            from .config import parse_backend
+            from .launch.accelerate_config import backend_from_accelerate_env
+
+            wanted = backend_from_accelerate_env()
+            if wanted is not None:
+                return parse_backend(wanted)
         if env.accelerate_mode == "deepspeed":
             return ZeroConfig(name=f"zero{env.accelerate_zero_stage}")
         if env.accelerate_mode == "fsdp":

@@ -102,6 +102,13 @@ class Trainer:
             cfg = load_config(cfg, backend=backend)
         # ---- everything that can reject input runs before the process group exists
         self.env = D.read_launch_env()
+        # under `accelerate launch`: the launch must agree with the config (process count,
+        # accumulation, backend), and `auto` runs the backend accelerate's config file asks for
+        from .launch.accelerate_config import check_accelerate_launch
+
+        wanted = check_accelerate_launch(cfg)
+        if wanted is not None and cfg.backend.name == "auto":
+            cfg = load_config(cfg, backend=wanted)
         backend_cfg = D.resolve_backend(cfg.backend, self.env)
         D.check_runtime(cfg, backend_cfg, self.env)
         checkpoint.validate_resume_config(cfg, backend_cfg.name, self.env.world_size)

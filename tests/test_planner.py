@@ -1,0 +1,180 @@
+"""The memory planner: parameter counts, consistency, and its formulas checked against real
+tensors on CPU (saved activations of a Llama forward; params / grads / master / Adam state of a
+real single-backend step)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from unsloth_dist.launch import planner as PL
+from unsloth_dist.launch.planner import PRESETS, VARIANTS, estimate, shape_from_hf_config
+
+V = {v.name: v for v in VARIANTS}
+
+
+def hf_llama(h=128, I=352, L=2, nh=4, nkv=2, vocab=512, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=I, num_hidden_layers=L, num_attention_heads=nh,
+                      num_key_value_heads=nkv, max_position_embeddings=256, tie_word_embeddings=tie,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg), cfg
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_param_count_matches_transformers(tie):
+    model, cfg = hf_llama(tie=tie)
+    shape = shape_from_hf_config(cfg.to_dict())
+    assert shape.params == sum(p.numel() for p in model.parameters())
+
+
+def test_param_count_qwen2_bias():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg)
+    assert shape_from_hf_config(cfg.to_dict()).params == sum(p.numel() for p in model.parameters())
+
+
+def test_lora_count_matches_peft():
+    from peft import LoraConfig, get_peft_model
+
+    model, cfg = hf_llama()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=targets))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert shape_from_hf_config(cfg.to_dict()).lora_params(8) == trainable
+
+
+def test_presets_have_their_published_sizes():
+    assert PRESETS["llama-3.2-1b"].params == 1_235_814_400
+    assert PRESETS["llama-3.1-8b"].params == 8_030_261_248
+    assert PRESETS["qwen2.5-7b"].params == 7_615_616_512
+    assert PRESETS["mistral-7b"].params == 7_248_023_552
+
+
+def test_consistency():
+    m = PRESETS["llama-3.1-8b"]
+    kw = dict(gpus=8, seq=2048, micro_batch=1)
+    for p in PL.PRECISIONS:
+        full = {n: estimate(m, V[n], p, **kw) for n in ("ddp", "zero1", "zero2", "zero3")}
+        static = {n: e.weights + e.grads + e.optimizer for n, e in full.items()}
+        assert static["zero3"] < static["zero2"] < static["zero1"] < static["ddp"], static
+        lora = estimate(m, V["ddp"], p, lora=True, **kw)
+        assert lora.grads + lora.optimizer < 0.02 * (full["ddp"].grads + full["ddp"].optimizer)
+        assert lora.allocated < 0.6 * full["ddp"].allocated
+        for v in VARIANTS[1:]:
+            # peak = static + max(backward, step): never decreasing, strictly once activations dominate
+            a = [estimate(m, v, p, gpus=8, seq=s, micro_batch=1) for s in (512, 1024, 2048, 4096, 8192)]
+            b = [estimate(m, v, p, gpus=8, seq=1024, micro_batch=mb) for mb in (1, 2, 4, 8, 16)]
+            for series in (a, b):
+                peak = [e.allocated for e in series]
+                acts = [e.activations for e in series]
+                assert peak == sorted(peak) and acts == sorted(acts) and len(set(acts)) == 5, v
+                assert peak[-1] > peak[-2], v
+            ck = estimate(m, v, p, gpus=8, seq=4096, micro_batch=4, gradient_checkpointing=True)
+            assert ck.activations < estimate(m, v, p, gpus=8, seq=4096, micro_batch=4).activations / 4
+    # more GPUs never need more memory per GPU with sharding
+    e = [estimate(m, V["zero3"], "bf16", gpus=g, seq=2048).allocated for g in (2, 4, 8)]
+    assert e == sorted(e, reverse=True)
+
+
+def test_recommendation_fits_and_prefers_less_communication():
+    m = PRESETS["llama-3.1-8b"]
+    plan = PL.plan(m, 8, 80, precisions=("bf16",), seq=2048)
+    assert plan.recommended is not None and plan.recommended.reserved <= 80 * PL.GiB
+    assert plan.recommended.backend != "ddp"  # 8B full fine-tuning with Adam does not fit replicated
+    small = PL.plan(PRESETS["llama-3.2-1b"], 8, 80, precisions=("bf16",), seq=1024, lora=True)
+    assert small.recommended.backend == "ddp"
+    assert PL.plan(m, 1, 16, precisions=("fp32",), seq=4096).recommended is None
+
+
+def _saved_activation_bytes(model, mode, ids):
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-mixed"):
+            logits = model(input_ids=ids, use_cache=False).logits
+        logits = logits[:, :-1].float()  # the trainer's token loss
+        F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum")
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "bf16-mixed"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_activation_formula_matches_saved_tensors(mode, ckpt):
+    model, cfg = hf_llama(h=256, I=688, L=3, nh=8, nkv=2, vocab=2048)
+    if mode == "bf16":
+        model.to(torch.bfloat16)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    B, S = 2, 96
+    ids = torch.randint(0, cfg.vocab_size, (B, S))
+    measured = _saved_activation_bytes(model, mode, ids)
+    acts, copies = PL.activation_bytes(shape_from_hf_config(cfg.to_dict()), mode, B * S, ckpt)
+    if ckpt:
+        # only the layer inputs stay saved after forward; the recomputed layer exists during backward
+        one = lambda n: PL.activation_bytes(shape_from_hf_config(cfg.to_dict() | {"num_hidden_layers": n}), mode, 1, False)[0]  # noqa: E731
+        acts -= B * S * (one(1) - one(0))
+        copies = 2.0 * cfg.vocab_size * cfg.hidden_size if mode == "bf16-mixed" else 0.0
+    assert measured == pytest.approx(acts + copies, rel=0.05), (measured, acts, copies)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16"])
+def test_static_parts_match_a_real_step(tmp_path, precision):
+    """params / grads / master / Adam of the single backend after a real step vs the estimate."""
+    from unsloth_dist import Trainer
+
+    model, cfg = hf_llama(h=128, I=352, L=2, vocab=512)
+    data = [{"input_ids": [(i * 7 + j) % 512 for j in range(16)]} for i in range(16)]
+    trainer = Trainer(model, data, args={"backend": "single", "precision": precision, "max_steps": 1,
+                                         "per_device_train_batch_size": 2, "output_dir": str(tmp_path),
+                                         "disable_tqdm": True})
+    trainer.train()
+    be = trainer.backend
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    weights = nbytes(be.module.parameters())
+    master = nbytes(be._master) if getattr(be, "_master", None) else 0
+    adam = nbytes(t for st in be.optimizer.state.values() for k, t in st.items() if k != "step")
+    batch = trainer.collator(data[:2])
+    be.backward(trainer._forward_loss_sum(batch))
+    grads = nbytes(p.grad for p in be.module.parameters() if p.grad is not None)
+    est = estimate(shape_from_hf_config(cfg.to_dict()), V["single"], precision, gpus=1, micro_batch=2, seq=16)
+    assert weights == est.parts["weights"]
+    assert grads == est.parts["grads"]
+    assert master == est.parts["master"]
+    assert adam == est.parts["adam"]
+
+
+def test_plan_command_json():
+    from unsloth_dist.cli import app
+
+    r = CliRunner().invoke(app, ["plan", "--model", "llama-3.2-1b", "--gpus", "2", "--lora", "--json", "-p", "bf16"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["params"] == 1_235_814_400 and data["recommended"]["backend"] == "ddp"
+    assert {row["backend"] for row in data["rows"]} >= {"ddp", "zero1", "zero2", "zero3", "fsdp"}
+
+
+def test_plan_from_config_dir(tmp_path):
+    from unsloth_dist.cli import app
+
+    _, cfg = hf_llama()
+    (tmp_path / "config.json").write_text(cfg.to_json_string())
+    r = CliRunner().invoke(app, ["plan", "--model", str(tmp_path), "--gpus", "2", "--gpu-memory", "24"])
+    assert r.exit_code == 0, r.output
+    assert "recommended" in r.output

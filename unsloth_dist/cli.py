@@ -1,0 +1,387 @@
+"""`unsloth-dist` (also `python -m unsloth_dist`): train, launch, write launcher configs,
+check the environment, plan memory.
+
+    unsloth-dist train configs/full_ddp.yaml --set max_steps=10
+    unsloth-dist launch configs/full_fsdp.yaml --nproc 8 --launcher accelerate
+    unsloth-dist config accelerate --backend zero3 --num-processes 8 -o zero3.yaml
+    unsloth-dist config deepspeed --stage 2 --world-size 8 -o zero2.json
+    unsloth-dist env
+    unsloth-dist plan --model llama-3.1-8b --gpus 8 --lora
+
+A user mistake (bad config, bad option, inconsistent launcher environment) prints one red
+`error:` line (plus the config's field list) and exits with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="unsloth-dist",
+    help="Fine-tune Hugging Face causal LMs on one GPU or many (single / DDP / FSDP2 / DeepSpeed ZeRO).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+config_app = typer.Typer(help="Write launcher config files derived from a recipe (TrainConfig).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console(highlight=False)
+# tables: wide enough to read when stdout is a pipe or a log file (rich assumes 80 columns there)
+wide = Console(highlight=False, width=max(shutil.get_terminal_size((150, 24)).columns, 150))
+err = Console(stderr=True, highlight=False)
+
+USER_EXIT = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one red line, exit status 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .distributed import LaunchError
+    from .launch.accelerate_config import AccelerateLaunchError
+    from .recipes import RecipeError
+
+    return (UserError, ConfigError, LaunchError, AccelerateLaunchError, RecipeError)
+
+
+def fail(message: str, code: int = USER_EXIT) -> "typer.Exit":
+    first, _, rest = str(message).partition("\n")
+    err.print(f"[bold red]error:[/bold red] {first}", markup=True, soft_wrap=True)
+    if rest:
+        err.print(rest, markup=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+class _guard:
+    """Turn user-mistake exceptions into `fail` (exit 2); anything else stays a traceback."""
+
+    def __init__(self, extra: tuple[type[BaseException], ...] = ()) -> None:
+        self.extra = extra
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is not None and isinstance(exc, _user_errors() + self.extra):
+            raise fail(str(exc)) from None
+        return False
+
+
+def _load(config: Optional[str], overrides: List[str], backend: Optional[str] = None, **defaults):
+    from .config import load_config
+
+    kwargs = dict(defaults)
+    if backend is not None:
+        kwargs["backend"] = backend
+    return load_config(config, overrides=overrides, **kwargs)
+
+
+# --------------------------------------------------------------------------- train
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def train(
+    config: str = typer.Argument(..., metavar="CONFIG.yaml", help="recipe: a TrainConfig YAML (e.g. configs/full_ddp.yaml)"),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="single | ddp | fsdp | zero1 | zero2 | zero3 | auto (overrides the recipe)"),
+    overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="dotted override, repeatable (--set backend.sharding=grad_op)"),
+    model: Optional[str] = typer.Option(None, "--model", help="local Hugging Face model directory (default: a small byte-level Llama)"),
+    text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file(s) to train on, comma separated (default: this package's sources)"),
+    seq_len: int = typer.Option(128, "--seq-len", help="tokens per sample"),
+    hidden: int = typer.Option(128, "--hidden", help="width of the built-in model"),
+    layers: int = typer.Option(4, "--layers", help="depth of the built-in model"),
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
+) -> None:
+    """Train in this process, under whatever launcher started it (none, torchrun, deepspeed, accelerate).
+
+    The recipe is a TrainConfig; it has no model / data section yet, so the model and data come
+    from --model / --text / --seq-len (a `model:` / `data:` section comes later)."""
+    from .recipes import RecipeOptions, train_recipe
+
+    with _guard((ValueError,)):
+        cfg = _load(config, overrides, backend)
+        opts = RecipeOptions(model=model, text=text, seq_len=seq_len, hidden=hidden, layers=layers)
+        opts.check()
+        train_recipe(cfg, opts, echo=lambda s: out.print(s, markup=False, soft_wrap=True))
+
+
+# --------------------------------------------------------------------------- launch
+
+
+class Launcher(str, Enum):
+    torchrun = "torchrun"
+    deepspeed = "deepspeed"
+    accelerate = "accelerate"
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": ["-h", "--help"]})
+def launch(
+    ctx: typer.Context,
+    config: str = typer.Argument(..., metavar="CONFIG.yaml", help="recipe passed to `unsloth-dist train` in every process"),
+    nproc: int = typer.Option(..., "--nproc", "-n", help="processes (GPUs) per node"),
+    nnodes: int = typer.Option(1, "--nnodes", help="number of nodes"),
+    node_rank: int = typer.Option(0, "--node-rank", help="this node's index (0..nnodes-1)"),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="address of node 0 (required with --nnodes > 1)"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="port on node 0 (default: a free port on one node, 29500 on several)"),
+    launcher: Launcher = typer.Option(Launcher.torchrun, "--launcher", "-l", case_sensitive=False, help="which launcher starts the processes"),
+    hosts: Optional[str] = typer.Option(None, "--hosts", help="deepspeed only: comma-separated hosts; writes a hostfile and passes --hostfile"),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="backend override, forwarded to train (and used for the accelerate config)"),
+    overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="dotted override, repeatable; forwarded to train"),
+    cpu: Optional[bool] = typer.Option(None, "--cpu/--gpu", help="accelerate: write use_cpu (default: --cpu when no CUDA GPU is visible)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="where the generated accelerate config / hostfile go (default: a new temp dir)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the command (and write the generated files) without running it"),
+) -> None:
+    """Start `unsloth-dist train CONFIG` under torchrun, the DeepSpeed launcher or accelerate launch.
+
+    Arguments after `--` go to `train` unchanged (e.g. `-- --model DIR --seq-len 512`).
+    Several nodes: run the same command on every node with its --node-rank (torchrun, accelerate,
+    deepspeed without --hosts), or once on node 0 with --launcher deepspeed --hosts h1,h2."""
+    from .launch import commands as C
+    from .launch.accelerate_config import CONFIG_PATH_VAR, write_accelerate_config
+
+    extra = list(ctx.args)
+    with _guard():
+        spec = C.LaunchSpec(
+            config=config, nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+            master_port=master_port, launcher=launcher.value,
+            hosts=[h.strip() for h in hosts.split(",") if h.strip()] if hosts else [],
+        )
+        spec.check()
+        cfg = _load(config, overrides, backend)  # a bad recipe fails here, before any process starts
+        cfg.check_world_size(spec.world_size)
+        if spec.master_port is None and spec.nnodes == 1:
+            spec.master_port = C.free_port()
+        spec.train_args = ([f"--backend={backend}"] if backend else []) + [f"--set={o}" for o in overrides] + extra
+        env = dict(os.environ)
+        workdir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="unsloth-dist-launch-"))
+        if spec.launcher == "torchrun":
+            cmd = C.torchrun_command(spec)
+        elif spec.launcher == "deepspeed":
+            hostfile = None
+            if spec.hosts:
+                hostfile = C.write_hostfile(workdir / "hostfile", spec.hosts, spec.nproc)
+                out.print(f"wrote DeepSpeed hostfile {hostfile}", markup=False)
+            cmd = C.deepspeed_command(spec, hostfile=str(hostfile) if hostfile else None)
+        else:
+            if spec.world_size == 1:
+                raise UserError("accelerate launch of one process: run `unsloth-dist train CONFIG` directly, or use --nproc 2+")
+            b = cfg.backend if cfg.backend.name != "auto" else "ddp"
+            use_cpu = cpu if cpu is not None else not _cuda_available()
+            path = workdir / f"accelerate_{getattr(b, 'name', b)}_{spec.world_size}p.yaml"
+            write_accelerate_config(
+                path, cfg, b, num_processes=spec.world_size, num_machines=spec.nnodes, machine_rank=spec.node_rank,
+                main_process_ip=spec.master_addr, main_process_port=spec.master_port, cpu=use_cpu,
+            )
+            out.print(f"wrote accelerate config {path}", markup=False)
+            env[CONFIG_PATH_VAR] = str(path.resolve())
+            cmd = C.accelerate_command(spec, str(path))
+    out.print(shlex.join(cmd), markup=False, soft_wrap=True)
+    if dry_run:
+        return
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        err.print(f"[bold red]error:[/bold red] {spec.launcher} exited with status {rc}", markup=True)
+        raise typer.Exit(rc)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------- config
+
+
+class AccelBackend(str, Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+    zero1 = "zero1"
+    zero2 = "zero2"
+    zero3 = "zero3"
+
+
+def _recipe_with_backend(recipe: Optional[str], backend: dict | str, overrides: List[str]):
+    """The recipe (or defaults) with `backend`, keeping the recipe's settings for that backend."""
+    from .config import load_config, parse_backend
+
+    base = load_config(recipe) if recipe else load_config(None, num_train_epochs=1)
+    wanted = parse_backend(backend)
+    if base.backend.name != wanted.name:
+        base = load_config(base, backend=wanted)
+    return load_config(base, overrides=overrides) if overrides else base
+
+
+@config_app.command("accelerate", context_settings={"help_option_names": ["-h", "--help"]})
+def config_accelerate(
+    backend: AccelBackend = typer.Option(..., "--backend", "-b", case_sensitive=False, help="the backend the config launches"),
+    num_processes: int = typer.Option(..., "--num-processes", help="processes on all machines together"),
+    num_machines: int = typer.Option(1, "--num-machines"),
+    machine_rank: int = typer.Option(0, "--machine-rank"),
+    main_process_ip: Optional[str] = typer.Option(None, "--main-process-ip", help="address of machine 0 (required with several machines)"),
+    main_process_port: Optional[int] = typer.Option(None, "--main-process-port"),
+    cpu: bool = typer.Option(False, "--cpu", help="use_cpu: true (CPU processes with gloo; for tests)"),
+    recipe: Optional[str] = typer.Option(None, "--config", "-c", help="recipe YAML the settings come from (sharding, offload, accumulation, clipping, precision)"),
+    overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="dotted override of the recipe, repeatable"),
+    output: Path = typer.Option(..., "--output", "-o", help="the YAML file to write"),
+) -> None:
+    """Write an accelerate config file (built with accelerate's ClusterConfig) for a backend.
+
+    Launch with `accelerate launch --config_file FILE examples/train.py` (or `-m unsloth_dist train
+    RECIPE`); with backend auto the Trainer then runs exactly the backend this file describes."""
+    from .launch.accelerate_config import write_accelerate_config
+
+    with _guard():
+        cfg = _recipe_with_backend(recipe, backend.value, overrides)
+        path = write_accelerate_config(
+            output, cfg, cfg.backend, num_processes=num_processes, num_machines=num_machines,
+            machine_rank=machine_rank, main_process_ip=main_process_ip, main_process_port=main_process_port, cpu=cpu,
+        )
+    out.print(f"wrote {path} (backend {cfg.backend.name}, {num_processes} processes on {num_machines} machine(s))", markup=False)
+
+
+class Offload(str, Enum):
+    none = "none"
+    cpu = "cpu"
+
+
+@config_app.command("deepspeed", context_settings={"help_option_names": ["-h", "--help"]})
+def config_deepspeed(
+    stage: int = typer.Option(..., "--stage", min=1, max=3, help="ZeRO stage 1, 2 or 3"),
+    offload_optimizer: Offload = typer.Option(Offload.none, "--offload-optimizer", case_sensitive=False),
+    offload_param: Offload = typer.Option(Offload.none, "--offload-param", case_sensitive=False, help="stage 3 only"),
+    recipe: Optional[str] = typer.Option(None, "--config", "-c", help="recipe YAML (batch size, accumulation, clipping, precision)"),
+    overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="dotted override of the recipe, repeatable"),
+    world_size: int = typer.Option(1, "--world-size", min=1, help="ranks the file is for (train_batch_size = micro x accumulation x world size)"),
+    output: Path = typer.Option(..., "--output", "-o", help="the JSON file to write"),
+) -> None:
+    """Write the DeepSpeed JSON config that the zero backends pass to deepspeed.initialize.
+
+    It is produced by the same function the Trainer uses (unsloth_dist.launch.deepspeed_config),
+    so the file and the run cannot disagree. DeepSpeed itself rejects the file on another world size."""
+    from .launch.deepspeed_config import deepspeed_config
+
+    with _guard():
+        backend = {"name": f"zero{stage}"}
+        if offload_optimizer is Offload.cpu:
+            backend["offload_optimizer"] = "cpu"
+        if offload_param is Offload.cpu:
+            backend["offload_param"] = "cpu"
+        cfg = _recipe_with_backend(recipe, backend, overrides)
+        b = cfg.backend
+        if offload_optimizer is Offload.cpu or offload_param is Offload.cpu:
+            # the flags win over the recipe's backend section
+            from .config import load_config
+
+            cfg = load_config(cfg, overrides=[f"backend.{k}={v}" for k, v in backend.items() if k != "name"])
+            b = cfg.backend
+        cfg.check_world_size(world_size)
+        ds = deepspeed_config(cfg, b, world_size)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(ds, indent=2) + "\n")
+    out.print(f"wrote {output} (ZeRO-{b.stage}, world size {world_size}, train_batch_size {ds['train_batch_size']})", markup=False)
+
+
+# --------------------------------------------------------------------------- env
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def env() -> None:
+    """Check the environment: versions, GPUs, launcher variables. Exit 1 on a blocker (the fix is shown)."""
+    from .launch.envcheck import BLOCKER, INFO, OK, WARN, check_environment
+
+    rows = check_environment()
+    table = Table(title="unsloth-dist environment", show_lines=False)
+    for col in ("item", "value", "status", "fix"):
+        table.add_column(col, overflow="fold")
+    style = {OK: "green", INFO: "cyan", WARN: "yellow", BLOCKER: "bold red"}
+    for r in rows:
+        table.add_row(r.item, r.value, f"[{style[r.status]}]{r.status}[/{style[r.status]}]", r.fix)
+    wide.print(table)
+    blockers = [r for r in rows if r.status == BLOCKER]
+    if blockers:
+        for r in blockers:
+            err.print(f"[bold red]blocker:[/bold red] {r.item}: {r.fix}", markup=True, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def plan(
+    model: str = typer.Option(..., "--model", "-m", help="preset (llama-3.2-1b, llama-3.1-8b, qwen2.5-7b, mistral-7b, ...), config.json or model dir"),
+    gpus: int = typer.Option(..., "--gpus", "-g", help="number of GPUs"),
+    gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="GiB per GPU"),
+    lora: bool = typer.Option(False, "--lora", help="LoRA on q,k,v,o,gate,up,down (frozen base)"),
+    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank"),
+    seq: int = typer.Option(2048, "--seq", help="sequence length"),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="micro-batch to check (default: report the largest that fits)"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    precision: List[str] = typer.Option([], "--precision", "-p", help="bf16 | bf16-mixed | fp32, repeatable (default: all)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Estimate per-GPU memory for every backend and precision; recommend a backend and micro-batch that fit."""
+    from .launch import planner as PL
+
+    with _guard():
+        for p in precision:
+            if p not in PL.PRECISIONS:
+                raise UserError(f"--precision {p!r}: choose from {', '.join(PL.PRECISIONS)}")
+        if lora_r < 1:
+            raise UserError(f"--lora-r {lora_r}: must be at least 1")
+        shape = PL.resolve_model(model)
+        result = PL.plan(shape, gpus, gpu_memory, precisions=tuple(precision) or PL.PRECISIONS, micro_batch=micro_batch,
+                         seq=seq, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing)
+    if as_json:
+        out.print_json(json.dumps({
+            "model": shape.name, "params": shape.params, "trainable": shape.lora_params(lora_r) if lora else shape.params,
+            "rows": [r.gib() | {"max_micro_batch": result.max_micro[(r.backend, r.precision)]} for r in result.rows],
+            "recommended": result.recommended.gib() if result.recommended else None, "reason": result.reason,
+        }))
+        return
+    trainable = shape.lora_params(lora_r) if lora else shape.params
+    out.print(f"[bold]{shape.name}[/bold]: {shape.params / 1e9:.3f} B params, trainable {trainable / 1e6:.1f} M; "
+              f"{gpus} GPU(s) x {gpu_memory:g} GiB; seq {seq}; micro-batch {micro_batch or 1}; "
+              f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}")
+    table = Table(title="per-GPU memory estimate (GiB)")
+    for col in ("backend", "precision", "weights", "grads", "optim", "activ.", "other", "peak alloc", "+ctx/frag", "fits", "max micro"):
+        table.add_column(col, justify="right" if col not in ("backend", "precision") else "left")
+    for r in result.rows:
+        mm = result.max_micro[(r.backend, r.precision)]
+        fits = r.reserved <= gpu_memory * PL.GiB
+        g = lambda x: f"{x / PL.GiB:.2f}"  # noqa: E731
+        table.add_row(r.backend, r.precision, g(r.weights), g(r.grads), g(r.optimizer), g(r.activations), g(r.transient),
+                      g(r.allocated), g(r.reserved), "[green]yes[/green]" if fits else "[red]no[/red]", str(mm))
+    wide.print(table)
+    if result.recommended:
+        r = result.recommended
+        out.print(f"[bold green]recommended:[/bold green] backend {r.backend}, precision {r.precision}, micro-batch "
+                  f"{r.micro_batch} (~{r.reserved / PL.GiB:.1f} GiB per GPU). {result.reason}")
+    else:
+        err.print(f"[bold red]nothing fits:[/bold red] {result.reason}")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

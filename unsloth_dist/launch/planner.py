@@ -1,0 +1,398 @@
+"""Per-GPU memory estimates for every backend and precision, and a recommendation.
+
+All sizes are bytes per GPU. Notation: P = all parameters, T = trainable parameters (P for full
+fine-tuning, the adapters for LoRA), N = GPUs, h / I / V / L = hidden, intermediate, vocab,
+layers, kv = key/value width (kv_heads x head_dim), nh = attention heads, tokens = micro-batch x seq.
+
+Precision semantics (what our backends do, see backends/base.py, fsdp.py, deepspeed.py):
+
+    precision    weights          grads    fp32 master   Adam (exp_avg + exp_avg_sq)
+    fp32         4 B/param        4 B      -             8 B
+    bf16-mixed   4 B (autocast)   4 B      -             8 B
+    bf16         2 B              2 B      4 B           8 B      (2 + 2 + 12 per trainable param)
+
+Partitioning:
+    single, ddp   everything on every GPU. DDP's gradient buckets are the grads
+                  (gradient_as_bucket_view), so they stay allocated between steps.
+    zero1         Adam + fp32 master partitioned (/N); weights and grads full.
+    zero2         also grads partitioned (/N).
+    zero3         also weights partitioned (/N), plus the gathered parameters of ~2 layers.
+                  DeepSpeed keeps an fp32 master partition (4T/N) in every precision, and
+                  reduction buckets of reduce_bucket_size elements (x2 with overlap_comm, stages 1-2).
+    fsdp          FSDP2 keeps fp32 sharded parameters, grads and Adam: (4 + 4 + 8) / N, plus the
+                  unsharded (bf16 under precision bf16, else fp32) parameters of the layers in flight:
+                  2 layers + the root (embeddings, head) with sharding full; all layers with grad_op.
+    offload       zero *_offload_opt: master + Adam + fp32 grads live on the CPU;
+                  zero3 offload_param: weights too; fsdp cpu_offload: sharded params, grads, Adam.
+    LoRA          the frozen base weights are stored like weights above (partitioned by zero3 /
+                  fsdp), but have no grads, master or Adam state; T = r x (in + out) per adapted
+                  linear (q, k, v, o, gate, up, down by default).
+
+Activations (bytes per token per decoder layer, measured on transformers' Llama with SDPA and
+checked by tests/test_planner.py against the tensors autograd actually saves):
+    fp32        32h + 16I + 8kv + 4(nh + 2)
+    bf16        20h +  8I + 4kv + 4(nh + 2)     (RMSNorm computes in fp32)
+    bf16-mixed  30h +  8I + 4kv + 4(nh + 2)     + the bf16 copies autocast makes of every matmul
+                                                 weight (2 B/param), held until backward
+    outside the layers: 12.5h (fp32) / 8.25h (bf16) / 10.5h (bf16-mixed) + 4V (fp32 log-softmax of
+    the loss) + 20 per token; gradient checkpointing keeps only each layer's input (4h, or 2h
+    under bf16) and recomputes one layer at a time during backward.
+Transients: at the start of backward two fp32 [tokens, V] buffers (the loss gradients); at the
+optimizer step torch's foreach AdamW allocates one fp32 temporary the size of the (local) Adam
+state, and precision bf16 on single / ddp also makes fp32 copies of the grads for the master step.
+Peak = weights + master + Adam + max(backward, step), where backward = activations + loss
+transient (+ grads where they persist: ddp, zero) and step = grads + step transients.
+`allocated` is what torch.cuda.max_memory_allocated would report; `reserved` adds the allocator's
+fragmentation (10%) and the CUDA context (0.75 GiB), and is what has to fit in the GPU.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import ConfigError, ZeroConfig
+
+GiB = 2**30
+CUDA_CONTEXT = 0.75 * GiB
+FRAGMENTATION = 0.10
+PRECISIONS = ("bf16", "bf16-mixed", "fp32")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear in one decoder layer."""
+        h, i = self.hidden, self.intermediate
+        return {"q": (h, self.q_dim), "k": (h, self.kv_dim), "v": (h, self.kv_dim), "o": (self.q_dim, h),
+                "gate": (h, i), "up": (h, i), "down": (i, h)}
+
+    @property
+    def layer_matmul_params(self) -> int:
+        return sum(a * b for a, b in self.linear_shapes().values())
+
+    @property
+    def layer_params(self) -> int:
+        bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        return self.layer_matmul_params + bias + 2 * self.hidden  # + two RMSNorm weights
+
+    @property
+    def root_params(self) -> int:
+        """Embeddings, final norm and (untied) head: the parameters outside the decoder layers."""
+        emb = self.vocab * self.hidden
+        return emb + self.hidden + (0 if self.tie_embeddings else emb)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.root_params
+
+    def lora_params(self, r: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
+        shapes = self.linear_shapes()
+        return self.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def _shape(name, V, h, I, L, nh, nkv, tie=False, bias=False, head_dim=None) -> ModelShape:
+    return ModelShape(name, V, h, I, L, nh, nkv, head_dim or h // nh, tie, bias)
+
+
+# real shapes from the models' config.json files
+PRESETS: dict[str, ModelShape] = {
+    "llama-3.2-1b": _shape("llama-3.2-1b", 128256, 2048, 8192, 16, 32, 8, tie=True, head_dim=64),
+    "llama-3.2-3b": _shape("llama-3.2-3b", 128256, 3072, 8192, 28, 24, 8, tie=True, head_dim=128),
+    "llama-3.1-8b": _shape("llama-3.1-8b", 128256, 4096, 14336, 32, 32, 8),
+    "qwen2.5-7b": _shape("qwen2.5-7b", 152064, 3584, 18944, 28, 28, 4, bias=True),
+    "mistral-7b": _shape("mistral-7b", 32768, 4096, 14336, 32, 32, 8),  # v0.3 vocabulary
+}
+
+
+def shape_from_hf_config(data: dict, name: str = "model") -> ModelShape:
+    """A ModelShape from a Hugging Face config.json dict (Llama / Qwen2 / Qwen3 / Mistral layout)."""
+    try:
+        h = int(data["hidden_size"])
+        nh = int(data["num_attention_heads"])
+        shape = ModelShape(
+            name=name,
+            vocab=int(data["vocab_size"]),
+            hidden=h,
+            intermediate=int(data["intermediate_size"]),
+            layers=int(data["num_hidden_layers"]),
+            heads=nh,
+            kv_heads=int(data.get("num_key_value_heads") or nh),
+            head_dim=int(data.get("head_dim") or h // nh),
+            tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+            qkv_bias=bool(data.get("attention_bias", False)) or data.get("model_type") == "qwen2",
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"model config {name!r} lacks a field the planner needs ({exc}); give a Llama / Qwen / Mistral config.json") from None
+    return shape
+
+
+def resolve_model(spec: str) -> ModelShape:
+    """A preset name, a config.json path, or a model directory holding config.json."""
+    key = spec.lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json / model directory"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    return shape_from_hf_config(data, name=spec)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@dataclass(frozen=True)
+class BackendVariant:
+    name: str  # display name
+    backend: str  # single | ddp | fsdp | zero1 | zero2 | zero3
+    sharding: str = "full"  # fsdp
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+
+VARIANTS: tuple[BackendVariant, ...] = (
+    BackendVariant("single", "single"),
+    BackendVariant("ddp", "ddp"),
+    BackendVariant("zero1", "zero1"),
+    BackendVariant("zero2", "zero2"),
+    BackendVariant("zero2+offload_opt", "zero2", offload_optimizer=True),
+    BackendVariant("fsdp(grad_op)", "fsdp", sharding="grad_op"),
+    BackendVariant("fsdp", "fsdp"),
+    BackendVariant("zero3", "zero3"),
+    BackendVariant("zero3+offload_opt", "zero3", offload_optimizer=True),
+    BackendVariant("zero3+offload_all", "zero3", offload_optimizer=True, offload_param=True),
+    BackendVariant("fsdp+cpu_offload", "fsdp", offload_optimizer=True, offload_param=True),
+)
+# cheapest communication first: the recommendation is the first variant that fits
+PREFERENCE = [v.name for v in VARIANTS]
+
+
+@dataclass
+class Estimate:
+    backend: str
+    precision: str
+    gpus: int
+    micro_batch: int
+    seq: int
+    lora: bool
+    gradient_checkpointing: bool
+    weights: float
+    grads: float
+    optimizer: float  # Adam state + fp32 master
+    activations: float
+    transient: float  # the larger of the backward / step transients, + buckets / unsharded layers
+    allocated: float  # peak, like torch.cuda.max_memory_allocated
+    reserved: float  # + fragmentation + CUDA context: what must fit
+    parts: dict[str, float] = field(default_factory=dict)
+
+    def gib(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("weights", "grads", "optimizer", "activations", "transient", "allocated", "reserved"):
+            d[k] = round(d[k] / GiB, 3)
+        d["parts"] = {k: round(v / GiB, 3) for k, v in self.parts.items()}
+        return d
+
+
+def activation_bytes(m: ModelShape, precision: str, tokens: int, checkpointing: bool) -> tuple[float, float]:
+    """(saved activations, autocast weight copies) in bytes for `tokens` tokens on one GPU."""
+    h, I, kv, nh, V = m.hidden, m.intermediate, m.kv_dim, m.heads, m.vocab
+    small = 4 * (nh + 2)
+    per_layer = {"fp32": 32 * h + 16 * I + 8 * kv, "bf16": 20 * h + 8 * I + 4 * kv,
+                 "bf16-mixed": 30 * h + 8 * I + 4 * kv}[precision] + small
+    outside = {"fp32": 12.5 * h, "bf16": 8.25 * h, "bf16-mixed": 10.5 * h}[precision] + 4 * V + 20
+    resid = 2 * h if precision == "bf16" else 4 * h
+    copies = 0.0
+    if checkpointing:
+        acts = tokens * (m.layers * resid + per_layer + outside)  # inputs + one recomputed layer
+        if precision == "bf16-mixed":
+            copies = 2.0 * (m.layer_matmul_params + m.vocab * m.hidden)
+    else:
+        acts = tokens * (m.layers * per_layer + outside)
+        if precision == "bf16-mixed":
+            copies = 2.0 * (m.layers * m.layer_matmul_params + m.vocab * m.hidden)
+    return float(acts), copies
+
+
+def estimate(
+    m: ModelShape,
+    variant: BackendVariant,
+    precision: str = "bf16",
+    *,
+    gpus: int = 1,
+    micro_batch: int = 1,
+    seq: int = 2048,
+    lora: bool = False,
+    lora_r: int = 16,
+    gradient_checkpointing: bool = False,
+    zero: Optional[ZeroConfig] = None,
+) -> Estimate:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: the planner knows {', '.join(PRECISIONS)}")
+    N = 1 if variant.backend == "single" else gpus
+    P = float(m.params)
+    T = float(m.lora_params(lora_r)) if lora else P
+    if lora:
+        P += T
+    zero = zero or ZeroConfig(name=variant.backend if variant.backend.startswith("zero") else "zero2")
+    bf16 = precision == "bf16"
+    parts: dict[str, float] = {}
+    step_tmp = 0.0
+    persistent_grads = False
+
+    if variant.backend in ("single", "ddp"):
+        w = 2 if bf16 else 4
+        parts["weights"] = w * P
+        parts["grads"] = w * T
+        parts["master"] = 4 * T if bf16 else 0.0
+        parts["adam"] = 8 * T
+        step_tmp = 4 * T + (4 * T if bf16 else 0.0)  # foreach temp (+ fp32 master grads)
+        persistent_grads = variant.backend == "ddp"
+    elif variant.backend == "fsdp":
+        on_gpu = 0.0 if variant.offload_param else 1.0
+        parts["weights"] = on_gpu * 4 * P / N
+        parts["grads"] = on_gpu * 4 * T / N
+        parts["master"] = 0.0
+        parts["adam"] = on_gpu * 8 * T / N
+        pb = 2 if bf16 else 4
+        layer = m.layer_params + (m.lora_params(lora_r) / m.layers if lora else 0)
+        if variant.sharding == "grad_op":
+            unsharded = pb * (m.layers * layer + m.root_params)
+        else:
+            unsharded = pb * (2 * layer + m.root_params)
+        unsharded += 4 * 2 * (layer if not lora else m.lora_params(lora_r) / m.layers)  # unsharded grads in flight
+        parts["unsharded"] = unsharded
+        step_tmp = on_gpu * 4 * T / N
+    else:  # zero1/2/3
+        stage = int(variant.backend[-1])
+        w = 2 if bf16 else 4
+        off_opt = variant.offload_optimizer
+        parts["weights"] = w * P / (N if stage == 3 and not variant.offload_param else 1) * (0 if variant.offload_param else 1)
+        parts["grads"] = w * T / (N if stage >= 2 else 1) + (0.0 if off_opt or not bf16 else 4 * T / N)
+        parts["master"] = 0.0 if off_opt else 4 * T / N
+        parts["adam"] = 0.0 if off_opt else 8 * T / N
+        rb = zero.reduce_bucket_size * (4 if stage == 1 else w)
+        parts["buckets"] = rb * (2 if zero.overlap_comm and stage < 3 else 1)
+        if stage == 3:
+            layer = m.layer_params
+            parts["gathered"] = w * (2 * layer + max(m.vocab * m.hidden, layer))
+        step_tmp = 0.0 if off_opt else 4 * T / N
+        persistent_grads = True
+
+    tokens = micro_batch * seq
+    acts, copies = activation_bytes(m, precision, tokens, gradient_checkpointing)
+    parts["activations"] = acts
+    parts["autocast_copies"] = copies
+    loss_tmp = 8.0 * tokens * m.vocab
+    extra = parts.get("unsharded", 0.0) + parts.get("buckets", 0.0) + parts.get("gathered", 0.0)
+    static = parts["weights"] + parts["master"] + parts["adam"] + extra
+    backward = acts + copies + loss_tmp + (parts["grads"] if persistent_grads else 0.0)
+    step = parts["grads"] + step_tmp
+    allocated = static + max(backward, step)
+    reserved = allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT
+    return Estimate(
+        backend=variant.name, precision=precision, gpus=N, micro_batch=micro_batch, seq=seq, lora=lora,
+        gradient_checkpointing=gradient_checkpointing, weights=parts["weights"], grads=parts["grads"],
+        optimizer=parts["master"] + parts["adam"], activations=acts + copies,
+        transient=max(backward - acts - copies, step - parts["grads"]) + extra,
+        allocated=allocated, reserved=reserved, parts=parts,
+    )
+
+
+def max_micro_batch(m: ModelShape, variant: BackendVariant, precision: str, gpu_memory_gib: float,
+                    limit: int = 256, **kw: Any) -> int:
+    """The largest micro-batch (1..limit) whose estimate fits in `gpu_memory_gib`; 0 if none."""
+    best = 0
+    lo, hi = 1, limit
+    while lo <= hi:  # reserved memory grows with the micro-batch
+        mid = (lo + hi) // 2
+        if estimate(m, variant, precision, micro_batch=mid, **kw).reserved <= gpu_memory_gib * GiB:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+@dataclass
+class Plan:
+    model: ModelShape
+    gpus: int
+    gpu_memory_gib: float
+    rows: list[Estimate]
+    max_micro: dict[tuple[str, str], int]
+    recommended: Optional[Estimate]
+    reason: str
+
+
+def plan(m: ModelShape, gpus: int, gpu_memory_gib: float = 80.0, *, precisions: tuple[str, ...] = PRECISIONS,
+         micro_batch: Optional[int] = None, seq: int = 2048, lora: bool = False, lora_r: int = 16,
+         gradient_checkpointing: bool = False) -> Plan:
+    if gpus < 1:
+        raise ConfigError(f"--gpus {gpus}: must be at least 1")
+    if gpu_memory_gib <= 0:
+        raise ConfigError(f"--gpu-memory {gpu_memory_gib}: must be positive (GiB per GPU)")
+    if seq < 1 or (micro_batch is not None and micro_batch < 1):
+        raise ConfigError("--seq and --micro-batch must be at least 1")
+    if gpus == 1:  # one GPU: plain, or DeepSpeed / FSDP only for their CPU offload
+        variants = [v for v in VARIANTS if v.backend == "single" or v.offload_optimizer]
+    else:
+        variants = [v for v in VARIANTS if v.backend != "single"]
+    kw = dict(gpus=gpus, seq=seq, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing)
+    rows, fits = [], {}
+    for p in precisions:
+        for v in variants:
+            mb = max_micro_batch(m, v, p, gpu_memory_gib, **kw)
+            fits[(v.name, p)] = mb
+            rows.append(estimate(m, v, p, micro_batch=micro_batch or 1, **kw))
+    recommended, reason = None, ""
+    want = micro_batch or 1
+    for p in precisions:  # the first precision asked for wins, then the cheapest backend
+        for name in PREFERENCE:
+            if fits.get((name, p), 0) >= want:
+                v = next(x for x in variants if x.name == name)
+                mb = micro_batch or _pow2_floor(fits[(name, p)])
+                recommended = estimate(m, v, p, micro_batch=mb, **kw)
+                reason = (f"{name} is the cheapest backend (least communication) whose estimate fits "
+                          f"{gpu_memory_gib:g} GiB at micro-batch {mb} with precision {p}")
+                break
+        if recommended is not None:
+            break
+    if recommended is None:
+        reason = ("nothing fits: use --lora, --gradient-checkpointing, a shorter --seq, more GPUs, "
+                  "or a bigger GPU")
+    return Plan(m, gpus, gpu_memory_gib, rows, fits, recommended, reason)
+
+
+def _pow2_floor(n: int) -> int:
+    p = 1
+    while p * 2 <= n:
+        p *= 2
+    return p
