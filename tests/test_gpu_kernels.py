@@ -1,0 +1,153 @@
+"""The compiled Triton kernels on a CUDA GPU, in bf16 at real sizes (Llama-3-8B: hidden 4096,
+intermediate 14336, vocab 128256, 32/8 heads of 128, 16k tokens), against the PyTorch references
+computed in fp32 on the same bf16 inputs. Outputs are poisoned (NaN-filled) before every run.
+
+Criterion (bf16): normwise relative error <= 1e-2 and no element off by more than 3e-2 of the
+largest magnitude (the fused CE's weight gradient is accumulated over ~32 chunks in bf16, as
+Liger-Kernel's is).
+
+    pytest -m gpu tests/test_gpu_kernels.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+N_TOKENS, HIDDEN, INTER, VOCAB = 16384, 4096, 14336, 128256
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+@pytest.fixture(autouse=True)
+def _gpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from unsloth_dist import kernels as K
+
+    torch.manual_seed(0)
+    torch.cuda.empty_cache()
+    with K.poison_outputs():
+        yield K
+
+
+def close(got, ref, what, worst_max=3e-2):
+    assert got.shape == ref.shape, what
+    assert not torch.isnan(got).any(), f"{what}: NaN (an element the kernel did not write)"
+    g, r = got.float(), ref.float()
+    rel = ((g - r).norm() / r.norm().clamp_min(1e-30)).item()
+    worst = ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+    print(f"{what}: normwise {rel:.2e}, worst {worst:.2e}")
+    assert rel <= 1e-2 and worst <= worst_max, f"{what}: normwise rel error {rel:.3g}, worst element {worst:.3g}"
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g)
+
+
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_rmsnorm_bf16(_gpu, gemma):
+    K = _gpu
+    x = torch.randn(N_TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(HIDDEN, device="cuda") * 0.1 + (0.0 if gemma else 1.0)).bfloat16().requires_grad_()
+    off = 1.0 if gemma else 0.0
+    y = K.rms_norm(x, w, 1e-5, off, gemma)
+    assert K.LAUNCHES["rmsnorm_fwd"] > 0
+    gy = torch.randn_like(y)
+    dx, dw = _grads(y, (x, w), gy)
+    xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = K.rms_norm_reference(xf, wf, 1e-5, off, gemma)
+    rdx, rdw = _grads(ref, (xf, wf), gy.float())
+    close(y, ref, "rmsnorm y")
+    close(dx, rdx, "rmsnorm dx")
+    close(dw, rdw, "rmsnorm dw")
+
+
+def test_rope_bf16_llama3_scaling_packed_positions(_gpu):
+    K = _gpu
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    B, T = 4, N_TOKENS // 4
+    cfg = LlamaConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                      max_position_embeddings=131072,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192})
+    rot = LlamaRotaryEmbedding(cfg).cuda()
+    # rows 0-1: one sequence each; rows 2-3: packed sequences restarting at 0
+    pos = torch.arange(T, device="cuda").repeat(B, 1)
+    pos[2] = torch.cat([torch.arange(1000), torch.arange(T - 1000)]).cuda()
+    pos[3] = torch.arange(T, device="cuda") % 777
+    q = torch.randn(B, T, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    cos, sin = rot(q, pos)
+    qo, ko = K.apply_rope(q, k, cos, sin)
+    assert K.LAUNCHES["rope"] > 0
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = _grads((qo, ko), (q, k), (gq, gk))
+    qf, kf = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    rq, rk = K.rope_reference(qf, kf, cos.float(), sin.float())
+    rdq, rdk = _grads((rq, rk), (qf, kf), (gq.float(), gk.float()))
+    for a, b, n in ((qo, rq, "rope q"), (ko, rk, "rope k"), (dq, rdq, "rope dq"), (dk, rdk, "rope dk")):
+        close(a, b, n)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+def test_glu_bf16(_gpu, activation):
+    K = _gpu
+    a = torch.randn(N_TOKENS, INTER, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    b = torch.randn(N_TOKENS, INTER, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    h = K.glu(a, b, activation)
+    assert K.LAUNCHES["glu_fwd"] > 0
+    gh = torch.randn_like(h)
+    da, db = _grads(h, (a, b), gh)
+    af, bf = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    ref = K.glu_reference(af, bf, activation)
+    rda, rdb = _grads(ref, (af, bf), gh.float())
+    close(h, ref, f"{activation} h")
+    close(da, rda, f"{activation} d gate")
+    close(db, rdb, f"{activation} d up")
+
+
+def _ce_reference_fp32(K, h, w, t, chunk=2048, **opts):
+    """The reference in fp32, chunked over tokens so the fp32 logits fit (exact: the loss and
+    the weight gradient are sums over tokens)."""
+    hf, wf = h.detach().float(), w.detach().float().requires_grad_()
+    loss = torch.zeros((), device=h.device, dtype=torch.float64)
+    dh = torch.empty_like(hf)
+    red = opts.pop("reduction")
+    n = int((t != -100).sum())
+    scale = 1.0 / n if red == "mean" else 1.0
+    for s in range(0, h.shape[0], chunk):
+        hc = hf[s:s + chunk].clone().requires_grad_()
+        lc = K.fused_linear_cross_entropy_reference(hc, wf, t[s:s + chunk], reduction="sum", **opts) * scale
+        lc.backward()
+        dh[s:s + chunk] = hc.grad
+        loss += lc.detach().double()
+    return loss.float(), dh, wf.grad
+
+
+@pytest.mark.parametrize("opts", [dict(reduction="mean"), dict(reduction="sum", softcap=30.0, z_loss=1e-4)],
+                         ids=["mean", "sum-softcap-zloss"])
+def test_fused_linear_cross_entropy_bf16(_gpu, opts):
+    K = _gpu
+    h = (torch.randn(N_TOKENS, HIDDEN, device="cuda") * 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(VOCAB, HIDDEN, device="cuda") * 0.02).bfloat16().requires_grad_()
+    t = torch.randint(0, VOCAB, (N_TOKENS,), device="cuda")
+    t[torch.rand(N_TOKENS, device="cuda") < 0.1] = -100
+    torch.cuda.reset_peak_memory_stats()
+    loss, count = K.fused_linear_cross_entropy(h, w, t, return_count=True, **opts)
+    assert K.LAUNCHES["cross_entropy"] > 0 and int(count) == int((t != -100).sum())
+    dh, dw = _grads(loss, (h, w), torch.ones_like(loss))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"fused CE peak memory {peak:.2f} GiB")
+    # never the full [N, V] logits (bf16: 4.2 GB)
+    assert peak < 2 * (h.numel() + w.numel()) * 2 / 2**30 + 1.0
+    assert dh.dtype == dw.dtype == torch.bfloat16
+    rl, rdh, rdw = _ce_reference_fp32(K, h, w, t, **dict(opts))
+    assert abs(loss.item() - rl.item()) <= 1e-2 * abs(rl.item()), (loss.item(), rl.item())
+    close(dh, rdh, "CE d hidden")
+    close(dw, rdw, "CE d weight")

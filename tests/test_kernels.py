@@ -1,0 +1,417 @@
+"""The Triton kernels, run by Triton's CPU interpreter (TRITON_INTERPRET=1), against their PyTorch
+references: forward and backward on fresh random inputs -- non-power-of-two sizes, odd token
+counts, rows shorter than one block, several blocks per row, several chunks -- fp32 to ~1e-5
+relative, bf16 to 1e-2. Every buffer a kernel writes is allocated full of NaN first
+(`poison_outputs`), so an element a kernel forgets to write fails the comparison, and every test
+asserts that the Triton kernel really ran (launch counters).
+
+Triton decides at import time whether its own library (tl.sum, ...) is interpreted, so
+TRITON_INTERPRET=1 must be set before the first `import triton` of the process -- and importing
+transformers' modeling code imports triton (through torch). When this module is imported before
+that (e.g. `pytest tests/test_kernels.py ...` first on the command line) the checks run in this
+process; otherwise (or on a machine with CUDA, where the rest of the session needs compiled
+Triton) `test_kernel_checks_in_interpreter_child` re-runs this file in a child process that has
+the variable set from the start.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import torch
+
+
+def _prepare_interpreter() -> None:
+    if "triton" in sys.modules or torch.cuda.is_available():
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401  (its library is now the interpreter's)
+    except Exception:
+        pass
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_prepare_interpreter()
+
+import pytest  # noqa: E402
+
+from unsloth_dist import kernels as K  # noqa: E402
+from unsloth_dist.kernels._utils import triton_interpreter_ready  # noqa: E402
+
+IN_PROCESS = triton_interpreter_ready()
+needs_interp = pytest.mark.skipif(not IN_PROCESS, reason="triton already imported in compiled mode: "
+                                  "covered by test_kernel_checks_in_interpreter_child")
+
+
+def _rne_bf16_casts(monkeypatch) -> None:
+    """Triton's interpreter converts fp32 -> bf16 by truncating the mantissa, where the GPU
+    backends round to nearest even; truncation biases every bf16 result towards zero (up to 2^-7
+    relative per rounding). Install round-to-nearest-even for that one conversion so the bf16
+    checks measure the kernels, not the interpreter."""
+    import numpy as np
+    from triton.runtime import interpreter as ti
+
+    import triton.language as tl
+
+    original = ti.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
+            return ti.TensorHandle(rounded.reshape(np.shape(src.data)), tl.bfloat16)
+        return original(self, src, dst_type)
+
+    monkeypatch.setattr(ti.InterpreterBuilder, "cast_impl", cast_impl)
+
+
+@pytest.fixture(autouse=True)
+def interpreter(request, monkeypatch):
+    """Triton interpreter on (bf16 casts rounding like a GPU), outputs poisoned, for every
+    kernel check."""
+    if IN_PROCESS:
+        _rne_bf16_casts(monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # stable across processes (str hash() is randomised); UNSLOTH_TEST_SEED shifts it for sweeps
+    torch.manual_seed(zlib.crc32(request.node.name.encode()) + int(os.environ.get("UNSLOTH_TEST_SEED", "0")))
+    with K.poison_outputs():
+        yield
+
+
+def launched(name: str):
+    """Context: asserts that the Triton kernel `name` was launched inside."""
+    class _C:
+        def __enter__(self):
+            self.before = K.LAUNCHES[name]
+
+        def __exit__(self, *exc):
+            if exc[0] is None:
+                assert K.LAUNCHES[name] > self.before, f"Triton kernel {name} did not run (reference path taken?)"
+            return False
+
+    return _C()
+
+
+def close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """fp32: elementwise rtol 1e-5 (atol 1e-5 of the largest magnitude). bf16 (against the fp32
+    reference on the same bf16-rounded inputs): normwise relative error <= 1e-2 and no element off
+    by more than 2e-2 of the largest magnitude (bf16 keeps ~3 significant digits; the fused CE
+    stores d_logits and accumulates grad_W over chunks in bf16, like Liger-Kernel's).
+    NaN anywhere (an unwritten poisoned element) fails."""
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert not torch.isnan(got).any(), f"{what}: NaN in result (an element the kernel did not write)"
+    g, r = got.double(), ref.double()
+    scale = max(r.abs().max().item(), 1e-12)
+    if dtype == torch.float32:
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
+    else:
+        rel = ((g - r).norm() / r.norm().clamp_min(1e-12)).item()
+        worst = (g - r).abs().max().item() / scale
+        assert rel <= 1e-2 and worst <= 2e-2, (
+            f"{what}: normwise relative error {rel:.3g} (max 1e-2), worst element {worst:.3g} of the "
+            "largest magnitude (max 2e-2)")
+
+
+def grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+@pytest.mark.parametrize("shape", [(1, 7), (37, 96), (2, 5, 130)], ids=["short-row", "odd-rows", "3d-130"])
+def test_rmsnorm(shape, gemma, dtype):
+    N = shape[-1]
+    x = torch.randn(shape, dtype=dtype).mul_(3).requires_grad_()
+    w = (torch.randn(N) * 0.5 + (0.0 if gemma else 1.0)).to(dtype).requires_grad_()
+    offset = 1.0 if gemma else 0.0
+    with launched("rmsnorm_fwd"):
+        y = K.rms_norm(x, w, 1e-6, offset, gemma)
+    ref = K.rms_norm_reference(x, w, 1e-6, offset, gemma)
+    assert y.dtype == ref.dtype
+    gy = torch.randn_like(ref)
+    with launched("rmsnorm_bwd"):
+        dx, dw = grads(y, (x, w), gy)
+    if dtype == torch.float32:
+        rdx, rdw = grads(ref, (x, w), gy)
+    else:  # bf16: against the same function in fp32 (on the same bf16-rounded inputs)
+        xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        ref = K.rms_norm_reference(xf, wf, 1e-6, offset, gemma)
+        rdx, rdw = grads(ref, (xf, wf), gy.float())
+    close(y, ref, dtype, "y")
+    close(dx, rdx, dtype, "dx")
+    close(dw, rdw, dtype, "dw")
+
+
+@needs_interp
+def test_rmsnorm_mixed_dtypes_like_hf():
+    """bf16 activations with an fp32 weight (autocast without casting the params): HF's Llama norm
+    returns fp32 (weight * x.to(bf16)); Gemma's returns the input dtype."""
+    x = torch.randn(9, 40, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(40, requires_grad=True)
+    for gemma in (False, True):
+        with launched("rmsnorm_fwd"):
+            y = K.rms_norm(x, w, 1e-5, 1.0 if gemma else 0.0, gemma)
+        ref = K.rms_norm_reference(x, w, 1e-5, 1.0 if gemma else 0.0, gemma)
+        assert y.dtype == ref.dtype == (torch.bfloat16 if gemma else torch.float32)
+        gy = torch.randn_like(ref)
+        dx, dw = grads(y, (x, w), gy)
+        rdx, rdw = grads(ref, (x, w), gy)
+        assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+        close(y, ref, torch.bfloat16, "y")
+        close(dx, rdx, torch.bfloat16, "dx")
+        close(dw, rdw, torch.bfloat16, "dw")
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def _hf_cos_sin(position_ids, head_dim, rope_parameters=None, dtype=torch.float32):
+    """cos/sin exactly as transformers' Llama rotary module computes them (all rope types)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    kw = dict(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=64)
+    if rope_parameters:
+        kw["rope_parameters"] = rope_parameters
+    cfg = LlamaConfig(**kw)
+    rot = LlamaRotaryEmbedding(cfg)
+    return rot(torch.zeros(1, dtype=dtype), position_ids)
+
+
+def _qk(B, HQ, HK, T, D, dtype):
+    # HF layout: projections viewed [B, T, H, D] then transposed to [B, H, T, D] (non-contiguous)
+    q = torch.randn(B, T, HQ, D, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, HK, D, dtype=dtype).transpose(1, 2).requires_grad_()
+    return q, k
+
+
+ROPE_TYPES = {
+    "default": None,
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+}
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads,D", [((4, 2), 16), ((3, 1), 24), ((2, 2), 6)], ids=["gqa4-2-d16", "gqa3-1-d24", "mha-d6"])
+def test_rope(heads, D, dtype):
+    B, T = 2, 7
+    HQ, HK = heads
+    q, k = _qk(B, HQ, HK, T, D, dtype)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 8, 9]])
+    cos, sin = _hf_cos_sin(pos, D, dtype=dtype)
+    with launched("rope"):
+        qo, ko = K.apply_rope(q, k, cos, sin)
+    rq, rk = K.rope_reference(q, k, cos, sin)
+    assert qo.dtype == rq.dtype and qo.shape == rq.shape and ko.shape == rk.shape
+    gq, gk = torch.randn_like(rq), torch.randn_like(rk)
+    with launched("rope"):
+        dq, dk = grads((qo, ko), (q, k), (gq, gk))
+    rdq, rdk = grads((rq, rk), (q, k), (gq, gk))
+    for a, b, n in ((qo, rq, "q"), (ko, rk, "k"), (dq, rdq, "dq"), (dk, rdk, "dk")):
+        close(a, b, dtype, n)
+
+
+@needs_interp
+@pytest.mark.parametrize("rope_type", list(ROPE_TYPES))
+def test_rope_scaling_variants_and_broadcast_cos(rope_type):
+    """cos/sin from HF's rotary module for every rope-scaling type; cos with batch dim 1 (HF's
+    default position_ids) broadcast over the batch."""
+    B, T, D = 3, 5, 16
+    q, k = _qk(B, 4, 2, T, D, torch.float32)
+    cos, sin = _hf_cos_sin(torch.arange(20, 20 + T)[None], D, ROPE_TYPES[rope_type])
+    assert cos.shape[0] == 1
+    with launched("rope"):
+        qo, ko = K.apply_rope(q, k, cos, sin)
+    rq, rk = K.rope_reference(q, k, cos, sin)
+    g = torch.randn_like(rq), torch.randn_like(rk)
+    dq, dk = grads((qo, ko), (q, k), g)
+    rdq, rdk = grads((rq, rk), (q, k), g)
+    for a, b, n in ((qo, rq, "q"), (ko, rk, "k"), (dq, rdq, "dq"), (dk, rdk, "dk")):
+        close(a, b, torch.float32, f"{rope_type} {n}")
+
+
+@needs_interp
+def test_rope_packed_sequences_restart_at_zero():
+    """A packed row whose position_ids restart at 0 rotates each sequence exactly as if it were
+    alone in its own row."""
+    D, lens = 16, (4, 6, 3)
+    T = sum(lens)
+    q, k = _qk(1, 4, 2, T, D, torch.float32)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cos, sin = _hf_cos_sin(pos, D)
+    with launched("rope"):
+        qo, ko = K.apply_rope(q, k, cos, sin)
+    start = 0
+    for n in lens:
+        c1, s1 = _hf_cos_sin(torch.arange(n)[None], D)
+        sq, sk = K.apply_rope(q[:, :, start:start + n], k[:, :, start:start + n], c1, s1)
+        close(qo[:, :, start:start + n], sq, torch.float32, "packed q")
+        close(ko[:, :, start:start + n], sk, torch.float32, "packed k")
+        start += n
+    rq, rk = K.rope_reference(q, k, cos, sin)
+    close(qo, rq, torch.float32, "q")
+    close(ko, rk, torch.float32, "k")
+
+
+# --------------------------------------------------------------------------- SwiGLU / GeGLU
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 37), (2, 1500)], ids=["short", "odd-3d", "multi-block"])
+def test_glu(shape, activation, dtype):
+    a = (torch.randn(shape) * 3).to(dtype).requires_grad_()
+    b = torch.randn(shape, dtype=dtype).requires_grad_()
+    with launched("glu_fwd"):
+        h = K.glu(a, b, activation)
+    gh = torch.randn_like(h)
+    with launched("glu_bwd"):
+        da, db = grads(h, (a, b), gh)
+    af, bf = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    ref = K.glu_reference(af, bf, activation)
+    rda, rdb = grads(ref, (af, bf), gh.float())
+    assert h.dtype == dtype and da.dtype == dtype
+    close(h, ref, dtype, "h")
+    close(da, rda, dtype, "d gate")
+    close(db, rdb, dtype, "d up")
+
+
+@needs_interp
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_glu_backward_reusing_activation_buffers(activation):
+    """Without poisoning, the backward writes the gradients over the saved gate/up activations
+    (intermediate tensors); the result must be the same."""
+    with K.poison_outputs(False):
+        x = torch.randn(11, 53, requires_grad=True)
+        y = torch.randn(11, 53, requires_grad=True)
+        a, b = x * 1.5, y - 0.25  # non-leaf activations, like gate_proj(x) / up_proj(x)
+        with launched("glu_bwd"):
+            dx, dy = grads(K.glu(a, b, activation), (x, y), torch.ones(11, 53))
+        rdx, rdy = grads(K.glu_reference(x * 1.5, y - 0.25, activation), (x, y), torch.ones(11, 53))
+    close(dx, rdx, torch.float32, "dx")
+    close(dy, rdy, torch.float32, "dy")
+
+
+# --------------------------------------------------------------------------- fused linear cross-entropy
+
+CE_CASES = {
+    # name: N, H, V, chunk, bias, softcap, z_loss, reduction
+    "mean-chunks": (37, 24, 301, 8, False, None, 0.0, "mean"),
+    "sum-bias-softcap": (29, 20, 157, 5, True, 5.0, 0.0, "sum"),
+    "sum-zloss": (17, 16, 130, None, False, None, 1e-2, "sum"),
+    "none-softcap-zloss": (23, 12, 99, 4, True, 3.0, 1e-3, "none"),
+    "vocab-multi-block": (9, 16, 5003, 4, False, 30.0, 0.0, "mean"),
+    "single-token": (1, 8, 33, None, False, None, 0.0, "sum"),
+}
+
+
+def _ce_inputs(N, H, V, bias, dtype):
+    h = (torch.randn(N, H) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(V, H) * 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(V) * 0.1).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, V, (N,))
+    t[::4] = -100  # every 4th token ignored
+    return h, w, b, t
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CE_CASES))
+def test_fused_linear_cross_entropy(case, dtype):
+    N, H, V, chunk, bias, softcap, z_loss, reduction = CE_CASES[case]
+    h, w, b, t = _ce_inputs(N, H, V, bias, dtype)
+    opts = dict(softcap=softcap, z_loss=z_loss, reduction=reduction)
+    with launched("cross_entropy"):
+        loss, count = K.fused_linear_cross_entropy(h, w, t, b, chunk_size=chunk, return_count=True, **opts)
+    assert loss.dtype == torch.float32
+    assert int(count) == int((t != -100).sum())
+    inputs = [h, w] + ([b] if bias else [])
+    g = torch.rand_like(loss) + 0.5  # a non-trivial upstream gradient
+    got = grads(loss, inputs, g)
+    # reference in fp32 on the same (possibly bf16-rounded) inputs
+    ref_in = [x.detach().float().requires_grad_() for x in inputs]
+    ref = K.fused_linear_cross_entropy_reference(ref_in[0], ref_in[1], t, ref_in[2] if bias else None, **opts)
+    want = grads(ref, ref_in, g)
+    close(loss, ref, dtype if reduction != "none" else torch.float32 if dtype == torch.float32 else dtype, "loss")
+    for name, a, r, x in zip(("d hidden", "d weight", "d bias"), got, want, inputs):
+        assert a.dtype == x.dtype, f"{name} dtype {a.dtype} != input dtype {x.dtype}"
+        close(a, r, dtype, name)
+    if reduction == "none":
+        assert torch.all(loss[t == -100] == 0)
+
+
+@needs_interp
+def test_fused_ce_sum_and_count_give_the_mean_and_all_ignored_is_zero():
+    h, w, _, t = _ce_inputs(21, 16, 77, False, torch.float32)
+    s, n = K.fused_linear_cross_entropy(h, w, t, reduction="sum", return_count=True, chunk_size=4)
+    m = K.fused_linear_cross_entropy(h, w, t, reduction="mean", chunk_size=8)
+    close((s / n).reshape(()), m.reshape(()), torch.float32, "sum / count vs mean")
+    # the plain `loss.backward()` (upstream gradient exactly 1) of the mean
+    dh, dw = grads(m, (h, w), torch.ones(()))
+    ref = K.fused_linear_cross_entropy_reference(h, w, t, reduction="mean")
+    rdh, rdw = grads(ref, (h, w), torch.ones(()))
+    close(dh, rdh, torch.float32, "mean d hidden")
+    close(dw, rdw, torch.float32, "mean d weight")
+    ignored = torch.full_like(t, -100)
+    with launched("cross_entropy"):
+        s0, n0 = K.fused_linear_cross_entropy(h, w, ignored, reduction="sum", return_count=True, chunk_size=4)
+    assert float(s0) == 0.0 and int(n0) == 0
+    dh, dw = grads(s0, (h, w), torch.ones(()))
+    assert torch.count_nonzero(dh) == 0 and torch.count_nonzero(dw) == 0
+
+
+@needs_interp
+def test_fused_ce_no_grad_forward():
+    h, w, _, t = _ce_inputs(13, 8, 50, False, torch.float32)
+    with torch.no_grad(), launched("cross_entropy"):
+        loss = K.fused_linear_cross_entropy(h, w, t, reduction="sum", chunk_size=4)
+    ref = K.fused_linear_cross_entropy_reference(h, w, t, reduction="sum")
+    close(loss, ref.detach(), torch.float32, "no-grad loss")
+
+
+def test_cpu_without_interpreter_uses_the_references(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    before = dict(K.LAUNCHES)
+    x = torch.randn(4, 8, requires_grad=True)
+    K.rms_norm(x, torch.ones(8)).sum().backward()
+    K.glu(x, x).sum().backward()
+    q = torch.randn(1, 2, 4, 8)
+    K.apply_rope(q, q, torch.ones(1, 4, 8), torch.zeros(1, 4, 8))
+    K.fused_linear_cross_entropy(x, torch.randn(5, 8), torch.tensor([0, 1, -100, 4])).backward()
+    assert dict(K.LAUNCHES) == before
+
+
+def test_kernel_checks_in_interpreter_child():
+    """When this process cannot run the interpreter (triton was imported first, or CUDA is
+    present), run this file's checks in a child that sets TRITON_INTERPRET=1 from the start."""
+    if IN_PROCESS:
+        pytest.skip("the kernel checks ran in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+         "-k", "not interpreter_child"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env, capture_output=True,
+        text=True, timeout=900)
+    tail = proc.stdout[-8000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, tail
+    summary = [ln for ln in proc.stdout.splitlines() if ln.strip()][-1]
+    assert " passed" in summary and "skipped" not in summary, tail

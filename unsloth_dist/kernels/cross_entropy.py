@@ -1,0 +1,308 @@
+"""Fused linear cross-entropy: ``hidden [N, H] @ weight[V, H]^T (+ bias) -> per-token CE``.
+
+The ``[N, V]`` logits are never materialised for all tokens at once. The tokens are processed
+in chunks of ``C`` rows; for each chunk
+
+1. ``logits = h_chunk @ W^T (+ b)``                      (torch matmul, input dtype)
+2. a Triton kernel computes, per row and in fp32, the (soft-capped) log-sum-exp with an
+   online max/sum over the vocabulary, the token loss ``lse - z[target] + z_loss * lse^2``
+   and -- when gradients are needed -- overwrites the logits buffer in place with
+   ``d loss / d logits``
+3. ``grad_h[chunk] = d_logits @ W`` and ``grad_W += d_logits^T @ h_chunk`` (and ``grad_b``).
+
+So for ``reduction="sum"`` / ``"mean"`` both gradients are produced during the forward pass
+(only they are kept, not the logits); the backward just scales them by the incoming gradient.
+For ``reduction="none"`` the incoming gradient differs per token, so the forward only computes
+the losses and the backward recomputes the logits chunk by chunk.
+
+The chunk size is picked so that one chunk of logits is about as large as the hidden states
+(``C ~ N / ceil(V / H)``, a power of two): peak memory is the gradients plus ~one hidden-sized
+buffer.
+
+Options: ``ignore_index``; ``softcap`` (Gemma 2 final-logit soft-capping, ``cap * tanh(x / cap)``);
+``z_loss`` (adds ``z_loss * lse^2`` per token); ``reduction`` ``"mean" | "sum" | "none"``;
+``return_count`` (also return the number of non-ignored tokens, so a caller can normalise a
+token-loss sum over many micro-batches / ranks itself). Losses are fp32; gradients come back
+in the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton.language as tl
+
+from ._utils import LazyKernel, cdiv, empty, next_pow2, poisoning, use_triton, warps_for
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# --------------------------------------------------------------------------- reference
+
+
+def fused_linear_cross_entropy_reference(hidden, weight, target, bias=None, *, ignore_index: int = -100,
+                                         softcap: float | None = None, z_loss: float = 0.0,
+                                         reduction: str = "mean", return_count: bool = False):
+    """Plain PyTorch: materialise the logits, then (soft-cap and) cross-entropy in fp32."""
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    tok = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    valid = target != ignore_index
+    if z_loss:
+        lse = torch.logsumexp(logits, dim=-1)
+        tok = tok + torch.where(valid, z_loss * lse.pow(2), torch.zeros_like(lse))
+    count = valid.sum()
+    if reduction == "sum":
+        loss = tok.sum()
+    elif reduction == "mean":
+        loss = tok.sum() / count
+    elif reduction == "none":
+        loss = tok
+    else:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return (loss, count) if return_count else loss
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def _ce_kernel(X, DX, stride_x, stride_dx, TARGET, LOSS, LSE, ROW_SCALE, stride_scale, V, ignore_index, softcap, z_loss,
+               HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+               HAS_ROW_SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    dx_row = DX + row * stride_dx
+    t = tl.load(TARGET + row).to(tl.int64)
+    valid = t != ignore_index
+    t_safe = tl.where(valid, t, 0)
+
+    # pass 1: online max / sum-exp over the vocabulary
+    m = float("-inf")
+    s = 0.0
+    for off in range(0, V, BLOCK_V):
+        cols = off + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+        x = tl.where(mask, x, float("-inf"))
+        new_m = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(x - new_m), axis=0)
+        m = new_m
+    lse = m + tl.log(s)
+
+    # the target logit (read before pass 2 overwrites the row)
+    xt = tl.load(x_row + t_safe).to(tl.float32)
+    if HAS_SOFTCAP:
+        xt = softcap * (2.0 * tl.sigmoid(2.0 * xt / softcap) - 1.0)
+    loss = lse - xt
+    if HAS_ZLOSS:
+        loss += z_loss * lse * lse
+    loss = tl.where(valid, loss, 0.0)
+    tl.store(LOSS + row, loss)
+    tl.store(LSE + row, lse)
+
+    # pass 2: d loss / d logits, written over the logits
+    if COMPUTE_GRAD:
+        coef = tl.where(valid, 1.0, 0.0)
+        if HAS_ROW_SCALE:
+            coef = coef * tl.load(ROW_SCALE + row * stride_scale).to(tl.float32)
+        pscale = 1.0
+        if HAS_ZLOSS:
+            pscale = 1.0 + 2.0 * z_loss * lse
+        for off in range(0, V, BLOCK_V):
+            cols = off + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                th = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
+                z = softcap * th
+            else:
+                z = x
+            g = tl.exp(z - lse) * pscale - tl.where(cols == t_safe, 1.0, 0.0)
+            if HAS_SOFTCAP:
+                g = g * (1.0 - th * th)
+            tl.store(dx_row + cols, (g * coef).to(DX.dtype.element_ty), mask=mask)
+
+
+_kernel = LazyKernel(_ce_kernel, name="cross_entropy")
+
+
+def default_chunk_size(N: int, V: int, H: int) -> int:
+    """Rows per chunk: one chunk of logits ~ the size of the hidden states, a power of two."""
+    chunks = max(1, cdiv(V, max(H, 1)))
+    return max(1, min(next_pow2(cdiv(max(N, 1), chunks)), next_pow2(max(N, 1))))
+
+
+def _block_v(V: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        return min(next_pow2(V), 32768)
+    return min(next_pow2(V), 4096)  # interpreter: a small cap so several blocks are exercised
+
+
+def _run_chunk(logits, target_c, loss_c, lse_c, row_scale, ignore_index, softcap, z_loss, compute_grad):
+    """Launch the CE kernel on one chunk; returns the buffer holding d_logits (the logits
+    buffer itself, or a fresh NaN-poisoned one in poisoning mode). `row_scale` multiplies each
+    row's gradient: a [rows] tensor, a 1-element tensor (the same for all rows) or None."""
+    rows, V = logits.shape
+    dx = logits
+    if compute_grad and poisoning():
+        dx = empty(logits.shape, logits.dtype, logits.device)  # every element must be written
+    BLOCK_V = _block_v(V, logits.device)
+    _kernel[(rows,)](
+        logits, dx, logits.stride(0), dx.stride(0), target_c, loss_c, lse_c,
+        row_scale if row_scale is not None else lse_c,
+        (1 if row_scale.numel() > 1 else 0) if row_scale is not None else 0,
+        V, ignore_index, float(softcap) if softcap is not None else 1.0, float(z_loss),
+        HAS_SOFTCAP=softcap is not None, HAS_ZLOSS=bool(z_loss), COMPUTE_GRAD=compute_grad,
+        HAS_ROW_SCALE=row_scale is not None, BLOCK_V=BLOCK_V,
+        num_warps=warps_for(BLOCK_V) if logits.is_cuda else 4,
+    )
+    return dx
+
+
+def _chunk_logits(h_c, weight, bias):
+    if bias is None:
+        return h_c @ weight.t()
+    return torch.addmm(bias, h_c, weight.t())
+
+
+def _accumulate(d, h_c, weight, grad_h, grad_w, grad_b, start, end, first):
+    if grad_h is not None:
+        torch.mm(d, weight, out=grad_h[start:end])
+    if grad_w is not None:
+        if first:
+            torch.mm(d.t(), h_c, out=grad_w)
+        else:
+            grad_w.addmm_(d.t(), h_c)
+    if grad_b is not None:
+        grad_b += d.float().sum(0)
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, softcap, z_loss, reduction, chunk_size, need_grad):
+        N, H = hidden.shape
+        V = weight.shape[0]
+        hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+        target = target.contiguous()
+        C = chunk_size or default_chunk_size(N, V, H)
+        loss_tok = empty((N,), torch.float32, hidden.device)
+        lse = empty((N,), torch.float32, hidden.device)
+        count = (target != ignore_index).sum()
+        grads_now = need_grad and reduction != "none"
+        # "mean": the kernel scales d_logits by 1 / count, read from device memory (no sync)
+        mean_scale = (1.0 / count.clamp(min=1).float()).reshape(1) if grads_now and reduction == "mean" else None
+        want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        grad_h = empty(hidden.shape, hidden.dtype, hidden.device) if grads_now and want_h else None
+        grad_w = empty(weight.shape, weight.dtype, weight.device) if grads_now and want_w and N > 0 else None
+        grad_b = torch.zeros(V, dtype=torch.float32, device=hidden.device) if grads_now and want_b else None
+        for i, start in enumerate(range(0, N, C)):
+            end = min(start + C, N)
+            h_c = hidden[start:end]
+            logits = _chunk_logits(h_c, weight, bias)
+            d = _run_chunk(logits, target[start:end], loss_tok[start:end], lse[start:end], mean_scale,
+                           ignore_index, softcap, z_loss, grads_now)
+            if grads_now:
+                _accumulate(d, h_c, weight, grad_h, grad_w, grad_b, start, end, first=i == 0)
+            del logits, d
+        if grads_now and want_w and grad_w is None:
+            grad_w = torch.zeros_like(weight)
+        if reduction == "none":
+            loss = loss_tok
+        else:
+            loss = loss_tok.sum()
+            if reduction == "mean":
+                loss = loss / count
+        ctx.reduction = reduction
+        ctx.mark_non_differentiable(count)
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, target)
+            ctx.opts = (ignore_index, softcap, z_loss, C, want_h, want_w, want_b)
+        else:
+            ctx.grads = (grad_h, grad_w, grad_b)
+            ctx.bias_dtype = bias.dtype if bias is not None else None
+        return loss, count
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_count):
+        if ctx.reduction != "none":
+            grad_h, grad_w, grad_b = ctx.grads
+            ctx.grads = None
+            g = grad_loss.float()
+            # the usual `loss.backward()` passes 1: skip two passes over grad_h / grad_W then
+            # (one host sync, as the backward starts)
+            if not (g.numel() == 1 and float(g) == 1.0):
+                if grad_h is not None:
+                    grad_h.mul_(g)
+                if grad_w is not None:
+                    grad_w.mul_(g)
+                if grad_b is not None:
+                    grad_b = grad_b * g
+            if grad_b is not None:
+                grad_b = grad_b.to(ctx.bias_dtype)
+            return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+        hidden, weight, bias, target = ctx.saved_tensors
+        ignore_index, softcap, z_loss, C, want_h, want_w, want_b = ctx.opts
+        N, _ = hidden.shape
+        row_scale = grad_loss.float().contiguous()
+        grad_h = empty(hidden.shape, hidden.dtype, hidden.device) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if want_b else None
+        scratch_loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        scratch_lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        for start in range(0, N, C):
+            end = min(start + C, N)
+            h_c = hidden[start:end]
+            logits = _chunk_logits(h_c, weight, bias)
+            d = _run_chunk(logits, target[start:end], scratch_loss[start:end], scratch_lse[start:end],
+                           row_scale[start:end], ignore_index, softcap, z_loss, True)
+            _accumulate(d, h_c, weight, grad_h, None, grad_b, start, end, first=False)
+            if grad_w is not None:
+                grad_w.addmm_(d.t(), h_c)
+            del logits, d
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                               bias: torch.Tensor | None = None, *, ignore_index: int = -100,
+                               softcap: float | None = None, z_loss: float = 0.0, reduction: str = "mean",
+                               return_count: bool = False, chunk_size: int | None = None):
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``target`` without materialising
+    the full logits. ``hidden`` is ``[N, H]`` (leading dims are flattened), ``target`` ``[N]``.
+
+    Returns the loss (fp32; a scalar, or ``[N]`` for ``reduction="none"``), and with
+    ``return_count=True`` also the number of non-ignored tokens (int64 tensor).
+    Triton on CUDA / under TRITON_INTERPRET=1, the PyTorch reference otherwise."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    H = hidden.shape[-1]
+    hidden = hidden.reshape(-1, H)
+    target = target.reshape(-1)
+    if target.shape[0] != hidden.shape[0]:
+        raise ValueError(f"target has {target.shape[0]} tokens, hidden has {hidden.shape[0]}")
+    if weight.shape[-1] != H:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {H}")
+    if not use_triton(hidden):
+        return fused_linear_cross_entropy_reference(hidden, weight, target.to(hidden.device), bias,
+                                                    ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
+                                                    reduction=reduction, return_count=return_count)
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        # what F.linear does under autocast: compute in the autocast dtype
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    need_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    with torch.autocast(dev, enabled=False):
+        loss, count = FusedLinearCrossEntropyFunction.apply(
+            hidden, weight, bias, target.to(hidden.device), int(ignore_index), softcap, float(z_loss), reduction,
+            chunk_size, need_grad)
+    return (loss, count) if return_count else loss

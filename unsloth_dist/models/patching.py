@@ -1,0 +1,486 @@
+"""Patch the kernels of `unsloth_dist.kernels` into Hugging Face causal LMs, per instance.
+
+``patch_model(model)`` works on a transformers 5.x ``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``, ``MistralForCausalLM`` or ``Gemma2ForCausalLM`` (optionally wrapped by
+peft) and returns a :class:`PatchReport`.
+
+How each op is patched, and why:
+
+* **RMSNorm** (every ``*RMSNorm`` module, incl. Qwen3's per-head ``q_norm``/``k_norm`` and
+  Gemma 2's four norms per layer): the module instance gets its own ``forward`` that calls
+  :func:`~unsloth_dist.kernels.rms_norm` on ``self.weight``; Gemma 2 uses ``(1 + weight)`` with
+  Gemma's fp32 multiply.
+* **SwiGLU / GeGLU** (every ``*MLP`` with ``gate_proj``/``up_proj``/``down_proj``): the
+  instance's ``forward`` becomes ``down_proj(glu(gate_proj(x), up_proj(x)))``. It *calls* the
+  projection modules, so peft LoRA layers wrapping them (applied before or after patching) work.
+* **RoPE**: HF attention modules call the module-level function ``apply_rotary_pos_emb`` of
+  their modeling module (``modeling_llama.apply_rotary_pos_emb`` ...), looked up in the module
+  globals at call time. Re-implementing every attention forward to avoid that lookup would
+  copy HF code per architecture and drift from it, so instead:
+    - the *module attribute* is replaced, once per modeling module, by a dispatcher that calls
+      our kernel only while a *patched attention instance* is running on this thread, and the
+      original function otherwise (other models, unpatched instances in the same process, and
+      other callers behave exactly as before). This global part is explicit (listed in
+      ``PatchReport.global_patches``), reference counted, and reversed by :func:`unpatch_model`.
+    - each attention instance gets a ``forward`` wrapper that marks "patched attention active"
+      (thread-local, so autograd's recomputation under gradient checkpointing -- which re-enters
+      the same forward -- sees it too) around HF's own forward.
+* **Fused linear cross-entropy**: ``lm_head`` stays the same ``nn.Linear`` object (so
+  ``state_dict`` keys, tied embeddings and ``get_output_embeddings()`` are untouched), but its
+  instance ``forward`` accepts an extra ``unsloth_ce=`` argument: with it, it returns the fused
+  CE of its input against the targets, computed on ``self.weight``. The causal LM's instance
+  ``forward`` calls ``self.lm_head(hidden, unsloth_ce=...)`` -- through ``nn.Module.__call__``,
+  so every hook on ``lm_head`` runs. That is what makes it correct under every backend:
+    - DeepSpeed ZeRO-3 gathers ``lm_head.weight`` in ``lm_head``'s forward pre-hook and routes
+      its gradient to the partition through its usual hooks, exactly as for a plain ``lm_head``
+      call (``GatheredParameters`` would give the kernel the full tensor but its gradient would
+      not reach the partition). Tied embeddings are the same Parameter, gathered the same way.
+    - FSDP2: ``lm_head`` belongs to the root's ``fully_shard`` group, whose parameters are
+      unsharded for the whole root forward; the kernel sees plain unsharded tensors.
+    - DDP / single: nothing special.
+  With the fused CE patched, ``model.unsloth_fused_loss = True`` is set on the object passed in
+  (and on the causal LM), which tells ``unsloth_dist.Trainer`` to call
+  ``model(..., labels=labels, loss_reduction="sum")`` and read ``out.loss`` (the fp32 token-loss
+  sum of next-token CE, labels -100 ignored; ``out.logits`` is None).
+  Without ``loss_reduction`` the patched forward behaves like HF's: no labels -> logits; labels
+  in training mode -> the HF mean loss (or sum / ``num_items_in_batch``), computed fused, with
+  ``logits=None``; labels in eval mode -> HF's own forward (logits and loss).
+
+``kernels=False`` patches nothing.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import threading
+import types
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unsloth_dist.kernels import apply_rope, fused_linear_cross_entropy, glu, rms_norm
+
+IGNORE_INDEX = -100
+OPS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    gemma_norm: bool = False  # (1 + w), multiply in fp32 then cast (Gemma) vs HF Llama casting
+    act_attr: str = "hidden_act"  # config field naming the MLP activation
+    softcap_attr: Optional[str] = None  # config field of the final-logit soft-cap
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec(),
+    "qwen2": ArchSpec(),
+    "qwen3": ArchSpec(),
+    "mistral": ArchSpec(),
+    "gemma2": ArchSpec(gemma_norm=True, act_attr="hidden_activation", softcap_attr="final_logit_softcapping"),
+}
+
+# HF activation names -> unsloth_dist.kernels.glu activation
+_ACTS = {
+    "silu": "silu", "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+    "gelu": "gelu",
+}
+
+
+@dataclass
+class PatchReport:
+    """What `patch_model` did. ``patched[op][module class] = [qualified module names]``."""
+
+    model_class: str = ""
+    model_type: str = ""
+    enabled: bool = True
+    patched: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    global_patches: list[str] = field(default_factory=list)
+    fused_loss: bool = False
+    details: dict[str, str] = field(default_factory=dict)  # op -> variant (activation, norm kind, softcap)
+
+    def add(self, op: str, module: nn.Module, name: str) -> None:
+        self.patched.setdefault(op, {}).setdefault(type(module).__name__, []).append(name or "<root>")
+
+    @property
+    def ops(self) -> list[str]:
+        """The ops that were patched into at least one module."""
+        return [op for op in OPS if self.patched.get(op)]
+
+    def count(self, op: str) -> int:
+        return sum(len(v) for v in self.patched.get(op, {}).values())
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    def __str__(self) -> str:
+        head = f"unsloth_dist kernels -> {self.model_class or '?'} (model_type {self.model_type or '?'})"
+        if not self.enabled:
+            return head + ": kernels disabled (kernels=False), nothing patched"
+        lines = [head + ":"]
+        for op in OPS:
+            if self.patched.get(op):
+                what = ", ".join(f"{len(names)} x {cls}" for cls, names in self.patched[op].items())
+                if op in self.details:
+                    what += f" [{self.details[op]}]"
+                lines.append(f"  {op:<20} {what}")
+            elif op in self.skipped:
+                lines.append(f"  {op:<20} not patched: {self.skipped[op]}")
+        for g in self.global_patches:
+            lines.append(f"  global: {g}")
+        if self.fused_loss:
+            lines.append("  model.unsloth_fused_loss = True (Trainer gets the token-loss sum from the model)")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside peft / other wrappers."""
+    m = model
+    for _ in range(4):
+        if hasattr(m, "get_base_model") and callable(m.get_base_model):  # peft PeftModel
+            inner = m.get_base_model()
+            if inner is m:
+                break
+            m = inner
+        elif type(m).__name__ in ("DistributedDataParallel", "DeepSpeedEngine") and hasattr(m, "module"):
+            m = m.module
+        else:
+            break
+    return m
+
+
+def _set_forward(module: nn.Module, fn, op: str) -> None:
+    module.forward = types.MethodType(fn, module)
+    module._unsloth_patch = op
+
+
+def _clear_forward(module: nn.Module) -> None:
+    if "forward" in module.__dict__:
+        del module.__dict__["forward"]
+    module.__dict__.pop("_unsloth_patch", None)
+    for attr in ("_unsloth_rms", "_unsloth_act", "_unsloth_ce"):
+        module.__dict__.pop(attr, None)
+
+
+def _is_patched(module: nn.Module) -> bool:
+    return "_unsloth_patch" in module.__dict__
+
+
+def _from_modeling_module(module: nn.Module, modeling: str) -> bool:
+    return type(module).__module__ == modeling or any(c.__module__ == modeling for c in type(module).__mro__)
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    eps_attr, offset, gemma = self._unsloth_rms
+    return rms_norm(hidden_states, self.weight, getattr(self, eps_attr), offset, gemma)
+
+
+def _rms_eps_attr(module: nn.Module) -> Optional[str]:
+    for a in ("variance_epsilon", "eps"):
+        if isinstance(getattr(module, a, None), float):
+            return a
+    return None
+
+
+# --------------------------------------------------------------------------- MLP
+
+
+def _glu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), self._unsloth_act))
+
+
+# --------------------------------------------------------------------------- RoPE
+
+_ROPE_STATE = threading.local()
+_ROPE_LOCK = threading.Lock()
+# modeling module name -> [original function, number of patched models using the dispatcher]
+_ROPE_GLOBAL: dict[str, list] = {}
+
+
+def _rope_active() -> bool:
+    return getattr(_ROPE_STATE, "depth", 0) > 0
+
+
+def _make_rope_dispatcher(original):
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if _rope_active():
+            unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if args else 1)
+            if len(args) <= 1 and set(kwargs) <= {"unsqueeze_dim"}:
+                return apply_rope(q, k, cos, sin, unsqueeze_dim)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._unsloth_original = original
+    return apply_rotary_pos_emb
+
+
+def _install_rope_dispatcher(modeling: str) -> Optional[str]:
+    mod = sys.modules.get(modeling)
+    fn = getattr(mod, "apply_rotary_pos_emb", None) if mod is not None else None
+    if fn is None:
+        return None
+    with _ROPE_LOCK:
+        entry = _ROPE_GLOBAL.get(modeling)
+        if entry is None:
+            original = getattr(fn, "_unsloth_original", fn)
+            mod.apply_rotary_pos_emb = _make_rope_dispatcher(original)
+            entry = _ROPE_GLOBAL[modeling] = [original, 0]
+        entry[1] += 1
+    return f"{modeling}.apply_rotary_pos_emb"
+
+
+def _release_rope_dispatcher(modeling: str) -> None:
+    with _ROPE_LOCK:
+        entry = _ROPE_GLOBAL.get(modeling)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            mod = sys.modules.get(modeling)
+            if mod is not None:
+                mod.apply_rotary_pos_emb = entry[0]
+            del _ROPE_GLOBAL[modeling]
+
+
+def _attention_forward(self, *args, **kwargs):
+    _ROPE_STATE.depth = getattr(_ROPE_STATE, "depth", 0) + 1
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _ROPE_STATE.depth -= 1
+
+
+# --------------------------------------------------------------------------- fused cross-entropy
+
+
+def _lm_head_forward(self, input: torch.Tensor, unsloth_ce: Optional[dict] = None):
+    if unsloth_ce is None:
+        return type(self).forward(self, input)
+    # runs inside lm_head's own forward: ZeRO-3 has gathered self.weight, FSDP2 has unsharded it
+    return fused_linear_cross_entropy(input, self.weight, bias=self.bias, **unsloth_ce)
+
+
+def _unfused_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str, ignore_index: int,
+                  shift_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1).to(logits.device),
+                           ignore_index=ignore_index, reduction=reduction)
+
+
+def _causal_lm_forward(self, *args, **kwargs):
+    """Instance forward of a patched *ForCausalLM (see the module docstring for the contract)."""
+    loss_reduction = kwargs.pop("loss_reduction", None)
+    if loss_reduction not in (None, "sum", "mean", "none"):
+        raise ValueError(f"loss_reduction must be 'sum', 'mean', 'none' or None, got {loss_reduction!r}")
+    if args:
+        names = self._unsloth_ce["arg_names"]
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}.forward got {len(args)} positional arguments")
+        for n, a in zip(names, args):
+            if n in kwargs:
+                raise TypeError(f"{type(self).__name__}.forward got multiple values for argument {n!r}")
+            kwargs[n] = a
+    cls_forward = type(self).forward
+    labels = kwargs.get("labels")
+    head = getattr(self, "lm_head", None)
+    head_ok = isinstance(head, nn.Linear) and head.__dict__.get("_unsloth_patch") == "fused_cross_entropy"
+    logits_to_keep = kwargs.get("logits_to_keep", 0)
+    fuse = (
+        labels is not None
+        and head_ok
+        and (loss_reduction is not None or (self.training and torch.is_grad_enabled()))
+        and (logits_to_keep is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0))
+    )
+    if not fuse:
+        if labels is None or loss_reduction is None:
+            return cls_forward(self, **kwargs)
+        # loss_reduction asked but the fused path does not apply (e.g. lm_head got wrapped): HF forward
+        # for the logits, then the requested reduction
+        shift_labels = kwargs.pop("shift_labels", None)
+        ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+        kwargs.pop("num_items_in_batch", None)
+        kwargs["labels"] = None
+        out = cls_forward(self, **kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        loss = _unfused_loss(logits, labels, loss_reduction, ignore_index, shift_labels)
+        if hasattr(out, "loss"):
+            out.loss = loss
+            return out
+        return (loss,) + tuple(out)
+
+    labels = kwargs.pop("labels")
+    shift_labels = kwargs.pop("shift_labels", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+    kwargs.pop("logits_to_keep", None)
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    base = getattr(self, self.base_model_prefix)
+    outputs = base(**kwargs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = loss_reduction or ("sum" if num_items is not None else "mean")
+    ce = dict(target=shift_labels.reshape(-1).to(hidden.device), ignore_index=ignore_index,
+              softcap=self._unsloth_ce["softcap"], reduction=reduction)
+    loss = self.lm_head(hidden.reshape(-1, hidden.shape[-1]), unsloth_ce=ce)
+    if loss_reduction is None and num_items is not None:
+        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    out_cls = self._unsloth_ce["output_cls"]
+    fields = {"loss": loss, "logits": None,
+              "hidden_states": getattr(outputs, "hidden_states", None),
+              "attentions": getattr(outputs, "attentions", None)}
+    for cache_field in ("cache", "past_key_values"):
+        if cache_field in getattr(out_cls, "__dataclass_fields__", {}):
+            fields[cache_field] = getattr(outputs, cache_field, None)
+    out = out_cls(**fields)
+    return out if return_dict else out.to_tuple()
+
+
+def _output_class(causal_lm: nn.Module):
+    try:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast
+    except Exception:  # pragma: no cover
+        return None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def patch_model(model: nn.Module, kernels: bool = True, rms_norm: bool = True, rope: bool = True,
+                swiglu: bool = True, fused_cross_entropy: bool = True) -> PatchReport:
+    """Swap the kernel-backed implementations into `model`'s modules (this instance only; see the
+    module docstring). Call it before wrapping the model for a backend (DDP / FSDP / DeepSpeed);
+    before or after peft's `get_peft_model`. Idempotent. Returns a :class:`PatchReport`."""
+    causal = _causal_lm(model)
+    config = getattr(causal, "config", None)
+    model_type = getattr(config, "model_type", "") or ""
+    report = PatchReport(model_class=type(causal).__name__, model_type=model_type, enabled=bool(kernels))
+    if not kernels:
+        return report
+    spec = ARCHS.get(model_type)
+    if spec is None:
+        for op in OPS:
+            report.skipped[op] = f"model_type {model_type!r} is not supported (supported: {', '.join(ARCHS)})"
+        return report
+    modeling = type(causal).__module__
+    if not modeling.startswith("transformers."):
+        # a subclass defined elsewhere: use the module of the transformers class it derives from
+        for c in type(causal).__mro__:
+            if c.__module__.startswith("transformers.models."):
+                modeling = c.__module__
+                break
+    wanted = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu, "fused_cross_entropy": fused_cross_entropy}
+    for op, on in wanted.items():
+        if not on:
+            report.skipped[op] = "switched off"
+
+    # the activation of the gated MLPs
+    act_name = getattr(config, spec.act_attr, None)
+    act = _ACTS.get(str(act_name)) if act_name is not None else None
+    if swiglu and act is None:
+        report.skipped["swiglu"] = f"activation {act_name!r} has no fused kernel"
+
+    if rms_norm:
+        report.details["rms_norm"] = "gemma: x * (1 + w) in fp32" if spec.gemma_norm else "llama: w * x.to(dtype)"
+    if swiglu and act is not None:
+        report.details["swiglu"] = {"silu": "SwiGLU", "gelu_tanh": "GeGLU, tanh gelu", "gelu": "GeGLU, exact gelu"}[act]
+    attn_modules = []
+    for name, module in causal.named_modules():
+        cls = type(module).__name__
+        if not _from_modeling_module(module, modeling):
+            continue
+        if rms_norm and cls.endswith("RMSNorm"):
+            eps_attr = _rms_eps_attr(module)
+            w = getattr(module, "weight", None)
+            if eps_attr is None or not isinstance(w, nn.Parameter) or w.dim() != 1:
+                continue
+            if not _is_patched(module):
+                module._unsloth_rms = (eps_attr, 1.0 if spec.gemma_norm else 0.0, spec.gemma_norm)
+                _set_forward(module, _rms_norm_forward, "rms_norm")
+            report.add("rms_norm", module, name)
+        elif swiglu and act is not None and cls.endswith("MLP") and all(
+            hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")
+        ):
+            if not _is_patched(module):
+                module._unsloth_act = act
+                _set_forward(module, _glu_mlp_forward, "swiglu")
+            report.add("swiglu", module, name)
+        elif rope and cls.endswith("Attention") and hasattr(module, "q_proj"):
+            attn_modules.append((name, module))
+
+    if rope and attn_modules:
+        new = [(n, m) for n, m in attn_modules if not _is_patched(m)]
+        target = _install_rope_dispatcher(modeling) if new else f"{modeling}.apply_rotary_pos_emb"
+        if target is None:
+            report.skipped["rope"] = f"{modeling} has no module-level apply_rotary_pos_emb"
+        else:
+            for _, m in new:
+                _set_forward(m, _attention_forward, "rope")
+            if new:
+                causal.__dict__.setdefault("_unsloth_rope_modules", []).append(modeling)
+            for n, m in attn_modules:
+                report.add("rope", m, n)
+            report.global_patches.append(
+                f"{target} -> dispatcher (our kernel only inside patched attention instances; "
+                "reversed by unpatch_model)")
+    elif rope:
+        report.skipped.setdefault("rope", "no attention modules found")
+
+    if fused_cross_entropy:
+        head = getattr(causal, "lm_head", None)
+        base = getattr(causal, getattr(causal, "base_model_prefix", "model"), None)
+        if head is None or base is None:
+            report.skipped["fused_cross_entropy"] = "not a *ForCausalLM with lm_head"
+        elif not (isinstance(head, nn.Linear) and type(head).__module__.startswith("torch.nn")):
+            report.skipped["fused_cross_entropy"] = (
+                f"lm_head is a {type(head).__name__} (e.g. LoRA / modules_to_save on lm_head), not a plain nn.Linear")
+        else:
+            if head.__dict__.get("_unsloth_patch") != "fused_cross_entropy":
+                _set_forward(head, _lm_head_forward, "fused_cross_entropy")
+            if not _is_patched(causal):
+                sig = inspect.signature(type(causal).forward)
+                arg_names = [p.name for p in list(sig.parameters.values())[1:]
+                             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+                softcap = getattr(config, spec.softcap_attr, None) if spec.softcap_attr else None
+                causal._unsloth_ce = {"arg_names": arg_names, "softcap": softcap, "output_cls": _output_class(causal)}
+                _set_forward(causal, _causal_lm_forward, "fused_cross_entropy")
+            softcap = causal._unsloth_ce["softcap"]
+            report.details["fused_cross_entropy"] = "in lm_head's forward" + (f", softcap {softcap:g}" if softcap else "")
+            report.add("fused_cross_entropy", head, "lm_head")
+            report.add("fused_cross_entropy", causal, "")
+            report.fused_loss = True
+            for obj in {id(model): model, id(causal): causal}.values():
+                obj.unsloth_fused_loss = True
+    causal._unsloth_report = report
+    return report
+
+
+def unpatch_model(model: nn.Module) -> None:
+    """Undo `patch_model`: restore every patched module's class forward, drop the fused-loss flag
+    and release the global RoPE dispatchers this model held (restored when no model uses them)."""
+    causal = _causal_lm(model)
+    for module in causal.modules():
+        if _is_patched(module):
+            _clear_forward(module)
+    for modeling in causal.__dict__.pop("_unsloth_rope_modules", []):
+        _release_rope_dispatcher(modeling)
+    for obj in (model, causal):
+        if "unsloth_fused_loss" in obj.__dict__:
+            del obj.__dict__["unsloth_fused_loss"]
+    causal.__dict__.pop("_unsloth_report", None)
