@@ -113,6 +113,11 @@ class Backend:
         """Restore what `save_checkpoint` wrote (collective)."""
         raise NotImplementedError
 
+    def load_consolidated(self, model: dict, optim: dict) -> None:
+        """Restore full fp32 weights and Adam state keyed by parameter name (the intermediate
+        `unsloth_dist.checkpoint.consolidate` writes from any backend's checkpoint)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ shared helpers
 
     @property
@@ -201,6 +206,31 @@ class LocalOptimizerMixin:
                     p.copy_(m)
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
+
+    def load_consolidated(self, model: dict, optim: dict) -> None:
+        state = self._checkpoint_state()  # live tensors: copying into them restores in place
+        check_consolidated(self._names, model, optim)
+        with torch.no_grad():
+            for k, t in state["model"].items():
+                if k in model:
+                    t.copy_(model[k])
+            for name, st in state["optim"]["state"].items():
+                for key in ("step", "exp_avg", "exp_avg_sq"):
+                    st[key].copy_(optim[name][key])
+            if self._master is not None:
+                for p, m in zip(self._model_params, self._master):
+                    p.copy_(m)
+
+
+def check_consolidated(trainable: list[str], model: dict, optim: dict) -> None:
+    missing = [n for n in trainable if n not in model or n not in optim]
+    if missing:
+        from unsloth_dist.checkpoint import CheckpointError
+
+        raise CheckpointError(
+            f"the checkpoint has no weights or optimizer state for {len(missing)} trainable parameter(s) of this "
+            f"model, e.g. {missing[:3]}; resume with the same model (and the same LoRA settings)"
+        )
 
 
 # --------------------------------------------------------------------------- DCP helpers

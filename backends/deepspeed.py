@@ -86,6 +86,57 @@ class ZeroBackend(Backend):
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint under {path}/{self._TAG}")
 
+    def load_consolidated(self, model: dict, optim: dict) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        from .base import check_consolidated
+
+        named = list(self.engine.module.named_parameters())
+        check_consolidated([n for n, p in named if p.requires_grad], model, optim)
+        stage3 = self.bcfg.stage == 3
+        dev = self.device
+        zero_opt = self.engine.optimizer
+        # Adam creates its state at the first step; give it zero state now so the moments have
+        # somewhere to go (DeepSpeed's own step then continues from what is loaded)
+        base = getattr(zero_opt, "optimizer", self.optimizer)
+        flats = getattr(zero_opt, "fp32_partitioned_groups_flat", None) or getattr(
+            zero_opt, "single_partition_of_fp32_groups", None
+        ) or [p for g in base.param_groups for p in g["params"]]
+        for flat in flats:
+            st = base.state[flat]
+            if "exp_avg" not in st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(flat)
+                st["exp_avg_sq"] = torch.zeros_like(flat)
+        if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
+            zero_opt._lazy_init_hp_params_optimizer_state()  # ZeRO 1/2 link Adam state to params lazily
+        with torch.no_grad():
+            for name, p in named:
+                if name not in model:
+                    continue
+                full = model[name].to(dev)
+                # the low-precision / module copy of the weight ...
+                if stage3:
+                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                        if dist.get_rank() == 0:
+                            p.data.copy_(full.to(p.dtype))
+                else:
+                    p.data.copy_(full.to(p.dtype))
+                if not p.requires_grad:
+                    continue
+                # ... and the fp32 master partition and Adam moments the optimizer steps
+                safe_set_full_fp32_param(p, full)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(p, optim[name][key].to(dev), key)
+        steps = {float(optim[n]["step"]) for n, p in named if p.requires_grad}
+        if len(steps) != 1:
+            raise ValueError(f"parameters of the checkpoint are at different optimizer steps {sorted(steps)}")
+        value = steps.pop()
+        for st in base.state.values():
+            if "step" in st:
+                st["step"] = torch.full_like(st["step"], value) if torch.is_tensor(st["step"]) else int(value)
+
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         import deepspeed
 

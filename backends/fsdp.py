@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from unsloth_dist.config import ConfigError
 
-from .base import Backend, OptimizerFactory, dcp_load, dcp_save, param_groups
+from .base import Backend, OptimizerFactory, check_consolidated, dcp_load, dcp_save, param_groups
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -116,3 +116,16 @@ class FSDPBackend(Backend):
         state = self._checkpoint_state()
         dcp_load(state, path)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def load_consolidated(self, model: dict, optim: dict) -> None:
+        # full tensors on every rank; set_state_dict shards them into the DTensors
+        check_consolidated([n for n, p in self.module.named_parameters() if p.requires_grad], model, optim)
+        _, current = get_state_dict(self.module, self.optimizer)
+        wanted = {n for g in current["param_groups"] for n in g["params"]}
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=model,
+            optim_state_dict={"state": {n: optim[n] for n in wanted}, "param_groups": current["param_groups"]},
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )

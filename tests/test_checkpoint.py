@@ -77,26 +77,67 @@ def test_resume_reproduces_uninterrupted_run(backend, full_runs, tmp_path):
 
 @pytest.mark.parametrize(
     "source, target, nproc",
-    [("ddp", "single", 1), ("fsdp", "ddp", 2), ("ddp", "fsdp", 2), ("fsdp", "fsdp", 1)],
-    ids=["ddp2-to-single1", "fsdp2-to-ddp2", "ddp2-to-fsdp2", "fsdp2-to-fsdp1"],
+    [
+        ("ddp", "single", 1), ("fsdp", "ddp", 2), ("fsdp", "fsdp", 1),  # DCP reshards natively
+        ("zero2", "fsdp", 2), ("fsdp", "zero3", 2), ("zero3", "single", 1), ("zero2", "zero2", 1),  # consolidated
+    ],
+    ids=["ddp2-to-single1", "fsdp2-to-ddp2", "fsdp2-to-fsdp1", "zero2-to-fsdp2", "fsdp2-to-zero3",
+         "zero3-to-single1", "zero2-2-to-zero2-1"],
 )
 def test_resume_on_other_world_size_or_backend(source, target, nproc, full_runs, tmp_path):
-    """torch.distributed.checkpoint reshards: a checkpoint of one DCP backend loads into another at
-    another world size (gradient accumulation keeps the global batch), and the run goes on like the
-    uninterrupted one."""
+    """A checkpoint goes on under another world size or backend (gradient accumulation keeps the
+    global batch): DCP reshards between single / ddp / fsdp; to or from DeepSpeed, and between
+    DeepSpeed world sizes, it goes through the consolidated intermediate (DeepSpeed's universal
+    checkpoint converter for ZeRO partitions). Weights and Adam state carry over, so the run goes
+    on like the uninterrupted one."""
     reference = result(full_runs("single"), "full")
     launch(target, tmp_path, "resume", str(full_runs(source) / "checkpoint-4"), nproc=nproc)
     resumed = result(tmp_path, "resume")
     assert resumed["world_size"] == nproc and resumed["start_step"] == 4
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(reference["losses"][4:]), rtol=1e-5, atol=0)
     assert_same_weights(reference["state_dict"], resumed["state_dict"], 1e-5, f"{source}->{target}")
+    assert not list(tmp_path.glob(".convert-*")), "the conversion scratch directory is removed"
 
 
-def test_deepspeed_checkpoint_into_dcp_backend_is_refused_before_start(full_runs, tmp_path):
-    proc = launch("fsdp", tmp_path, "resume", str(full_runs("zero2") / "checkpoint-4"), nproc=1, check=False)
+def test_resume_with_another_global_batch_is_refused_before_start(full_runs, tmp_path):
+    proc = launch("single", tmp_path, "resume", str(full_runs("zero2") / "checkpoint-4"), nproc=1, check=False,
+                  env={"WORKER_ARGS": json.dumps({"gradient_accumulation_steps": 1})})
     assert proc.returncode != 0
-    assert "resume_from_checkpoint" in proc.stderr and "'zero2'" in proc.stderr and "not supported yet" in proc.stderr
-    assert "process group" not in proc.stderr.lower()
+    assert "resume_from_checkpoint" in proc.stderr and "global batch of 4" in proc.stderr
+    assert "gradient_accumulation_steps" in proc.stderr
+
+
+def test_consolidate_writes_the_weights_of_the_step(full_runs, tmp_path):
+    """`unsloth-dist checkpoint consolidate` of the step-8 checkpoint of a ZeRO-3 run gives the
+    run's final weights as a safetensors file with the model's config.json; `inspect` shows it."""
+    from safetensors.torch import load_file
+
+    src = full_runs("zero3")
+    proc = run_cmd([sys.executable, "-m", "unsloth_dist", "checkpoint", "consolidate", str(src / "checkpoint-8"),
+                    "-o", str(tmp_path / "export")])
+    assert "step 8" in proc.stdout
+    weights = load_file(tmp_path / "export" / "model.safetensors")
+    full = result(src, "full")["state_dict"]
+    assert set(weights) == set(full)
+    for k, v in full.items():
+        torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-7)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "llama"
+    shown = run_cmd([sys.executable, "-m", "unsloth_dist", "checkpoint", "inspect", str(src)]).stdout
+    assert "zero3" in shown and "checkpoint-8" in shown
+    bad = subprocess.run([sys.executable, "-m", "unsloth_dist", "checkpoint", "inspect", str(tmp_path / "nope")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_exception_on_one_rank_ends_every_rank(tmp_path):
+    """An exception on rank 1 ends the whole run quickly with a non-zero exit and the
+    original error in the launcher's output; no rank waits for the collective timeout."""
+    t0 = time.monotonic()
+    proc = launch("fsdp", tmp_path, "raise", "2", "1", check=False, timeout=240,
+                  env={"WORKER_ARGS": json.dumps({"dist_timeout_s": 600})})
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 120, "a rank waited for the collective timeout"
+    assert "boom on rank 1 after step 2" in proc.stdout + proc.stderr
 
 
 def test_save_killed_half_way_is_never_latest(full_runs, tmp_path):

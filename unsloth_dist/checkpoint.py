@@ -100,20 +100,15 @@ def check_compatible(meta: dict, *, backend_format: str, backend_name: str, worl
             "keep the global batch (change gradient_accumulation_steps when the world size changes) so the "
             "data order carries on where it stopped"
         )
+
+
+def needs_conversion(meta: dict, *, backend_format: str, backend_name: str, world_size: int) -> bool:
+    """Whether the backend cannot read the checkpoint natively: another format, or a DeepSpeed
+    checkpoint of another stage or world size. DCP reshards natively across world sizes and
+    between single / ddp / fsdp."""
     if meta["format"] != backend_format:
-        raise CheckpointError(
-            f"the checkpoint was written by backend {meta['backend']!r} ({meta['format']} format) and this "
-            f"run uses {backend_name!r} ({backend_format} format); converting between them is not supported "
-            "yet: resume with a backend of the same family (single / ddp / fsdp read each other's "
-            "checkpoints at any world size; zero1-3 read DeepSpeed's), or start a new run from the saved "
-            "weights (for DeepSpeed checkpoints, the zero_to_fp32.py script in its state/ directory writes them)"
-        )
-    if backend_format == "deepspeed" and (meta["world_size"] != world_size or meta["backend"] != backend_name):
-        raise CheckpointError(
-            f"the DeepSpeed checkpoint was written by {meta['backend']} on {meta['world_size']} ranks; resuming it "
-            f"with {backend_name} on {world_size} ranks is not supported yet: resume with the same backend and "
-            "world size"
-        )
+        return True
+    return backend_format == "deepspeed" and (meta["world_size"] != world_size or meta["backend"] != backend_name)
 
 
 def _rng_state() -> dict:
@@ -184,6 +179,9 @@ def save(trainer, losses: list[float]) -> Path:
     D.barrier()  # every rank's files are written
     if rank == 0:
         torch.save({"lr_scheduler": trainer.lr_scheduler.state_dict()}, tmp / "trainer_state.pt")
+        hf_config = getattr(trainer.backend.module, "config", None)
+        if hasattr(hf_config, "to_json_file"):  # so a consolidated export is a loadable HF folder
+            hf_config.to_json_file(str(tmp / "config.json"))
         meta = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -228,7 +226,23 @@ def load(trainer, path: Path) -> dict:
         world_size=trainer.world_size,
         global_batch=trainer.cfg.global_batch(trainer.world_size),
     )
-    trainer.backend.load_checkpoint(path / STATE)
+    backend = trainer.backend
+    if needs_conversion(meta, backend_format=backend.checkpoint_format, backend_name=backend.name,
+                        world_size=trainer.world_size):
+        scratch = Path(trainer.cfg.output_dir) / f".convert-{meta['step']}.tmp"
+        if trainer.rank == 0:
+            if scratch.exists():
+                shutil.rmtree(scratch)
+            scratch.mkdir(parents=True)
+            consolidate(path, scratch / "consolidated.pt", meta=meta, work_dir=scratch)
+        D.barrier()
+        portable = torch.load(scratch / "consolidated.pt", weights_only=False, map_location="cpu")
+        backend.load_consolidated(portable["model"], portable["optim"])
+        D.barrier()
+        if trainer.rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+    else:
+        backend.load_checkpoint(path / STATE)
     ts = torch.load(path / "trainer_state.pt", weights_only=False)
     trainer.lr_scheduler.load_state_dict(ts["lr_scheduler"])
     # the optimizer's learning rate is the scheduler's (some optimizer loads keep their own)
@@ -261,3 +275,92 @@ def validate_resume_config(cfg, backend_name: str, world_size: int) -> None:
         )
     except CheckpointError as exc:
         raise ConfigError(f"resume_from_checkpoint: {exc}") from None
+
+
+# --------------------------------------------------------------------------- consolidation
+
+
+def consolidate(path: Path, out_file: Path, *, meta: Optional[dict] = None, work_dir: Optional[Path] = None) -> dict:
+    """One file holding a checkpoint's full fp32 weights and Adam state, keyed by parameter
+    name, whatever backend and world size wrote it: {"model": {name: tensor}, "optim": {name:
+    {"step", "exp_avg", "exp_avg_sq"}}, "meta": meta}. This is the intermediate through which a
+    checkpoint moves between the DCP backends and DeepSpeed, or between DeepSpeed world sizes.
+    Runs in one process, no process group needed."""
+    path = Path(path)
+    meta = meta or read_meta(path)
+    work = Path(work_dir) if work_dir is not None else out_file.parent / f".{out_file.name}.work"
+    work.mkdir(parents=True, exist_ok=True)
+    if meta["format"] == "dcp":
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        tmp = work / "dcp.pt"
+        dcp_to_torch_save(path / STATE, tmp)
+        full = torch.load(tmp, weights_only=False, map_location="cpu")
+        tmp.unlink()
+        model = {k: v.float() if v.is_floating_point() else v for k, v in full["model"].items()}
+        optim = {k: dict(v) for k, v in full["optim"]["state"].items()}
+    else:
+        model, optim = _read_deepspeed(path / STATE, work, int(meta["step"]))
+    result = {"model": model, "optim": optim, "meta": meta}
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    torch.save(result, tmp)
+    os.replace(tmp, out_file)
+    return result
+
+
+def _read_deepspeed(state_dir: Path, work: Path, step_fallback: int) -> tuple[dict, dict]:
+    """Full fp32 weights and Adam moments of a DeepSpeed ZeRO checkpoint, through DeepSpeed's
+    universal-checkpoint converter (which reassembles the partitions of any stage)."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tag_dir = next((p for p in state_dir.iterdir() if p.is_dir()), None)
+    if tag_dir is None:
+        raise CheckpointError(f"{state_dir} holds no DeepSpeed checkpoint tag directory")
+    uni = work / "universal"
+    args = argparse.Namespace(
+        input_folder=str(tag_dir), output_folder=str(uni), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
+    # weights DeepSpeed does not optimise (frozen ones) come from the module state (stages 1-2)
+    model: dict[str, torch.Tensor] = {}
+    shapes: dict[str, torch.Size] = {}
+    states = sorted(tag_dir.glob("*model_states.pt"))
+    if states:
+        sd = torch.load(states[0], weights_only=False, map_location="cpu")
+        for group in sd.get("param_shapes") or []:
+            shapes.update(group)
+        for k, v in (sd.get("module") or {}).items():
+            if torch.is_tensor(v) and v.numel() > 0:  # ZeRO-3 keeps empty placeholders here
+                model[k] = v.float() if v.is_floating_point() else v
+    optim: dict[str, dict] = {}
+    for pdir in sorted((uni / "zero").iterdir()):
+        if not pdir.is_dir():
+            continue
+
+        def part(name: str) -> torch.Tensor:
+            obj = torch.load(pdir / f"{name}.pt", weights_only=False, map_location="cpu")
+            t = obj["param"] if isinstance(obj, dict) else obj
+            shape = shapes.get(pdir.name)
+            return t.reshape(shape) if shape is not None and t.numel() == torch.Size(shape).numel() else t
+
+        model[pdir.name] = part("fp32").float()
+        # ZeRO-3 universal checkpoints carry no per-parameter step: every Adam step of this
+        # trainer is an optimizer step of the run (nan_policy skip is not offered with ZeRO)
+        step = part("step").float().reshape(()) if (pdir / "step.pt").is_file() else torch.tensor(float(step_fallback))
+        optim[pdir.name] = {"step": step, "exp_avg": part("exp_avg").float(), "exp_avg_sq": part("exp_avg_sq").float()}
+    shutil.rmtree(uni, ignore_errors=True)
+    return model, optim
+
+
+def consolidated_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Just the full weights of a checkpoint (for export)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return consolidate(Path(path), Path(tmp) / "c.pt")["model"]

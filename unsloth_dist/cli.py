@@ -7,6 +7,8 @@ check the environment, plan memory.
     unsloth-dist config deepspeed --stage 2 --world-size 8 -o zero2.json
     unsloth-dist env
     unsloth-dist plan --model llama-3.1-8b --gpus 8 --lora
+    unsloth-dist checkpoint inspect outputs/run1
+    unsloth-dist checkpoint consolidate outputs/run1/checkpoint-400 -o exported/
 
 A user mistake (bad config, bad option, inconsistent launcher environment) prints one red
 `error:` line (plus the config's field list) and exits with status 2, without a traceback.
@@ -377,6 +379,78 @@ def plan(
     else:
         err.print(f"[bold red]nothing fits:[/bold red] {result.reason}")
         raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+ckpt_app = typer.Typer(help="Look into and convert training checkpoints.", no_args_is_help=True)
+app.add_typer(ckpt_app, name="checkpoint")
+
+
+def _checkpoint_dir(path: str):
+    from .checkpoint import CheckpointError, read_meta, resolve
+
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"checkpoint {path!r} does not exist; give a checkpoint-* directory or an output_dir")
+    if not (p / "unsloth_checkpoint.json").is_file() and (p / "latest").is_file():
+        p = resolve("latest", str(p))  # an output_dir: its latest checkpoint
+    try:
+        return p, read_meta(p)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+
+
+@ckpt_app.command("inspect", context_settings={"help_option_names": ["-h", "--help"]})
+def checkpoint_inspect(path: str = typer.Argument(..., help="a checkpoint-* directory, or an output_dir (its latest)")) -> None:
+    """Step, backend, world size, precision, losses and files of a checkpoint."""
+    with _guard():
+        p, meta = _checkpoint_dir(path)
+    table = Table(title=f"checkpoint {p}", show_header=False)
+    table.add_column("key")
+    table.add_column("value", overflow="fold")
+    losses = meta.get("losses") or []
+    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    for key, value in (
+        ("step", meta["step"]), ("backend", meta["backend"]), ("format", meta["format"]),
+        ("world size", meta["world_size"]), ("global batch", meta["global_batch_size"]),
+        ("precision", meta["precision"]), ("seed", meta["seed"]), ("saved at", meta.get("saved_at", "?")),
+        ("last losses", ", ".join(f"{x:.4f}" for x in losses[-5:])), ("size", f"{size / 2**20:.1f} MiB"),
+    ):
+        table.add_row(key, str(value))
+    wide.print(table)
+
+
+@ckpt_app.command("consolidate", context_settings={"help_option_names": ["-h", "--help"]})
+def checkpoint_consolidate(
+    path: str = typer.Argument(..., help="a checkpoint-* directory, or an output_dir (its latest)"),
+    output: str = typer.Option(..., "-o", "--output", help="directory to write model.safetensors (+ config.json) into"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16"),
+) -> None:
+    """Full weights of any backend's checkpoint as a Hugging Face folder (model.safetensors, config.json)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import consolidated_weights
+
+    dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    with _guard():
+        if dtype not in dtypes:
+            raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(dtypes)}")
+        p, meta = _checkpoint_dir(path)
+    import torch
+
+    weights = consolidated_weights(p)
+    target = getattr(torch, dtypes[dtype])
+    tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    dest = Path(output)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "step": str(meta["step"]), "backend": meta["backend"]})
+    os.replace(tmp, dest / "model.safetensors")
+    if (p / "config.json").is_file():
+        shutil.copy(p / "config.json", dest / "config.json")
+    out.print(f"wrote {len(tensors)} tensors ({sum(t.numel() for t in tensors.values()):,} values, {dtype}) of step "
+              f"{meta['step']} ({meta['backend']}, {meta['world_size']} ranks) to {dest / 'model.safetensors'}")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ MODE:
   sigterm STEP RANK    send SIGTERM to rank RANK after step STEP (the run must save and stop)
   kill-in-save STEP    SIGKILL this process in the middle of the save at step STEP
   kill-rank STEP RANK  SIGKILL rank RANK after step STEP (a crashed rank)
+  raise STEP RANK      rank RANK raises an exception after step STEP
   nan STEP POLICY      the loss of step STEP is NaN; nan_policy POLICY
 
 The global batch is 4 samples whatever the world size (gradient accumulation fills it).
@@ -73,6 +74,12 @@ def main() -> int:
         step, who = int(rest[0]), int(rest[1])
         if rank == who:
             callbacks.append(AfterStep(step, lambda t: os.kill(os.getpid(), signal.SIGKILL)))
+    elif mode == "raise":
+        step, who = int(rest[0]), int(rest[1])
+        if rank == who:
+            def boom(t):
+                raise RuntimeError(f"boom on rank {who} after step {step}")
+            callbacks.append(AfterStep(step, boom))
     elif mode == "nan":
         args["nan_policy"] = rest[1]
         args["save_steps"] = None
