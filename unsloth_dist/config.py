@@ -265,6 +265,9 @@ class TrainConfig(_Strict):
     dataloader_num_workers: int = Field(0, ge=0)
     dataloader_pin_memory: bool = True
 
+    # the data pipeline (unsloth_dist.data): files, format, template, packing, masking
+    data: Optional["DataConfig"] = None
+
     # process group: auto = nccl with CUDA, gloo without
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     dist_timeout_s: int = Field(1800, gt=0)
@@ -455,3 +458,8 @@ def load_config(source: Any = None, overrides: list[str] | tuple[str, ...] = (),
     if overrides:
         data = apply_overrides(data, overrides)
     return TrainConfig(**data)
+
+
+from .data.config import DataConfig  # noqa: E402  (it subclasses _Strict, defined above)
+
+TrainConfig.model_rebuild()

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from . import checkpoint
 from . import distributed as D
 from .config import ConfigError, TrainConfig, load_config
-from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, check_sample
+from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, check_sample, model_inputs, uses_varlen_attention
 
 logger = logging.getLogger("unsloth_dist")
 
@@ -136,7 +136,7 @@ class Trainer:
         self.eval_dataset = eval_dataset
         self.tokenizer = tokenizer
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        self.collator = data_collator or PadCollator(pad if pad is not None else 0)
+        self.collator = data_collator or PadCollator(pad if pad is not None else 0, flatten_packed=uses_varlen_attention(model))
         self.callbacks = list(callbacks or [])
 
         # ---- process group, then the backend
@@ -195,19 +195,16 @@ class Trainer:
         )
 
     def _forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids = batch["input_ids"].to(self.device, non_blocking=True)
-        mask = batch["attention_mask"].to(self.device, non_blocking=True)
-        extra = {}
-        if "position_ids" in batch:
-            extra["position_ids"] = batch["position_ids"].to(self.device, non_blocking=True)
+        # packed rows (the batch has position_ids) go in without the 2-D attention mask, so that
+        # transformers builds the block-diagonal mask (or flash-attention's varlen boundaries)
+        inputs = model_inputs(batch, self.device)
         if self.fused_loss:
             labels = batch["labels"].to(self.device, non_blocking=True)
             with self.backend.autocast():
-                out = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False,
-                                 loss_reduction="sum", **extra)
+                out = self.model(**inputs, labels=labels, use_cache=False, loss_reduction="sum")
             return out.loss.float()
         with self.backend.autocast():
-            out = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
+            out = self.model(**inputs, use_cache=False)
         logits = out.logits if hasattr(out, "logits") else out
         return token_loss_sum(logits, batch["labels"])
 

@@ -1,4 +1,21 @@
-from .collate import IGNORE_INDEX, PadCollator, check_sample
+from .collate import IGNORE_INDEX, PadCollator, check_sample, is_packed, model_inputs, uses_varlen_attention
 from .sampler import GlobalBatchSampler
 
-__all__ = ["IGNORE_INDEX", "PadCollator", "GlobalBatchSampler", "check_sample"]
+__all__ = [
+    "IGNORE_INDEX", "PadCollator", "GlobalBatchSampler", "check_sample", "is_packed", "model_inputs",
+    "uses_varlen_attention",
+    "DataConfig", "DataError", "DataReport", "TokenizedDataset", "build_datasets",
+]
+
+
+def __getattr__(name):
+    # the pipeline pulls in numpy / the config; load it only when asked for
+    if name == "DataConfig":
+        from .config import DataConfig
+
+        return DataConfig
+    if name in ("DataError", "DataReport", "TokenizedDataset", "build_datasets"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,66 @@
+"""The shipped dataset through the pipeline into `unsloth_dist.Trainer`: the loss falls."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Optional
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
+from data_common import SHIPPED, bpe_tokenizer  # noqa: E402
+from tiny import tiny_llama  # noqa: E402
+
+from unsloth_dist.config import ConfigError, _Strict  # noqa: E402
+from unsloth_dist.data import DataConfig, build_datasets  # noqa: E402
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_shipped_dataset_trains(tmp_path, packing):
+    from unsloth_dist import Trainer
+
+    tok = bpe_tokenizer()
+    cfg = DataConfig(paths=[str(SHIPPED)], max_seq_length=256, packing=packing, eval_split=0.05,
+                     cache_dir=str(tmp_path / "cache"))
+    train, evald, report = build_datasets(cfg, tok, seed=0)
+    assert report.n_samples == 480 and not report.skipped
+    assert {s.format for s in report.sources} == {"chat", "instruction"}
+    if packing:
+        assert report.packing_efficiency > 0.9 and len(train) < report.n_train_samples
+    model = tiny_llama(seed=0, vocab=len(tok))
+    trainer = Trainer(model, train, eval_dataset=evald, tokenizer=tok, backend="single",
+                      args={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4 if packing else 16,
+                            "max_steps": 5, "learning_rate": 3e-3, "precision": "fp32", "disable_tqdm": True,
+                            "seed": 0})
+    before = trainer.evaluate()
+    losses = trainer.train().losses
+    after = trainer.evaluate()
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] and after < before
+
+
+def test_num_proc_gives_the_same_tokens(tmp_path):
+    tok = bpe_tokenizer()
+    one, _, _ = build_datasets(DataConfig(paths=[str(SHIPPED / "chat.jsonl")], cache_dir=str(tmp_path / "a")), tok)
+    two, _, _ = build_datasets(DataConfig(paths=[str(SHIPPED / "chat.jsonl")], cache_dir=str(tmp_path / "b"),
+                                          num_proc=2), tok)
+    assert len(one) == len(two) == 160
+    for i in range(len(one)):
+        assert one[i]["input_ids"].tolist() == two[i]["input_ids"].tolist()
+        assert one[i]["labels"].tolist() == two[i]["labels"].tolist()
+
+
+def test_data_section_nests_in_a_strict_config():
+    """How TrainConfig will hold it (`data: Optional[DataConfig] = None`): errors name data.<field>."""
+
+    class Holder(_Strict):
+        data: Optional[DataConfig] = None
+
+    h = Holder(data={"paths": str(SHIPPED / "chat.jsonl"), "packing": True})
+    assert isinstance(h.data, DataConfig) and h.data.paths == [str(SHIPPED / "chat.jsonl")]
+    with pytest.raises(ConfigError, match=r"data\.paths: .*'nope\.jsonl' does not exist"):
+        Holder(data={"paths": "nope.jsonl"})
+    with pytest.raises(ConfigError, match=r"data\.truncation"):
+        Holder(data={"paths": str(SHIPPED), "truncation": "middle"})
