@@ -64,3 +64,21 @@ def test_data_section_nests_in_a_strict_config():
         Holder(data={"paths": "nope.jsonl"})
     with pytest.raises(ConfigError, match=r"data\.truncation"):
         Holder(data={"paths": str(SHIPPED), "truncation": "middle"})
+
+
+def test_trainer_builds_the_data_section_of_its_config(tmp_path):
+    """TrainConfig's `data:` section: the Trainer tokenizes the files itself (before any process
+    group) when no train_dataset is given, and trains on them."""
+    from unsloth_dist import Trainer
+
+    tok = bpe_tokenizer()
+    args = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 8, "max_steps": 3,
+            "learning_rate": 3e-3, "precision": "fp32", "disable_tqdm": True,
+            "data": {"paths": [str(SHIPPED / "instructions.jsonl")], "max_seq_length": 128, "eval_split": 0.1,
+                     "cache_dir": str(tmp_path / "cache")}}
+    trainer = Trainer(tiny_llama(seed=0, vocab=len(tok)), None, args=args, tokenizer=tok, backend="single")
+    assert trainer.data_report.n_samples == 320 and len(trainer.train_dataset) + len(trainer.eval_dataset) == 320
+    losses = trainer.train().losses
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    with pytest.raises(ConfigError, match="tokenizer"):
+        Trainer(tiny_llama(seed=0, vocab=len(tok)), None, args=args, backend="single")

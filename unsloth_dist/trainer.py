@@ -121,6 +121,16 @@ class Trainer:
         self.backend_cfg = backend_cfg
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if train_dataset is None and cfg.data is not None:
+            # the config's data section: tokenized once (rank 0; the others read the cache),
+            # before any process group exists, so bad data stops the run here
+            from .data import build_datasets
+
+            if tokenizer is None:
+                raise ConfigError("data: the data section needs the model's tokenizer; pass tokenizer= to the Trainer")
+            train_dataset, built_eval, self.data_report = build_datasets(cfg.data, tokenizer, seed=cfg.seed)
+            if eval_dataset is None:
+                eval_dataset = built_eval
         for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if ds is None:
                 continue
