@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+
 
 CASES = ["ddp:full", "fsdp:full", "zero3:full", "ddp:lora", "fsdp:lora", "zero3:lora"]
 

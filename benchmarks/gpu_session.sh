@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU checks for one device session, run from the repository root on the device machine:
+#   bash benchmarks/gpu_session.sh PART [PART ...]     PART = kernels | kbench | memory | models | equivalence
+# Needs the wheels of .whl/ (pydantic, DeepSpeed sdist, bitsandbytes, liger-kernel, pytest-timeout, ...).
+# Logs and JSON go to $OUT (the device tool brings that folder back).
+set -u
+REPO=$(pwd)
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TORCH_CUDA_ARCH_LIST=9.0
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site .whl/deepspeed-*.tar.gz > "$OUT/install_deepspeed.log" 2>&1 || echo "deepspeed install failed"
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . > "$OUT/install.log" 2>&1 || { echo "project install failed"; tail "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)"
+# tests run from a copy: in the repository root `unsloth_dist` would shadow the installed package
+rm -rf /tmp/t && mkdir -p /tmp/t && cp -r tests pyproject.toml /tmp/t/
+step() {  # name timeout command...
+  local name=$1 t=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$t" "$@" > "$OUT/$name.log" 2>&1
+  echo "rc=$? ($(date +%T))"
+  grep -v -i "warn" "$OUT/$name.log" | tail -n "${TAILN:-12}"
+}
+for part in "$@"; do
+  case $part in
+    kernels) (cd /tmp/t && step gpu_kernels 300 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu_kernels.py) ;;
+    kbench) TAILN=30 step bench_kernels 300 python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" ;;
+    memory) TAILN=12 step bench_memory 420 python3 benchmarks/bench_memory.py --gpus 2 --out "$OUT/bench_memory.json" ;;
+    models) (cd /tmp/t && TAILN=25 step gpu_models 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_models.py) ;;
+    equivalence) (cd /tmp/t && step gpu_equivalence 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_equivalence.py) ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
