@@ -13,8 +13,19 @@ was allocated before it (the inputs), i.e. what the op itself adds.
     python benchmarks/bench_kernels.py --out benchmarks/results/kernels.json
     python benchmarks/bench_kernels.py --ops fused_ce rmsnorm --impls unsloth_dist liger --reps 50
 
+The gradient each op's backward receives is, as inside a model, a buffer nothing else refers to
+(handed over by a tiny autograd node that lets go of it; prepared outside the timed region), so
+an op may reuse it in place -- never a tensor the benchmark itself still holds.
+
+``--check`` first runs each selected op of ``unsloth_dist`` once at the benchmark size (outputs
+NaN-poisoned) and compares outputs and input gradients with the PyTorch reference computed in
+fp32 on the same bf16 inputs (normwise relative error <= 1e-2, worst element <= 3e-2 of the
+largest magnitude, as tests/test_gpu_kernels.py); any failure stops the run (exit status 1)
+before timing.
+
 A baseline that fails (not installed, compile error, out of memory) is recorded with its error
-and the others still run. Prints a markdown table; writes JSON to --out.
+and the others still run. Prints a markdown table (every row's time and memory against liger and
+against torch.compile) and a per-op summary; writes JSON to --out.
 """
 from __future__ import annotations
 
@@ -68,7 +79,7 @@ def case_rmsnorm(dev):
         "torch.compile": _compiled(lambda a, b: rms_norm_reference(a, b, eps)),
         "liger": lambda a, b: _liger().liger_rms_norm(a, b, eps, 0.0, "llama"),
     }
-    return prep, impls, f"x [{N_TOKENS}, {HIDDEN}] bf16, llama casting"
+    return prep, impls, f"x [{N_TOKENS}, {HIDDEN}] bf16, llama casting", lambda a, b: rms_norm_reference(a, b, eps)
 
 
 def case_rope(dev):
@@ -90,18 +101,22 @@ def case_rope(dev):
     cos, sin = rot(qp, pos)
 
     def prep():
-        # as in HF attention: projection output viewed [B, T, H, D] and transposed to [B, H, T, D]
-        q = qp.clone().view(B, T, HEADS, HEAD_DIM).transpose(1, 2)
-        k = kp.clone().view(B, T, KV_HEADS, HEAD_DIM).transpose(1, 2)
-        return [q, k]
+        return [qp.clone(), kp.clone()]  # the q / k projection outputs [B, T, heads * head_dim]
+
+    def hf(fn):
+        # as in HF attention: viewed [B, T, H, D] and transposed to [B, H, T, D] (strided views),
+        # inside the op, so the gradients are w.r.t. the projection outputs (an in-place RoPE
+        # consumes its q / k views; HF rebinds them to the results)
+        return lambda a, b: fn(a.view(B, T, HEADS, HEAD_DIM).transpose(1, 2), b.view(B, T, KV_HEADS, HEAD_DIM).transpose(1, 2))
 
     impls = {
-        "unsloth_dist": lambda q, k: apply_rope(q, k, cos, sin),
-        "torch": lambda q, k: rope_reference(q, k, cos, sin),
-        "torch.compile": _compiled(lambda q, k: rope_reference(q, k, cos, sin)),
-        "liger": lambda q, k: _liger().liger_rope(q, k, cos, sin),
+        "unsloth_dist": hf(lambda q, k: apply_rope(q, k, cos, sin)),
+        "torch": hf(lambda q, k: rope_reference(q, k, cos, sin)),
+        "torch.compile": _compiled(hf(lambda q, k: rope_reference(q, k, cos, sin))),
+        "liger": hf(lambda q, k: _liger().liger_rope(q, k, cos, sin)),
     }
-    return prep, impls, f"q [{B}, {HEADS}, {T}, {HEAD_DIM}], k [{B}, {KV_HEADS}, {T}, {HEAD_DIM}] bf16, llama3 rope"
+    ref = hf(lambda q, k: rope_reference(q, k, cos.float(), sin.float()))
+    return prep, impls, f"q [{B}, {HEADS}, {T}, {HEAD_DIM}], k [{B}, {KV_HEADS}, {T}, {HEAD_DIM}] bf16 (HF views), llama3 rope", ref
 
 
 def _case_glu(dev, activation):
@@ -120,7 +135,7 @@ def _case_glu(dev, activation):
         "torch.compile": _compiled(lambda a, b: glu_reference(a, b, activation)),
         "liger": lambda a, b: getattr(_liger(), liger_fn)(a, b),
     }
-    return prep, impls, f"gate, up [{N_TOKENS}, {INTER}] bf16, {activation}"
+    return prep, impls, f"gate, up [{N_TOKENS}, {INTER}] bf16, {activation}", lambda a, b: glu_reference(a, b, activation)
 
 
 def case_swiglu(dev):
@@ -148,7 +163,37 @@ def case_fused_ce(dev):
         "torch.compile": _compiled(lambda h, W: fused_linear_cross_entropy_reference(h, W, t)),
         "liger": lambda h, W: _liger().liger_fused_linear_cross_entropy(h, W, t),
     }
-    return prep, impls, f"hidden [{N_TOKENS}, {HIDDEN}] x lm_head [{VOCAB}, {HIDDEN}] bf16, mean, 10% ignored"
+    def ref(h, W):  # fp32, chunked over tokens (exact: a mean of per-token terms) so the logits fit
+        return _ChunkedReferenceCE.apply(h, W, t, (t != -100).sum())
+
+    return prep, impls, f"hidden [{N_TOKENS}, {HIDDEN}] x lm_head [{VOCAB}, {HIDDEN}] bf16, mean, 10% ignored", ref
+
+
+class _ChunkedReferenceCE(torch.autograd.Function):
+    """The mean fused-CE reference over 2048-token chunks (for --check in fp32: the fp32
+    logits of all tokens at once would take 8 GiB, their gradient as much again)."""
+
+    @staticmethod
+    def forward(ctx, h, W, t, n):
+        from unsloth_dist.kernels import fused_linear_cross_entropy_reference
+
+        loss = torch.zeros((), device=h.device, dtype=torch.float64)
+        dh, dW = torch.empty_like(h), torch.zeros_like(W)
+        for s in range(0, h.shape[0], 2048):
+            with torch.enable_grad():
+                hc, Wc = h[s:s + 2048].detach().requires_grad_(), W.detach().requires_grad_()
+                lc = fused_linear_cross_entropy_reference(hc, Wc, t[s:s + 2048], reduction="sum")
+                gh, gW = torch.autograd.grad(lc, (hc, Wc))
+            dh[s:s + 2048] = gh
+            dW += gW
+            loss += lc.detach().double()
+        ctx.save_for_backward(dh / n, dW / n)
+        return (loss / n).float()
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dW = ctx.saved_tensors
+        return dh * g, dW * g, None, None
 
 
 CASES = {"rmsnorm": case_rmsnorm, "rope": case_rope, "swiglu": case_swiglu, "geglu": case_geglu,
@@ -169,12 +214,40 @@ def _compiled(fn: Callable) -> Callable:
 # --------------------------------------------------------------------------- measuring
 
 
-def _fwd_bwd(impl: Callable, ins: list, grads_out: list | None):
+class _HandOver(torch.autograd.Function):
+    """A scalar node above `out` whose backward hands `holder`'s tensor to `out` as its gradient
+    and drops its own reference: the op's backward then gets a gradient buffer nothing else
+    refers to, as inside a model (where it comes fresh from the next op's backward)."""
+
+    @staticmethod
+    def forward(ctx, out, holder):
+        ctx.holder = holder
+        return out.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.holder.pop(), None
+
+
+def _fresh(grads_out: list) -> list:
+    return [[g.clone()] for g in grads_out]
+
+
+def _fwd_bwd(impl: Callable, ins: list, grads_out: list | None, fresh: list | None = None):
+    """Forward, then the gradients w.r.t. the inputs that require grad, with `grads_out` (random,
+    made on the first call) as the outputs' gradients -- handed over as owned copies (`fresh`,
+    prepared by the caller outside any timed region, or made here)."""
     out = impl(*ins)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     if grads_out is None:
         grads_out = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outs]
-    g = torch.autograd.grad(outs, [x for x in ins if x.requires_grad], grads_out)
+    holders = fresh if fresh is not None else _fresh(grads_out)
+    total = None
+    for o, h in zip(outs, holders):
+        term = _HandOver.apply(o, h)
+        total = term if total is None else total + term
+    del holders, fresh
+    g = torch.autograd.grad(total, [x for x in ins if x.requires_grad])
     return outs, g, grads_out
 
 
@@ -198,9 +271,11 @@ def measure(prep: Callable, impl: Callable, warmup: int, reps: int) -> dict:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(reps):
         ins = prep()
+        fresh = _fresh(grads_out)
         torch.cuda.synchronize()
         start.record()
-        outs, g, _ = _fwd_bwd(impl, ins, grads_out)
+        outs, g, _ = _fwd_bwd(impl, ins, grads_out, fresh)
+        del fresh
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -209,10 +284,12 @@ def measure(prep: Callable, impl: Callable, warmup: int, reps: int) -> dict:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     ins = prep()
+    fresh = _fresh(grads_out)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    outs, g, _ = _fwd_bwd(impl, ins, grads_out)
+    outs, g, _ = _fwd_bwd(impl, ins, grads_out, fresh)
+    del fresh
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     del ins, outs, g
@@ -229,8 +306,9 @@ def _measure_cpu(prep, impl, warmup, reps) -> dict:
     times = []
     for _ in range(reps):
         ins = prep()
+        fresh = _fresh(grads_out)
         t0 = time.perf_counter()
-        _fwd_bwd(impl, ins, grads_out)
+        _fwd_bwd(impl, ins, grads_out, fresh)
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return {"median_ms": statistics.median(times), "p20_ms": times[0], "p80_ms": times[-1], "reps": reps,
@@ -242,7 +320,7 @@ def run(ops, impls, warmup, reps, log=print) -> list[dict]:
     rows = []
     for op in ops:
         try:
-            prep, table, shape = CASES[op](dev)
+            prep, table, shape, _ = CASES[op](dev)
         except Exception as exc:  # a case that cannot even build its inputs
             rows.append({"op": op, "impl": "*", "error": f"{type(exc).__name__}: {exc}"})
             log(f"[{op}] setup failed: {exc}")
@@ -270,20 +348,88 @@ def run(ops, impls, warmup, reps, log=print) -> list[dict]:
     return rows
 
 
+def _ratio(base: dict | None, r: dict, key: str, faster: bool) -> str:
+    if not base or "error" in base:
+        return ""
+    if faster:  # > 1: this row is faster than the baseline
+        return f"{base[key] / r[key]:.2f}x" if r[key] > 0 else ""
+    return f"{r[key] / base[key]:.2f}x" if base[key] > 0 else ("0 / 0" if r[key] == 0 else "")
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| op | impl | fwd+bwd median ms (p20-p80) | extra peak MiB | vs liger time | vs liger mem |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    liger = {r["op"]: r for r in rows if r.get("impl") == "liger" and "error" not in r}
+    """Every row against liger and torch.compile: speed-up (baseline time / row time, > 1 means
+    faster than the baseline) and memory (row extra MiB / baseline extra MiB)."""
+    lines = ["| op | impl | fwd+bwd median ms (p20-p80) | extra peak MiB | speed-up vs liger | speed-up vs "
+             "torch.compile | mem vs liger | mem vs torch.compile |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by = {(r["op"], r["impl"]): r for r in rows if "error" not in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['op']} | {r['impl']} | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['op']} | {r['impl']} | failed: {r['error'][:80]} | | | | | |")
             continue
-        lg = liger.get(r["op"])
-        vt = f"{lg['median_ms'] / r['median_ms']:.2f}x faster" if lg else ""
-        vm = f"{r['extra_mem_mib'] / lg['extra_mem_mib']:.2f}x" if lg and lg["extra_mem_mib"] > 0 else ""
+        lg, tc = by.get((r["op"], "liger")), by.get((r["op"], "torch.compile"))
         lines.append(f"| {r['op']} | {r['impl']} | {r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | "
-                     f"{r['extra_mem_mib']:.0f} | {vt} | {vm} |")
+                     f"{r['extra_mem_mib']:.0f} | {_ratio(lg, r, 'median_ms', True)} | {_ratio(tc, r, 'median_ms', True)} | "
+                     f"{_ratio(lg, r, 'extra_mem_mib', False)} | {_ratio(tc, r, 'extra_mem_mib', False)} |")
     return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per op: ours / liger / torch.compile (ms and extra MiB) and our speed-ups."""
+    by = {(r["op"], r["impl"]): r for r in rows if "error" not in r}
+    lines = ["| op | ours ms / MiB | liger ms / MiB | torch.compile ms / MiB | ours speed-up vs liger | ours speed-up vs torch.compile |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    cell = lambda r: f"{r['median_ms']:.3f} / {r['extra_mem_mib']:.0f}" if r else "-"  # noqa: E731
+    for op in dict.fromkeys(r["op"] for r in rows):
+        ours, lg, tc = by.get((op, "unsloth_dist")), by.get((op, "liger")), by.get((op, "torch.compile"))
+        vs = lambda b: (f"{b['median_ms'] / ours['median_ms']:.2f}x" if ours and b else "-")  # noqa: E731
+        lines.append(f"| {op} | {cell(ours)} | {cell(lg)} | {cell(tc)} | {vs(lg)} | {vs(tc)} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- --check
+
+
+def _compare(got: torch.Tensor, ref: torch.Tensor, what: str) -> tuple[bool, str]:
+    if got.shape != ref.shape:
+        return False, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    if torch.isnan(got).any():
+        return False, f"{what}: NaN (an element the kernel did not write)"
+    g, r = got.float(), ref.float()
+    rel = ((g - r).norm() / r.norm().clamp_min(1e-30)).item()
+    worst = ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+    ok = rel <= 1e-2 and worst <= 3e-2
+    return ok, f"{what}: normwise {rel:.2e}, worst {worst:.2e}{'' if ok else '  <-- FAIL'}"
+
+
+def check(ops, log=print) -> bool:
+    """Each op of unsloth_dist once at the benchmark size (poisoned outputs) against its
+    reference in fp32 on the same inputs: outputs and input gradients."""
+    from unsloth_dist.kernels import poison_outputs
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    all_ok = True
+    for op in ops:
+        prep, table, _, ref = CASES[op](dev)
+        ins = prep()
+        ref_ins = [x.detach().float().requires_grad_(x.requires_grad) for x in ins]  # before ours runs in place
+        try:
+            with poison_outputs():
+                outs, grads, grads_out = _fwd_bwd(table["unsloth_dist"], ins, None)
+            r = ref(*ref_ins)
+            r = list(r) if isinstance(r, (tuple, list)) else [r]
+            rg = torch.autograd.grad(r, [x for x in ref_ins if x.requires_grad], [g.float() for g in grads_out])
+            results = [_compare(o, ro, f"{op} output {i}") for i, (o, ro) in enumerate(zip(outs, r))]
+            results += [_compare(a, b, f"{op} grad {i}") for i, (a, b) in enumerate(zip(grads, rg))]
+        except Exception as exc:
+            results = [(False, f"{op}: {type(exc).__name__}: {exc}")]
+        for ok, msg in results:
+            log(f"[check] {msg}")
+            all_ok &= ok
+        del ins, ref_ins, prep, table
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return all_ok
 
 
 def environment() -> dict:
@@ -316,6 +462,9 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--check", action="store_true",
+                    help="first check each op's outputs and gradients against the fp32 reference at the "
+                         "benchmark size; stop (exit 1) on any failure")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes (and CPU allowed, references only): check that the script runs")
     args = ap.parse_args(argv)
@@ -330,6 +479,11 @@ def main(argv=None) -> int:
     info = environment()
     print(json.dumps(info))
     t0 = time.perf_counter()
+    if args.check:
+        if not check(args.ops):
+            print("bench_kernels: --check FAILED (see [check] lines above); not timing", file=sys.stderr)
+            return 1
+        info["check_s"] = round(time.perf_counter() - t0, 1)
     rows = run(args.ops, args.impls, args.warmup, args.reps)
     info["total_s"] = round(time.perf_counter() - t0, 1)
     table = markdown(rows)
@@ -337,9 +491,12 @@ def main(argv=None) -> int:
     print(f"{info.get('device', '?')}, torch {info['torch']}, triton {info.get('triton', '?')}, "
           f"liger-kernel {info['liger_kernel']}, {info['date']}")
     print(table)
+    print()
+    print(summary(rows))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"environment": info, "results": rows, "markdown": table}, indent=2))
+        Path(args.out).write_text(json.dumps({"environment": info, "results": rows, "markdown": table,
+                                                   "summary": summary(rows)}, indent=2))
         print(f"wrote {args.out}")
     return 0
 

@@ -13,7 +13,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site .whl/deepspeed-*.tar.gz > "$OUT/install_deepspeed.log" 2>&1 || echo "deepspeed install failed"
 fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . > "$OUT/install.log" 2>&1 || { echo "project install failed"; tail "$OUT/install.log"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . > "$OUT/install.log" 2>&1 || { echo "project install failed"; tail "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)"
 # tests run from a copy: in the repository root `unsloth_dist` would shadow the installed package
@@ -28,8 +28,8 @@ step() {  # name timeout command...
 for part in "$@"; do
   case $part in
     kernels) (cd /tmp/t && step gpu_kernels 300 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu_kernels.py) ;;
-    kbench) TAILN=30 step bench_kernels 300 python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" ;;
-    memory) TAILN=12 step bench_memory 420 python3 benchmarks/bench_memory.py --gpus 2 --out "$OUT/bench_memory.json" ;;
+    kbench) TAILN=40 step bench_kernels 300 python3 benchmarks/bench_kernels.py --check --out "$OUT/bench_kernels.json" ;;
+    memory) TAILN=12 step bench_memory 420 python3 benchmarks/bench_memory.py --gpus ${MEM_GPUS:-2} ${MEM_CASES:+--cases $MEM_CASES} --out "$OUT/bench_memory.json" ;;
     models) (cd /tmp/t && TAILN=25 step gpu_models 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_models.py) ;;
     equivalence) (cd /tmp/t && step gpu_equivalence 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_equivalence.py) ;;
     *) echo "unknown part $part" ;;

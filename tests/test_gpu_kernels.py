@@ -2,6 +2,9 @@
 intermediate 14336, vocab 128256, 32/8 heads of 128, 16k tokens), against the PyTorch references
 computed in fp32 on the same bf16 inputs. Outputs are poisoned (NaN-filled) before every run.
 
+RoPE is also checked in place on HF-layout projection views (no forward memory); the fused CE
+also against its memory budget (grad_W + grad_h + one chunk of logits).
+
 Criterion (bf16): normwise relative error <= 1e-2 and no element off by more than 3e-2 of the
 largest magnitude (the fused CE's weight gradient is accumulated over ~32 chunks in bf16, as
 Liger-Kernel's is).
@@ -95,6 +98,48 @@ def test_rope_bf16_llama3_scaling_packed_positions(_gpu):
         close(a, b, n)
 
 
+def rope_in_place_case(K, device, B, T, HQ, HK, D, cos, sin):
+    """HF's layout: q / k projection outputs [B, T, H*D] viewed and transposed. The forward
+    rotates them in place (no new memory, results alias the projections); the backward gets
+    gradients nothing else holds (here from `.float() * g`'s backward) and rotates them in
+    place. Returns the extra peak memory of the forward (bytes)."""
+    pq = torch.randn(B, T, HQ * D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    pk = torch.randn(B, T, HK * D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    gq = torch.randn(B, HQ, T, D, device=device)
+    gk = torch.randn(B, HK, T, D, device=device)
+    a, b = pq * 1, pk * 1  # non-leaf projection outputs
+    q, k = a.view(B, T, HQ, D).transpose(1, 2), b.view(B, T, HK, D).transpose(1, 2)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    qo, ko = K.apply_rope(q, k, cos, sin)
+    extra = torch.cuda.max_memory_allocated() - base if device == "cuda" else 0
+    assert qo.data_ptr() == a.data_ptr() and ko.data_ptr() == b.data_ptr(), "not rotated in place"
+    dq, dk = _grads((qo.float() * gq).sum() + (ko.float() * gk).sum(), (pq, pk), torch.ones((), device=device))
+    pf, kf = pq.detach().float().requires_grad_(), pk.detach().float().requires_grad_()
+    rq, rk = K.rope_reference(pf.view(B, T, HQ, D).transpose(1, 2), kf.view(B, T, HK, D).transpose(1, 2),
+                              cos.float(), sin.float())
+    rdq, rdk = _grads((rq * gq).sum() + (rk * gk).sum(), (pf, kf), torch.ones((), device=device))
+    for x, r, n in ((qo, rq, "in-place rope q"), (ko, rk, "in-place rope k"), (dq, rdq, "in-place rope dq"),
+                    (dk, rdk, "in-place rope dk")):
+        close(x, r, n)
+    return extra
+
+
+def test_rope_bf16_in_place_on_hf_projection_views(_gpu):
+    K = _gpu
+    B, T = 4, N_TOKENS // 4
+    pos = torch.arange(T, device="cuda")[None]
+    inv = 1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM))
+    emb = torch.cat([pos[..., None].float() * inv, pos[..., None].float() * inv], -1)
+    cos, sin = emb.cos().bfloat16(), emb.sin().bfloat16()
+    before = K.LAUNCHES["rope"]
+    extra = rope_in_place_case(K, "cuda", B, T, HEADS, KV_HEADS, HEAD_DIM, cos, sin)
+    assert K.LAUNCHES["rope"] - before == 2
+    assert extra <= 2**20, f"in-place RoPE forward allocated {extra} bytes"
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
 def test_glu_bf16(_gpu, activation):
     K = _gpu
@@ -138,7 +183,9 @@ def test_fused_linear_cross_entropy_bf16(_gpu, opts):
     w = (torch.randn(VOCAB, HIDDEN, device="cuda") * 0.02).bfloat16().requires_grad_()
     t = torch.randint(0, VOCAB, (N_TOKENS,), device="cuda")
     t[torch.rand(N_TOKENS, device="cuda") < 0.1] = -100
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     loss, count = K.fused_linear_cross_entropy(h, w, t, return_count=True, **opts)
     assert K.LAUNCHES["cross_entropy"] > 0 and int(count) == int((t != -100).sum())
     dh, dw = _grads(loss, (h, w), torch.ones_like(loss))
@@ -146,6 +193,24 @@ def test_fused_linear_cross_entropy_bf16(_gpu, opts):
     print(f"fused CE peak memory {peak:.2f} GiB")
     # never the full [N, V] logits (bf16: 4.2 GB)
     assert peak < 2 * (h.numel() + w.numel()) * 2 / 2**30 + 1.0
+    # what it adds: grad_W + grad_h + one [512, V] chunk of logits (+ a few small index / loss
+    # vectors): computing only the non-ignored rows gathers them into grad_h, no extra buffer.
+    # Poisoning (on for the correctness checks) gives d_logits a buffer of its own instead of the
+    # logits' one, so measure that in a second run without it.
+    extra_poisoned = torch.cuda.max_memory_allocated() - base
+    chunk = 512 * VOCAB * 2
+    budget = (w.numel() + h.numel()) * 2 + chunk + 2 * 2**20
+    assert extra_poisoned <= budget + chunk, f"fused CE added {extra_poisoned / 2**20:.1f} MiB (poisoned)"
+    with K.poison_outputs(False):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss2, _ = K.fused_linear_cross_entropy(h, w, t, return_count=True, **opts)
+        g2 = _grads(loss2, (h, w), torch.ones_like(loss2))
+        extra = torch.cuda.max_memory_allocated() - base
+        del g2, loss2
+    print(f"fused CE extra memory {extra / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB)")
+    assert extra <= budget, f"fused CE added {extra / 2**20:.1f} MiB, budget {budget / 2**20:.1f} MiB"
     assert dh.dtype == dw.dtype == torch.bfloat16
     rl, rdh, rdw = _ce_reference_fp32(K, h, w, t, **dict(opts))
     assert abs(loss.item() - rl.item()) <= 1e-2 * abs(rl.item()), (loss.item(), rl.item())

@@ -15,6 +15,7 @@ the variable set from the start.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -271,6 +272,207 @@ def test_rope_packed_sequences_restart_at_zero():
     close(ko, rk, torch.float32, "k")
 
 
+def _projected_qk(B, HQ, HK, T, D, dtype, x=None, wq=None, wk=None):
+    """q, k as HF's attention makes them: projection outputs [B, T, H*D] viewed [B, T, H, D] and
+    transposed to [B, H, T, D] (non-contiguous, non-leaf). Returns (q, k, q_proj_out, k_proj_out)."""
+    pq = x @ wq.t()
+    pk = x @ wk.t()
+    return (pq.view(B, T, HQ, D).transpose(1, 2), pk.view(B, T, HK, D).transpose(1, 2), pq, pk)
+
+
+def _proj_inputs(B, T, HQ, HK, D, dtype, E=12):
+    x = torch.randn(B, T, E, dtype=dtype, requires_grad=True)
+    wq = (torch.randn(HQ * D, E) * 0.3).to(dtype).requires_grad_()
+    wk = (torch.randn(HK * D, E) * 0.3).to(dtype).requires_grad_()
+    return x, wq, wk
+
+
+def _sdpa_loss(qo, ko, v):
+    o = torch.nn.functional.scaled_dot_product_attention(qo, ko, v, is_causal=True, enable_gqa=True)
+    return (o.float() ** 2).sum()
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3), (6, 1)], ids=["gqa4-2", "mha3", "mqa6-1"])
+def test_rope_in_place_on_hf_projection_views(heads, dtype):
+    """The HF path: q / k strided views of projection outputs are rotated in their own storage
+    (no copy, no new buffer: the results are views of the projection outputs), and the
+    gradients through attention -- whose backward hands over buffers the RoPE backward then
+    overwrites -- match the reference."""
+    B, T, D = 2, 6, 16
+    HQ, HK = heads
+    x, wq, wk = _proj_inputs(B, T, HQ, HK, D, dtype)
+    v = torch.randn(B, HK, T, D, dtype=dtype, requires_grad=True)
+    cos, sin = _hf_cos_sin(torch.tensor([[0, 1, 2, 3, 4, 5], [7, 8, 9, 0, 1, 2]]), D, dtype=dtype)
+    q, k, pq, pk = _projected_qk(B, HQ, HK, T, D, dtype, x, wq, wk)
+    assert not q.is_contiguous() and q.grad_fn is not None
+    rq, rk = K.rope_reference(q, k, cos, sin)  # before: the kernel overwrites q / k
+    with launched("rope"):
+        qo, ko = K.apply_rope(q, k, cos, sin)
+    assert qo.data_ptr() == pq.data_ptr() and ko.data_ptr() == pk.data_ptr(), "not rotated in place"
+    for a, b in ((qo, q), (ko, k)):
+        assert [st for st, n in zip(a.stride(), a.shape) if n > 1] == [st for st, n in zip(b.stride(), b.shape) if n > 1]
+    close(qo, rq, dtype, "q")
+    close(ko, rk, dtype, "k")
+    with launched("rope"):
+        got = grads(_sdpa_loss(qo, ko, v), (x, wq, wk, v), torch.ones(()))
+    q2, k2, _, _ = _projected_qk(B, HQ, HK, T, D, dtype, x, wq, wk)
+    want = grads(_sdpa_loss(*K.rope_reference(q2, k2, cos, sin), v), (x, wq, wk, v), torch.ones(()))
+    for name, a, b in zip(("dx", "dWq", "dWk", "dv"), got, want):
+        close(a, b, dtype, name)
+
+
+@needs_interp
+def test_rope_backward_overwrites_only_gradients_it_owns():
+    """The backward rotates the incoming gradient in place only when nothing else refers to it:
+    gradients passed by the caller are left untouched, and expanded ones (`.sum()`) work."""
+    from unsloth_dist.kernels import rope as R
+
+    B, T, HQ, HK, D = 2, 5, 4, 2, 8
+    x, wq, wk = _proj_inputs(B, T, HQ, HK, D, torch.float32)
+    cos, sin = _hf_cos_sin(torch.arange(T)[None], D)
+    q, k, _, _ = _projected_qk(B, HQ, HK, T, D, torch.float32, x, wq, wk)
+    qo, ko = K.apply_rope(q, k, cos, sin)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    gq0, gk0 = gq.clone(), gk.clone()
+    got = grads((qo, ko), (x, wq, wk), (gq, gk))
+    assert torch.equal(gq, gq0) and torch.equal(gk, gk0), "a caller's gradient was modified"
+    q2, k2, _, _ = _projected_qk(B, HQ, HK, T, D, torch.float32, x, wq, wk)
+    want = grads(K.rope_reference(q2, k2, cos, sin), (x, wq, wk), (gq, gk))
+    for a, b in zip(got, want):
+        close(a, b, torch.float32, "d (caller's gradient)")
+    # expanded incoming gradients (sum backward): made contiguous, then owned
+    q, k, _, _ = _projected_qk(B, HQ, HK, T, D, torch.float32, x, wq, wk)
+    qo, ko = K.apply_rope(q, k, cos, sin)
+    got = grads(qo.sum() + 2 * ko.sum(), (x, wq, wk), torch.ones(()))
+    q2, k2, _, _ = _projected_qk(B, HQ, HK, T, D, torch.float32, x, wq, wk)
+    rq, rk = K.rope_reference(q2, k2, cos, sin)
+    want = grads(rq.sum() + 2 * rk.sum(), (x, wq, wk), torch.ones(()))
+    for a, b in zip(got, want):
+        close(a, b, torch.float32, "d (expanded gradient)")
+    # the ownership test itself on tensors it must never claim
+    assert not R._owned_gradient(torch.randn(1, 4).expand(3, 4), torch.float32)
+    assert not R._owned_gradient(torch.randn(3, 4), torch.bfloat16)
+
+
+@needs_interp
+@pytest.mark.parametrize("how", ["leaf", "view-of-leaf", "inplace-false", "auto-no-grad-fn", "fp32-cos", "q-is-k",
+                                 "producer-saved-output", "expanded"])
+def test_rope_falls_back_out_of_place_and_leaves_inputs_alone(how):
+    B, T, HQ, HK, D = 2, 5, 2, 2, 8
+    dtype = torch.bfloat16 if how == "fp32-cos" else torch.float32
+    cos, sin = _hf_cos_sin(torch.arange(T)[None], D, dtype=torch.float32 if how == "fp32-cos" else dtype)
+    kw = {}
+    if how == "leaf":
+        q, k = _qk(B, HQ, HK, T, D, dtype)
+        x = q
+        kw = dict(inplace=True)  # asked, but a leaf that requires grad cannot be modified
+    elif how == "view-of-leaf":  # slices of leaves that require grad: have a grad_fn, still a leaf's memory
+        ql, kl = _qk(B, HQ, HK, T + 2, D, dtype)
+        q, k = ql[:, :, 1:-1], kl[:, :, 2:]
+        x = ql  # gradients checked w.r.t. this leaf
+        kw = dict(inplace=True)
+    elif how == "auto-no-grad-fn":
+        q, k = _qk(B, HQ, HK, T, D, dtype)
+        q, k = q.detach(), k.detach()
+    elif how == "producer-saved-output":  # exp saves its output for backward
+        x = torch.randn(B, T, HQ * D, requires_grad=True)
+        q = (x * 0.3).exp().view(B, T, HQ, D).transpose(1, 2)
+        k = (x * 0.2).exp().view(B, T, HK, D).transpose(1, 2)
+    elif how == "expanded":
+        x = torch.randn(B, 1, HQ, D, requires_grad=True)
+        q = (x * 1.0).expand(B, T, HQ, D).transpose(1, 2)
+        k = (x * 2.0).expand(B, T, HK, D).transpose(1, 2)
+        kw = dict(inplace=True)
+    else:
+        x, wq, wk = _proj_inputs(B, T, HQ, HK, D, dtype)
+        q, k, _, _ = _projected_qk(B, HQ, HK, T, D, dtype, x, wq, wk)
+        if how == "inplace-false":
+            kw = dict(inplace=False)
+        if how == "q-is-k":
+            k = q
+    q0, k0 = q.detach().clone(), k.detach().clone()
+    rq, rk = K.rope_reference(q, k, cos, sin)
+    with launched("rope"):
+        qo, ko = K.apply_rope(q, k, cos, sin, **kw)
+    assert torch.equal(q.detach(), q0) and torch.equal(k.detach(), k0), "input modified on a fallback"
+    assert qo.dtype == rq.dtype
+    close(qo, rq, dtype, "q")
+    close(ko, rk, dtype, "k")
+    if q.requires_grad:
+        leaves = [x]
+        g = torch.randn_like(rq), torch.randn_like(rk)
+        got = torch.autograd.grad((qo, ko), leaves, g, retain_graph=True)
+        want = torch.autograd.grad((rq, rk), leaves, g)
+        for a, b in zip(got, want):
+            close(a, b, dtype, "grad")
+
+
+@needs_interp
+def test_rope_in_place_with_inplace_true_under_no_grad():
+    """The patched HF attention passes inplace=True: under no_grad (inference) the projection
+    outputs have no grad_fn and are still rotated in place."""
+    B, T, HQ, HK, D = 1, 4, 2, 1, 8
+    x, wq, wk = _proj_inputs(B, T, HQ, HK, D, torch.float32)
+    cos, sin = _hf_cos_sin(torch.arange(T)[None], D)
+    with torch.no_grad():
+        q, k, pq, pk = _projected_qk(B, HQ, HK, T, D, torch.float32, x, wq, wk)
+        rq, rk = K.rope_reference(q, k, cos, sin)
+        qo, ko = K.apply_rope(q, k, cos, sin, inplace=True)
+    assert qo.data_ptr() == pq.data_ptr() and ko.data_ptr() == pk.data_ptr()
+    close(qo, rq, torch.float32, "q")
+    close(ko, rk, torch.float32, "k")
+
+
+@needs_interp
+def test_rope_in_place_a_saved_pre_rotation_tensor_fails_loudly():
+    """Another op that saved q before the in-place rotation would compute a wrong gradient: the
+    kernel bumps the version counter, so that backward raises instead (as for any in-place op)."""
+    B, T, HQ, HK, D = 1, 4, 2, 1, 8
+    x, wq, wk = _proj_inputs(B, T, HQ, HK, D, torch.float32)
+    cos, sin = _hf_cos_sin(torch.arange(T)[None], D)
+    q, k, _, _ = _projected_qk(B, HQ, HK, T, D, torch.float32, x, wq, wk)
+    side = (q * wq.sum()).sum()  # mul saves q
+    qo, ko = K.apply_rope(q, k, cos, sin)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (side + qo.sum() + ko.sum()).backward()
+
+
+@needs_interp
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_rope_in_place_under_activation_checkpointing(reentrant):
+    """Activation checkpointing runs the forward again during backward: the in-place rotation
+    then happens on the recomputed projections, never on a tensor rotated before, and the
+    gradients match the reference."""
+    from torch.utils.checkpoint import checkpoint
+
+    B, T, HQ, HK, D = 2, 5, 4, 2, 8
+    x, wq, wk = _proj_inputs(B, T, HQ, HK, D, torch.float32)
+    v = torch.randn(B, HK, T, D, requires_grad=True)
+    cos, sin = _hf_cos_sin(torch.tensor([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]]), D)
+
+    def block(x, v, fn):
+        q, k, _, _ = _projected_qk(B, HQ, HK, T, D, torch.float32, x, wq, wk)
+        qo, ko = fn(q, k, cos, sin, inplace=True) if fn is K.apply_rope else fn(q, k, cos, sin)
+        o = torch.nn.functional.scaled_dot_product_attention(qo, ko, v, is_causal=True, enable_gqa=True)
+        return o * 1.5
+
+    def backward_grads(loss):  # reentrant checkpointing supports .backward() only
+        for t in (x, wq, wk, v):
+            t.grad = None
+        loss.backward()
+        return [t.grad for t in (x, wq, wk, v)]
+
+    before = K.LAUNCHES["rope"]
+    out = checkpoint(block, x, v, K.apply_rope, use_reentrant=reentrant)
+    got = backward_grads((out ** 2).sum())
+    assert K.LAUNCHES["rope"] - before == 3, "forward, recomputed forward, backward"
+    want = backward_grads((block(x, v, K.rope_reference) ** 2).sum())
+    for name, a, b in zip(("dx", "dWq", "dWk", "dv"), got, want):
+        close(a, b, torch.float32, name)
+
+
 # --------------------------------------------------------------------------- SwiGLU / GeGLU
 
 
@@ -324,23 +526,33 @@ CE_CASES = {
 }
 
 
-def _ce_inputs(N, H, V, bias, dtype):
+def _ce_inputs(N, H, V, bias, dtype, ignored="every-4th"):
     h = (torch.randn(N, H) * 0.5).to(dtype).requires_grad_()
     w = (torch.randn(V, H) * 0.5).to(dtype).requires_grad_()
     b = (torch.randn(V) * 0.1).to(dtype).requires_grad_() if bias else None
     t = torch.randint(0, V, (N,))
-    t[::4] = -100  # every 4th token ignored
+    if ignored == "every-4th":
+        t[::4] = -100
+    elif ignored == "one":
+        t[N // 2] = -100
+    elif ignored == "runs":  # a masked prompt per "sequence": runs of ignored tokens
+        for s in range(0, N, 11):
+            t[s:s + 4] = -100
     return h, w, b, t
 
 
 @needs_interp
+@pytest.mark.parametrize("ignored", ["every-4th", "none", "one", "runs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CE_CASES))
-def test_fused_linear_cross_entropy(case, dtype):
+def test_fused_linear_cross_entropy(case, dtype, ignored):
+    """`ignored`: which targets are -100. "every-4th" / "runs" drop whole chunks, so only the
+    non-ignored rows are computed (gathered, compact grad_h expanded at the end); "none" / "one"
+    take the contiguous-chunk path (with "one", an ignored row inside a chunk)."""
     N, H, V, chunk, bias, softcap, z_loss, reduction = CE_CASES[case]
-    h, w, b, t = _ce_inputs(N, H, V, bias, dtype)
+    h, w, b, t = _ce_inputs(N, H, V, bias, dtype, ignored)
     opts = dict(softcap=softcap, z_loss=z_loss, reduction=reduction)
-    with launched("cross_entropy"):
+    with launched("cross_entropy") if (t != -100).any() else contextlib.nullcontext():
         loss, count = K.fused_linear_cross_entropy(h, w, t, b, chunk_size=chunk, return_count=True, **opts)
     assert loss.dtype == torch.float32
     assert int(count) == int((t != -100).sum())
@@ -372,11 +584,45 @@ def test_fused_ce_sum_and_count_give_the_mean_and_all_ignored_is_zero():
     close(dh, rdh, torch.float32, "mean d hidden")
     close(dw, rdw, torch.float32, "mean d weight")
     ignored = torch.full_like(t, -100)
-    with launched("cross_entropy"):
-        s0, n0 = K.fused_linear_cross_entropy(h, w, ignored, reduction="sum", return_count=True, chunk_size=4)
-    assert float(s0) == 0.0 and int(n0) == 0
-    dh, dw = grads(s0, (h, w), torch.ones(()))
-    assert torch.count_nonzero(dh) == 0 and torch.count_nonzero(dw) == 0
+    for chunk in (4, None):  # nothing to compute: no chunk at all, zero loss and gradients
+        for red in ("sum", "none"):
+            s0, n0 = K.fused_linear_cross_entropy(h, w, ignored, reduction=red, return_count=True, chunk_size=chunk)
+            assert torch.all(s0 == 0) and int(n0) == 0 and s0.shape == ((21,) if red == "none" else ())
+            dh, dw = grads(s0, (h, w), torch.ones_like(s0))
+            assert dh.shape == h.shape and dw.shape == w.shape
+            assert torch.count_nonzero(dh) == 0 and torch.count_nonzero(dw) == 0
+
+
+def test_fused_ce_row_plan_and_in_place_row_expansion():
+    """Only non-ignored rows are computed when that saves whole chunks (balanced chunks, never
+    larger than asked); the compact per-row results are then moved to their rows in place."""
+    from unsloth_dist.kernels import cross_entropy as CE
+
+    # benchmark sizes: 16k tokens, 10% ignored -> 29 chunks of <= 512 rows instead of 32
+    N, V, H = 16384, 128256, 4096
+    C0 = CE.default_chunk_size(N, V, H)
+    assert C0 == 512
+    t = torch.randint(0, V, (N,))
+    t[torch.randperm(N)[:1638]] = -100
+    rows, ignored, C = CE._plan_rows(t, -100, N - 1638, N, C0, explicit=False)
+    assert C == 512 and -(-(N - 1638) // C) == 29
+    assert torch.equal(rows, (t != -100).nonzero().squeeze(1)) and torch.equal(ignored, (t == -100).nonzero().squeeze(1))
+    one = t.clone()
+    one[:] = 3
+    one[7] = -100  # one ignored token saves no chunk: contiguous chunks
+    assert CE._plan_rows(one, -100, N - 1, N, C0, explicit=False)[0] is None
+    assert CE._plan_rows(one.fill_(3), -100, N, N, C0, explicit=False)[0] is None
+    # in-place expansion: every ignore pattern, block sizes from 1 to more than the rows
+    for trial in range(40):
+        n = int(torch.randint(1, 60, ()))
+        valid = torch.rand(n) < [0.1, 0.5, 0.9, 1.0][trial % 4]
+        rows, ignored = valid.nonzero().squeeze(1), (~valid).nonzero().squeeze(1)
+        vals = torch.randn(n, 3)
+        buf = torch.full((n, 3), float("nan"))
+        buf[:rows.numel()] = vals[rows]
+        CE._expand_rows(buf, rows, ignored, block=int(torch.randint(1, n + 2, ())))
+        want = torch.where(valid[:, None], vals, torch.zeros(()))
+        assert torch.equal(buf, want), (trial, valid)
 
 
 @needs_interp

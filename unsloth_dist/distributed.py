@@ -190,10 +190,10 @@ def init_process_group(cfg: TrainConfig, backend, env: LaunchEnv, device: torch.
     if dist.is_available() and dist.is_initialized():
         return
     if not env.distributed:
-        if not isinstance(backend, (FSDPConfig, ZeroConfig)):
+        if not isinstance(backend, (DDPConfig, FSDPConfig, ZeroConfig)):
             return
-        # FSDP2 and DeepSpeed need a process group even in one process (`Trainer(backend="fsdp")`
-        # in a notebook): a one-rank group on a free local port
+        # DDP, FSDP2 and DeepSpeed need a process group even in one process (`Trainer(backend=
+        # "fsdp")` in a notebook, or a one-GPU run under torchrun): a one-rank group
         import socket
 
         with socket.socket() as sock:

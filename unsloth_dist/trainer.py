@@ -437,3 +437,7 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):
         config.use_cache = False
+
+
+# the single-GPU API users already know, as a thin layer over the Trainer above
+from .seed_api import UnslothTrainer, UnslothTrainingArguments  # noqa: E402,F401

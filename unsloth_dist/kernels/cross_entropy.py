@@ -19,6 +19,14 @@ The chunk size is picked so that one chunk of logits is about as large as the hi
 (``C ~ N / ceil(V / H)``, a power of two): peak memory is the gradients plus ~one hidden-sized
 buffer.
 
+Ignored tokens (``target == ignore_index``) add nothing to the loss or to any gradient, so when
+skipping them saves whole chunks, only the other rows are computed (one host sync to count
+them): they are gathered chunk by chunk into the not-yet-written part of ``grad_h`` (its compact
+first rows), which then receives their input gradients, and is expanded to the token positions
+in place at the end -- the same peak memory, ~10% fewer GEMM FLOPs at 10% ignored tokens (more
+with masked prompts). The CE kernel's second pass walks each row backwards, so it starts with
+the blocks the first pass read last (likely still in L2).
+
 Options: ``ignore_index``; ``softcap`` (Gemma 2 final-logit soft-capping, ``cap * tanh(x / cap)``);
 ``z_loss`` (adds ``z_loss * lse^2`` per token); ``reduction`` ``"mean" | "sum" | "none"``;
 ``return_count`` (also return the number of non-ignored tokens, so a caller can normalise a
@@ -101,7 +109,7 @@ def _ce_kernel(X, DX, stride_x, stride_dx, TARGET, LOSS, LSE, ROW_SCALE, stride_
     tl.store(LOSS + row, loss)
     tl.store(LSE + row, lse)
 
-    # pass 2: d loss / d logits, written over the logits
+    # pass 2: d loss / d logits, written over the logits (each element is read before it is written)
     if COMPUTE_GRAD:
         coef = tl.where(valid, 1.0, 0.0)
         if HAS_ROW_SCALE:
@@ -109,8 +117,10 @@ def _ce_kernel(X, DX, stride_x, stride_dx, TARGET, LOSS, LSE, ROW_SCALE, stride_
         pscale = 1.0
         if HAS_ZLOSS:
             pscale = 1.0 + 2.0 * z_loss * lse
-        for off in range(0, V, BLOCK_V):
-            cols = off + tl.arange(0, BLOCK_V)
+        # last block first: the blocks pass 1 read last are the likeliest to still be in L2
+        n_blocks = tl.cdiv(V, BLOCK_V)
+        for i in range(0, n_blocks):
+            cols = (n_blocks - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
             mask = cols < V
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
@@ -166,16 +176,72 @@ def _chunk_logits(h_c, weight, bias):
     return torch.addmm(bias, h_c, weight.t())
 
 
-def _accumulate(d, h_c, weight, grad_h, grad_w, grad_b, start, end, first):
-    if grad_h is not None:
-        torch.mm(d, weight, out=grad_h[start:end])
-    if grad_w is not None:
-        if first:
-            torch.mm(d.t(), h_c, out=grad_w)
+def _plan_rows(target, ignore_index, n_valid, N, C, explicit):
+    """Which rows to compute, in chunks of how many.
+
+    Ignored tokens add nothing to the loss or to any gradient, so when dropping them saves
+    whole chunks (of ~C rows: three GEMMs each), only the non-ignored rows are computed, in
+    balanced chunks: returns ``(rows, ignored, C)`` with the sorted indices of both. Otherwise
+    ``(None, None, C)``: all rows, in contiguous chunks."""
+    if n_valid >= N or cdiv(n_valid, C) >= cdiv(N, C):
+        return None, None, C
+    # stable sort of "ignored?": the non-ignored indices first, ascending, then the ignored ones
+    perm = torch.sort((target == ignore_index).to(torch.uint8), stable=True).indices
+    rows, ignored = perm[:n_valid], perm[n_valid:]
+    if n_valid and not explicit:
+        chunks = cdiv(n_valid, C)
+        balanced = cdiv(n_valid, chunks)
+        C = min(C, cdiv(balanced, 16) * 16) if C >= 16 else balanced
+    return rows, ignored, C
+
+
+def _expand_rows(buf, rows, ignored, block):
+    """`buf[:n]` holds, in order, the rows that belong at positions ``rows`` (ascending, so
+    ``rows[j] >= j``): move them there, in place, then zero the rows at ``ignored``. Blocks go
+    last to first through a block-sized copy; a block's destinations lie at or after its own
+    sources and before the destinations already written, so no unread source is overwritten."""
+    n = rows.numel()
+    for end in range(n, 0, -block):
+        start = max(0, end - block)
+        buf.index_copy_(0, rows[start:end], buf[start:end].clone())
+    if ignored.numel():
+        buf.index_fill_(0, ignored, 0)
+
+
+def _chunks(hidden, weight, bias, rows, C, target_r, loss_r, lse_r, row_scale_r, ignore_index, softcap, z_loss,
+            compute_grad, grad_h, grad_w, grad_b):
+    """The chunk loop. With `rows` (see `_plan_rows`), chunk i covers rows[i*C:(i+1)*C]; its
+    hidden rows are gathered into grad_h[i*C:(i+1)*C] -- the compact slot its own input gradient
+    is written to next (expanded afterwards by `_expand_rows`) -- so gathering costs no memory.
+    `target_r`, `loss_r`, `lse_r`, `row_scale_r` are indexed like the computed rows. grad_W: the
+    first chunk writes it (`mm(out=)`), the others accumulate (`addmm_`) in its dtype."""
+    n = hidden.shape[0] if rows is None else rows.numel()
+    per_row_scale = row_scale_r is not None and row_scale_r.numel() > 1
+    for i, start in enumerate(range(0, n, C)):
+        end = min(start + C, n)
+        if rows is None:
+            h_c = hidden[start:end]
+        elif grad_h is not None:
+            h_c = torch.index_select(hidden, 0, rows[start:end], out=grad_h[start:end])
         else:
-            grad_w.addmm_(d.t(), h_c)
-    if grad_b is not None:
-        grad_b += d.float().sum(0)
+            h_c = hidden.index_select(0, rows[start:end])
+        logits = _chunk_logits(h_c, weight, bias)
+        d = _run_chunk(logits, target_r[start:end], loss_r[start:end], lse_r[start:end],
+                       row_scale_r[start:end] if per_row_scale else row_scale_r,
+                       ignore_index, softcap, z_loss, compute_grad)
+        if compute_grad:
+            if grad_w is not None:
+                if i == 0:
+                    torch.mm(d.t(), h_c, out=grad_w)
+                else:
+                    grad_w.addmm_(d.t(), h_c)
+            if grad_b is not None:
+                grad_b += d.sum(0, dtype=torch.float32)  # no fp32 copy of the chunk
+            if grad_h is not None:
+                # last: h_c may be this very slice of grad_h, needed by the grad_W update above
+                torch.mm(d, weight, out=grad_h[start:end])
+        del logits, d
+    return n
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -185,32 +251,32 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         V = weight.shape[0]
         hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
         target = target.contiguous()
-        C = chunk_size or default_chunk_size(N, V, H)
-        loss_tok = empty((N,), torch.float32, hidden.device)
-        lse = empty((N,), torch.float32, hidden.device)
         count = (target != ignore_index).sum()
+        n_valid = int(count)  # the one host sync: how many rows there are to compute
+        C = chunk_size or default_chunk_size(N, V, H)
+        rows, ignored, C = _plan_rows(target, ignore_index, n_valid, N, C, chunk_size is not None)
+        n = N if rows is None else n_valid
+        target_r = target if rows is None else target.index_select(0, rows)
+        loss_r = empty((n,), torch.float32, hidden.device)
+        lse_r = empty((n,), torch.float32, hidden.device)
         grads_now = need_grad and reduction != "none"
         # "mean": the kernel scales d_logits by 1 / count, read from device memory (no sync)
         mean_scale = (1.0 / count.clamp(min=1).float()).reshape(1) if grads_now and reduction == "mean" else None
         want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         grad_h = empty(hidden.shape, hidden.dtype, hidden.device) if grads_now and want_h else None
-        grad_w = empty(weight.shape, weight.dtype, weight.device) if grads_now and want_w and N > 0 else None
+        grad_w = None
+        if grads_now and want_w:
+            grad_w = empty(weight.shape, weight.dtype, weight.device) if n > 0 else torch.zeros_like(weight)
         grad_b = torch.zeros(V, dtype=torch.float32, device=hidden.device) if grads_now and want_b else None
-        for i, start in enumerate(range(0, N, C)):
-            end = min(start + C, N)
-            h_c = hidden[start:end]
-            logits = _chunk_logits(h_c, weight, bias)
-            d = _run_chunk(logits, target[start:end], loss_tok[start:end], lse[start:end], mean_scale,
-                           ignore_index, softcap, z_loss, grads_now)
-            if grads_now:
-                _accumulate(d, h_c, weight, grad_h, grad_w, grad_b, start, end, first=i == 0)
-            del logits, d
-        if grads_now and want_w and grad_w is None:
-            grad_w = torch.zeros_like(weight)
+        _chunks(hidden, weight, bias, rows, C, target_r, loss_r, lse_r, mean_scale, ignore_index, softcap, z_loss,
+                grads_now, grad_h, grad_w if n > 0 else None, grad_b)
+        if rows is not None and grad_h is not None:
+            _expand_rows(grad_h, rows, ignored, C)
         if reduction == "none":
-            loss = loss_tok
+            loss = loss_r if rows is None else torch.zeros(N, dtype=torch.float32, device=hidden.device).index_copy_(
+                0, rows, loss_r)
         else:
-            loss = loss_tok.sum()
+            loss = loss_r.sum()
             if reduction == "mean":
                 loss = loss / count
         ctx.reduction = reduction
@@ -218,6 +284,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, target)
             ctx.opts = (ignore_index, softcap, z_loss, C, want_h, want_w, want_b)
+            ctx.rows = (rows, ignored)
         else:
             ctx.grads = (grad_h, grad_w, grad_b)
             ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -244,23 +311,25 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
         hidden, weight, bias, target = ctx.saved_tensors
         ignore_index, softcap, z_loss, C, want_h, want_w, want_b = ctx.opts
-        N, _ = hidden.shape
+        rows, ignored = ctx.rows
+        ctx.rows = None
+        N = hidden.shape[0]
+        n = N if rows is None else rows.numel()
         row_scale = grad_loss.float().contiguous()
+        target_r = target
+        if rows is not None:
+            row_scale, target_r = row_scale.index_select(0, rows), target.index_select(0, rows)
         grad_h = empty(hidden.shape, hidden.dtype, hidden.device) if want_h else None
-        grad_w = torch.zeros_like(weight) if want_w else None
+        grad_w = None
+        if want_w:
+            grad_w = empty(weight.shape, weight.dtype, weight.device) if n > 0 else torch.zeros_like(weight)
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if want_b else None
-        scratch_loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        scratch_lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        for start in range(0, N, C):
-            end = min(start + C, N)
-            h_c = hidden[start:end]
-            logits = _chunk_logits(h_c, weight, bias)
-            d = _run_chunk(logits, target[start:end], scratch_loss[start:end], scratch_lse[start:end],
-                           row_scale[start:end], ignore_index, softcap, z_loss, True)
-            _accumulate(d, h_c, weight, grad_h, None, grad_b, start, end, first=False)
-            if grad_w is not None:
-                grad_w.addmm_(d.t(), h_c)
-            del logits, d
+        scratch_loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        scratch_lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        _chunks(hidden, weight, bias, rows, C, target_r, scratch_loss, scratch_lse, row_scale, ignore_index, softcap,
+                z_loss, True, grad_h, grad_w if n > 0 else None, grad_b)
+        if rows is not None and grad_h is not None:
+            _expand_rows(grad_h, rows, ignored, C)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None

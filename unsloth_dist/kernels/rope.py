@@ -9,8 +9,14 @@ llama3, yarn, longrope; including yarn's attention scaling folded into cos/sin) 
 
     out = x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
 
-GQA: q and k may have different head counts. One program handles one (batch, token): it loads
-that token's cos/sin row once and rotates every q and k head.
+GQA: q and k may have different head counts. One launch rotates both: one program handles one
+(batch, token), loads that token's cos/sin row once and rotates every q and k head.
+
+In place (see :func:`apply_rope`): the forward rotates q and k in their own storage, whatever
+their strides (HF's transposed views are used as they are, never copied), and returns them --
+no activation memory. The backward applies the inverse rotation (the transpose) in place on the
+incoming gradients when nothing else refers to them, which is the case for the gradients that
+attention's backward produces. Every fallback is out of place, with the same kernel.
 """
 from __future__ import annotations
 
@@ -91,13 +97,13 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, T,
 _kernel = LazyKernel(_rope_kernel, name="rope")
 
 
-def _launch(q, k, cos, sin, backward: bool, q_dtype: torch.dtype, k_dtype: torch.dtype):
+def _launch(q, k, qo, ko, cos, sin, backward: bool) -> None:
+    """Rotate q, k into qo, ko (which may be q, k themselves: each program reads its token's
+    heads completely before it writes them, so the kernel works in place)."""
     B, HQ, T, D = q.shape
     HK = k.shape[1]
-    qo = empty_like(q, dtype=q_dtype)
-    ko = empty_like(k, dtype=k_dtype)
     if B * T == 0:
-        return qo, ko
+        return
     sc_b = 0 if cos.shape[0] == 1 else cos.stride(0)
     BLOCK_D = next_pow2(D // 2)
     BLOCK_HQ, BLOCK_HK = next_pow2(HQ), next_pow2(HK)
@@ -111,30 +117,162 @@ def _launch(q, k, cos, sin, backward: bool, q_dtype: torch.dtype, k_dtype: torch
         BACKWARD=backward, BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_D=BLOCK_D,
         num_warps=4 if tile <= 4096 else 8,
     )
-    return qo, ko
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# --------------------------------------------------------------------------- in-place safety
+
+
+def _no_internal_overlap(t: torch.Tensor) -> bool:
+    """Sufficient condition for distinct indices of `t` to address distinct elements (false for
+    expanded / stride-0 tensors, which an in-place write would corrupt)."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    span = 1
+    for st, sz in dims:
+        if st < span:
+            return False
+        span = st * sz
+    return True
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    lo = t.data_ptr()
+    return lo, lo + (1 + sum((sz - 1) * st for st, sz in zip(t.stride(), t.shape))) * t.element_size()
+
+
+def _may_alias(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+_VIEW_NODE_PREFIXES = ("TransposeBackward", "ViewBackward", "UnsafeViewBackward", "PermuteBackward",
+                       "AsStridedBackward", "SliceBackward", "SelectBackward", "SplitBackward",
+                       "SplitWithSizesBackward", "UnbindBackward", "NarrowBackward", "AliasBackward",
+                       "SqueezeBackward", "UnsqueezeBackward", "ReshapeAliasBackward")
+_IS_VIEW_NODE: dict[type, bool] = {}
+
+
+def _producer_forbids_in_place(t: torch.Tensor) -> bool:
+    """Walking back from `t` through view ops to what produced its storage: True when that is a
+    leaf that requires grad (`t` is a view of a parameter / a caller's leaf), or an op that saved
+    its output for its own backward (exp, sigmoid, a custom Function saving its result, ...):
+    rotating `t` in place would corrupt it, so RoPE runs out of place. (Other
+    consumers that saved the pre-rotation tensor cannot be seen from here; the version-counter
+    bump of the in-place path makes their backward raise instead of silently using rotated
+    values.)"""
+    node = t.grad_fn
+    for _ in range(16):
+        if node is None:
+            return False
+        cls = type(node)
+        is_view = _IS_VIEW_NODE.get(cls)
+        if is_view is None:
+            is_view = _IS_VIEW_NODE[cls] = cls.__name__.rstrip("0123456789") in _VIEW_NODE_PREFIXES
+        if not is_view:
+            break
+        nxt = node.next_functions
+        node = nxt[0][0] if nxt else None
+    else:
+        return True  # an unusually long view chain: do not guess
+    if node is None:
+        return False
+    if type(node).__name__ == "AccumulateGrad" or hasattr(node, "_saved_result"):
+        return True
+    if hasattr(node, "saved_tensors"):  # a custom autograd.Function
+        try:
+            saved = node.saved_tensors
+        except RuntimeError:
+            return True
+        ptr = t.untyped_storage().data_ptr()
+        return any(s is not None and s.untyped_storage().data_ptr() == ptr for s in saved)
+    return False
+
+
+def _can_rotate_in_place(q, k, cos, sin, inplace) -> bool:
+    if inplace is False:
+        return False
+    if inplace is None and (q.grad_fn is None or k.grad_fn is None):
+        return False  # auto: only intermediate activations of a graph
+    if torch.promote_types(q.dtype, cos.dtype) != q.dtype or torch.promote_types(q.dtype, sin.dtype) != q.dtype:
+        return False  # the output has another dtype than q (e.g. fp32 cos with bf16 q)
+    for t in (q, k):
+        if (t.requires_grad and t.is_leaf) or t.stride(-1) != 1 or not _no_internal_overlap(t):
+            return False  # a leaf that requires grad must not be modified
+    if _may_alias(q, k) or _may_alias(q, cos) or _may_alias(q, sin) or _may_alias(k, cos) or _may_alias(k, sin):
+        return False
+    return not (_producer_forbids_in_place(q) or _producer_forbids_in_place(k))
+
+
+def _storage_use_count(t: torch.Tensor) -> int:
+    try:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    except Exception:  # pragma: no cover - private API gone: never reuse
+        return 1 << 30
+
+
+def _owned_gradient(g: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when the incoming gradient `g` can be overwritten with the input gradient: nothing
+    but this backward refers to its memory (PyTorch's own criterion for stealing a gradient
+    buffer, use_count == 1 -- the gradient attention's backward hands over), and it is a dense,
+    non-overlapping tensor of the input's dtype. A gradient the caller passed to
+    ``backward()`` / ``autograd.grad`` is held by the caller too and is never modified."""
+    if g.dtype != dtype or g.stride(-1) != 1 or not _no_internal_overlap(g):
+        return False
+    try:
+        if g._use_count() != 1:
+            return False
+        base = g._base
+        if base is None:
+            return _storage_use_count(g) == 2  # g's TensorImpl + the temporary storage wrapper
+        # a view of a buffer only it refers to: the view's reference to its base + `base` here
+        ok = base._use_count() == 2 and _storage_use_count(g) == 3
+        del base
+        return ok
+    except Exception:  # pragma: no cover - private API gone: never reuse
+        return False
+
+
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
+    def forward(ctx, q, k, cos, sin, inplace=None):
         q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
         ctx.dtypes = (q.dtype, k.dtype)
+        if inplace:  # decided by apply_rope on the caller's tensors (inside here they are detached)
+            _launch(q, k, q, k, cos, sin, False)
+            # the Triton store is invisible to autograd: bump the version counters so that a
+            # tensor saved before the rotation (sharing this storage) fails loudly in backward
+            for t in (q, k):
+                if not t.is_inference():
+                    torch.autograd.graph.increment_version(t)
+            # returned as-is (not marked dirty): autograd hands out views of q / k with this
+            # node as grad_fn -- no CopySlices on the projection output, no copies in backward
+            return q, k
         # output dtype as HF's `q * cos + ...`: the promoted dtype of q and cos
-        return _launch(q, k, cos, sin, False, torch.promote_types(q.dtype, cos.dtype),
-                       torch.promote_types(k.dtype, cos.dtype))
+        qo = empty_like(q, dtype=torch.promote_types(q.dtype, cos.dtype))
+        ko = empty_like(k, dtype=torch.promote_types(k.dtype, cos.dtype))
+        _launch(q, k, qo, ko, cos, sin, False)
+        return qo, ko
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
+        q_dtype, k_dtype = ctx.dtypes
         dq, dk = _last_dim_contiguous(dq), _last_dim_contiguous(dk)
-        gq, gk = _launch(dq, dk, cos, sin, True, *ctx.dtypes)
-        return gq, gk, None, None
+        # the inverse rotation in place on the incoming gradients when they are ours to
+        # overwrite (the usual case inside a model), into new buffers otherwise
+        gq = dq if _owned_gradient(dq, q_dtype) else empty_like(dq, dtype=q_dtype)
+        gk = dk if _owned_gradient(dk, k_dtype) else empty_like(dk, dtype=k_dtype)
+        if gk is dk and gq is dq and _may_alias(dq, dk):
+            gk = empty_like(dk, dtype=k_dtype)
+        _launch(dq, dk, gq, gk, cos, sin, True)
+        return gq, gk, None, None, None
 
 
 def _fits(q, k, cos, sin, unsqueeze_dim) -> bool:
@@ -150,9 +288,27 @@ def _fits(q, k, cos, sin, unsqueeze_dim) -> bool:
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+               unsqueeze_dim: int = 1, inplace: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for HF's `apply_rotary_pos_emb`: Triton on CUDA / under TRITON_INTERPRET=1 (when
-    the shapes are the standard ones), the PyTorch reference otherwise."""
+    the shapes are the standard ones), the PyTorch reference otherwise.
+
+    ``inplace``: the Triton path may rotate q and k in their own storage (no new activation
+    memory; the results are views of q / k, whose old values are gone) --
+
+    * ``None`` (default): in place when q and k are intermediate tensors of an autograd graph
+      (they have a ``grad_fn``, like the projections HF's attention passes), out of place for
+      leaf tensors (e.g. a caller's own tensors, or anything under ``no_grad``);
+    * ``True``: in place also for tensors without a ``grad_fn`` (the patched HF attention passes
+      this: it rebinds q and k to the results, so their old values are never read again);
+    * ``False``: never.
+
+    Even when asked, it runs out of place when in place is unsafe or impossible: a leaf that
+    requires grad (or a view of one), an output dtype other than q's (fp32 cos with bf16 q), q and k (or cos/sin)
+    sharing memory, expanded / overlapping strides, or an op producing q / k that saved its own
+    output for backward. A tensor some *other* op saved before the rotation makes that op's
+    backward raise (the version counter is bumped), as for any PyTorch in-place op. After an
+    in-place call q and k are consumed: use the results (take gradients w.r.t. what produced
+    q / k, e.g. the projection outputs, not w.r.t. the q / k views themselves)."""
     if use_triton(q) and _fits(q, k, cos, sin, unsqueeze_dim):
-        return RoPEFunction.apply(q, k, cos, sin)
+        return RoPEFunction.apply(q, k, cos, sin, _can_rotate_in_place(q, k, cos, sin, inplace))
     return rope_reference(q, k, cos, sin, unsqueeze_dim)

@@ -218,7 +218,9 @@ def _make_rope_dispatcher(original):
         if _rope_active():
             unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if args else 1)
             if len(args) <= 1 and set(kwargs) <= {"unsqueeze_dim"}:
-                return apply_rope(q, k, cos, sin, unsqueeze_dim)
+                # HF rebinds q / k to the results: rotating them in place is safe (even without
+                # a grad_fn, e.g. under no_grad); apply_rope still falls back when it is not
+                return apply_rope(q, k, cos, sin, unsqueeze_dim, inplace=True)
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb._unsloth_original = original

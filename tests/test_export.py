@@ -1,0 +1,101 @@
+"""Export details that need no second process: dtype of the merged export, atomic replacement of an
+existing export, full fine-tuning (no peft), tied embeddings, modules_to_save, errors. The round trips
+after training under every backend (ZeRO-3 and FSDP2 included) are in tests/test_models_backends.py."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, "tests/workers")
+from models_common import make_model_dir  # noqa: E402
+
+from unsloth_dist.models.export import save_lora_adapter, save_merged  # noqa: E402
+
+IDS = torch.tensor([[5, 9, 17, 33, 5, 9, 17, 33]])
+
+
+def _lora(model, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **kw))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return pm.eval()
+
+
+def test_merged_bf16_tied_embeddings_and_modules_to_save(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base_dir = make_model_dir(tmp_path / "tied", tie=True)
+    pm = _lora(AutoModelForCausalLM.from_pretrained(base_dir), modules_to_save=["lm_head"])
+    with torch.no_grad():
+        pm.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.01)  # a trained head copy
+        ref = pm(input_ids=IDS).logits
+    out = save_merged(pm, tmp_path / "merged", dtype=torch.bfloat16)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    m = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = m(input_ids=IDS).logits
+    assert (got - ref).abs().max() < 0.05  # bf16 rounding of the weights
+    # with fp32 the merge is exact to fp32 tolerance
+    out32 = save_merged(pm, tmp_path / "merged32", dtype="float32")
+    with torch.no_grad():
+        got32 = AutoModelForCausalLM.from_pretrained(str(out32)).eval()(input_ids=IDS).logits
+    torch.testing.assert_close(got32, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_full_model_export_and_atomic_replace(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base_dir = make_model_dir(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "stale.bin").write_text("old export")
+    save_merged(model, out, dtype=torch.float32)
+    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(str(out))(input_ids=IDS).logits,
+                                   model(input_ids=IDS).logits)
+
+
+def test_failed_export_leaves_previous_one(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from unsloth_dist.models import export
+
+    model = AutoModelForCausalLM.from_pretrained(make_model_dir(tmp_path / "m"))
+    out = save_merged(model, tmp_path / "export", dtype=torch.float32)
+    before = sorted(p.name for p in out.iterdir())
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "_write_safetensors", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_merged(model, out, dtype=torch.float32)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_errors(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_model_dir(tmp_path / "m"))
+    with pytest.raises(TypeError, match="needs a peft model"):
+        save_lora_adapter(model, None, tmp_path / "a")
+    with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
+        save_merged(model, tmp_path / "x", dtype=torch.int8)
+    with pytest.raises(ValueError, match="needs the model"):
+        save_merged({"w": torch.zeros(1)}, tmp_path / "x")
+    pm = _lora(model)
+    with pytest.raises(ValueError, match="adapter 'other'"):
+        save_lora_adapter(pm, None, tmp_path / "a", adapter="other")

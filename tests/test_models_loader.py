@@ -1,0 +1,147 @@
+"""FastLanguageModel.from_pretrained / get_peft_model on CPU: local directories, clear errors (before
+any weight is read), dtype policy, kernel patching through peft, and QLoRA (bitsandbytes NF4) as far
+as bitsandbytes' CPU backend goes: 4-bit load, forward, a LoRA training step through the Trainer,
+and the merged export of a QLoRA model."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, "tests/workers")
+from models_common import make_model_dir, token_dataset  # noqa: E402
+
+from unsloth_dist.models.device_map import DeviceMapError  # noqa: E402
+from unsloth_dist.models.loader import FastLanguageModel, resolve_dtype  # noqa: E402
+
+IDS = torch.tensor([[5, 9, 17, 33, 5, 9, 17, 33], [60, 61, 62, 63, 64, 65, 66, 67]])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_loads_local_dir_with_tokenizer_kernels_and_logs(model_dir, caplog):
+    from transformers import AutoModelForCausalLM
+
+    with caplog.at_level(logging.INFO, logger="unsloth_dist"):
+        model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=64)
+    assert model.dtype == torch.float32  # dtype None on a CPU machine
+    assert model.max_seq_length == 64 and tok.model_max_length == 64 and tok.pad_token == "<pad>"
+    assert getattr(model, "unsloth_fused_loss", False) is True
+    assert "device_map='auto' -> no GPU visible" in caplog.text and "swiglu" in caplog.text
+    plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=IDS).logits, plain(input_ids=IDS).logits, rtol=1e-4, atol=1e-5)
+    off, _ = FastLanguageModel.from_pretrained(model_dir, kernels=False, dtype="bfloat16")
+    assert not getattr(off, "unsloth_fused_loss", False) and off.dtype == torch.bfloat16
+
+
+def test_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        FastLanguageModel.from_pretrained(str(tmp_path / "does-not-exist"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        FastLanguageModel.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a hub id"):
+        FastLanguageModel.from_pretrained("models/a/b/c")
+    with pytest.raises(ValueError, match="both set"):
+        FastLanguageModel.from_pretrained("x", load_in_4bit=True, load_in_8bit=True)
+
+
+def test_impossible_device_map_fails_before_loading(model_dir, monkeypatch):
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    with pytest.raises(DeviceMapError, match="none is visible"):
+        FastLanguageModel.from_pretrained(model_dir, device_map="cuda")
+    with pytest.raises(DeviceMapError, match="max_memory"):
+        FastLanguageModel.from_pretrained(model_dir, device_map="cpu", max_memory={"cpu": "10KiB"})
+
+
+def test_resolve_dtype():
+    assert resolve_dtype(None) == (torch.float32 if not torch.cuda.is_available() else resolve_dtype("auto"))
+    assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype(torch.float16) == torch.float16
+    with pytest.raises(ValueError):
+        resolve_dtype("int8")
+
+
+def test_get_peft_model_defaults_seed_and_kernels(model_dir):
+    model, _ = FastLanguageModel.from_pretrained(model_dir)
+    a = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=11)
+    targets = set(a.peft_config["default"].target_modules)
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert getattr(a, "unsloth_fused_loss", False) is True  # patching survives the peft wrap
+    mlp = a.get_base_model().model.layers[0].mlp
+    assert type(mlp.gate_proj).__module__.startswith("peft") and "_unsloth_patch" in mlp.__dict__
+    model2, _ = FastLanguageModel.from_pretrained(model_dir)
+    rng = torch.random.get_rng_state()
+    b = FastLanguageModel.get_peft_model(model2, r=4, lora_alpha=8, random_state=11)
+    assert torch.equal(rng, torch.random.get_rng_state())  # the global RNG is left alone
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match="already has peft adapters"):
+        FastLanguageModel.get_peft_model(a)
+    model3, _ = FastLanguageModel.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        FastLanguageModel.get_peft_model(model3, target_modules=["query_key_value"])
+    c = FastLanguageModel.get_peft_model(model3, r=2, target_modules=["q_proj"], use_rslora=True,
+                                         use_gradient_checkpointing="unsloth")
+    assert c.get_base_model().is_gradient_checkpointing and c.peft_config["default"].use_rslora
+
+
+# ------------------------------------------------------------------ QLoRA on bitsandbytes' CPU backend
+
+
+@pytest.fixture(scope="module")
+def bnb():
+    return pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+
+
+def test_qlora_load_forward_train_step_and_merged_export(model_dir, bnb, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from unsloth_dist import Trainer
+    from unsloth_dist.models.export import save_merged
+
+    model, tok = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=True)
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == "Linear4bit" and q.weight.dtype == torch.bfloat16  # packed, bf16 storage
+    qc = model.config.quantization_config
+    assert qc.bnb_4bit_quant_type == "nf4" and qc.bnb_4bit_use_double_quant
+    assert qc.bnb_4bit_compute_dtype == torch.bfloat16 and qc.bnb_4bit_quant_storage == torch.bfloat16
+    plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        ref = plain(input_ids=IDS).logits
+        got = model.eval()(input_ids=IDS).logits.float()
+    assert (got - ref).norm() < 0.25 * ref.norm()  # NF4 of random weights: close, not equal
+    model.train()
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    packed_before = q.weight.detach().clone()
+    try:
+        trainer = Trainer(model, token_dataset(8), args=dict(output_dir=str(tmp_path / "o"), max_steps=2,
+                          per_device_train_batch_size=4, learning_rate=1e-2, precision="fp32", disable_tqdm=True),
+                          backend="single")
+        result = trainer.train()
+    except (RuntimeError, NotImplementedError) as exc:  # bitsandbytes' CPU backward is not everywhere
+        pytest.skip(f"bitsandbytes 4-bit backward does not run on this CPU: {exc}")
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    # the backend's model.to(dtype=float32) left the packed weights alone
+    assert q.weight.dtype == torch.bfloat16 and torch.equal(q.weight, packed_before)
+    lora_b = model.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert lora_b.abs().sum() > 0  # adapters trained
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=IDS).logits.float()
+    out = save_merged(trainer, tmp_path / "merged", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # dequantised: plain transformers
+    assert "quantization_config" not in merged.config.to_dict()
+    with torch.no_grad():
+        m = merged(input_ids=IDS).logits
+    # bf16 compute in the 4-bit forward vs fp32 in the merged model
+    assert (m - trained).abs().max() < 0.02 * trained.abs().max() + 0.02

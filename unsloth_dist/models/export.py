@@ -1,0 +1,195 @@
+"""Exports from any backend: the LoRA adapter (peft's layout) and the merged 16-bit model.
+
+Both take a trainer (``unsloth_dist.Trainer`` or the seed API's ``UnslothTrainer``) and then are
+*collective*: every rank must call them, because ``trainer.full_state_dict()`` gathers the
+weights (FSDP2 shards, ZeRO-3 partitions) onto rank 0. Only rank 0 writes. A plain module or a
+consolidated state dict works too (one process).
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed onto
+``out_dir`` when complete, so a crash never leaves a half-written export behind.
+
+* :func:`save_lora_adapter` -> ``adapter_config.json`` + ``adapter_model.safetensors`` written by
+  peft's own ``save_pretrained`` (given the gathered state dict): ``PeftModel.from_pretrained(base,
+  out_dir)`` loads it.
+* :func:`save_merged` -> ``config.json`` (+ ``generation_config.json``) and ``model.safetensors``
+  (sharded above `max_shard_size`, with the index file) of the base architecture with
+  ``W + scaling * B @ A`` merged in (in fp32, then cast to `dtype`); 4-bit bases are dequantised.
+  Loadable by plain ``AutoModelForCausalLM.from_pretrained``; no peft needed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .lora import is_peft_model, merge_lora_state_dict
+
+logger = logging.getLogger("unsloth_dist")
+
+_EXPORT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def gather_state(trainer_or_state: Any, model: Optional[nn.Module] = None):
+    """(consolidated state dict on rank 0 / None elsewhere, the user's module, rank)."""
+    inner = getattr(trainer_or_state, "trainer", None)  # the seed API's UnslothTrainer wraps one
+    if inner is not None and hasattr(inner, "full_state_dict"):
+        trainer_or_state = inner
+    if hasattr(trainer_or_state, "full_state_dict") and hasattr(trainer_or_state, "backend"):
+        sd = trainer_or_state.full_state_dict()  # collective
+        module = model if model is not None else trainer_or_state.backend.module
+        return sd, module, trainer_or_state.rank
+    if isinstance(trainer_or_state, dict):
+        if model is None:
+            raise ValueError("exporting a state dict needs the model it belongs to (peft_model= / model=)")
+        return trainer_or_state, model, _dist_rank()
+    if isinstance(trainer_or_state, nn.Module):
+        module = trainer_or_state
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        return sd, (model if model is not None else module), _dist_rank()
+    raise TypeError(
+        f"export needs a Trainer, a model or a state dict, not {type(trainer_or_state).__name__}")
+
+
+class _AtomicDir:
+    """Write into a temporary sibling directory; rename it onto `out_dir` on success."""
+
+    def __init__(self, out_dir: Union[str, os.PathLike]) -> None:
+        self.out = Path(out_dir).expanduser().resolve()
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def save_lora_adapter(trainer_or_state: Any, peft_model: Optional[nn.Module], out_dir: Union[str, os.PathLike],
+                      adapter: str = "default", tokenizer: Any = None) -> Path:
+    """Write the LoRA adapter of `peft_model` in peft's ``save_pretrained`` layout (collective with
+    a trainer: call it on every rank; rank 0 writes). Returns `out_dir` on every rank."""
+    sd, module, rank = gather_state(trainer_or_state, peft_model)
+    if not is_peft_model(module):
+        raise TypeError(f"save_lora_adapter needs a peft model, got {type(module).__name__}; use save_merged "
+                        "for a fully fine-tuned model")
+    if adapter not in module.peft_config:
+        raise ValueError(f"adapter {adapter!r} is not in the model (has {list(module.peft_config)})")
+    out = Path(out_dir).expanduser().resolve()
+    if rank == 0:
+        with _AtomicDir(out) as tmp:
+            # peft's own writer, fed the gathered weights: the layout is exactly what PeftModel loads
+            module.save_pretrained(str(tmp), state_dict=sd, selected_adapters=[adapter], safe_serialization=True)
+            if adapter != "default":  # peft puts non-default adapters in a sub-directory
+                sub = tmp / adapter
+                if sub.is_dir():
+                    for f in sub.iterdir():
+                        os.replace(f, tmp / f.name)
+                    sub.rmdir()
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        logger.info("LoRA adapter %r written to %s", adapter, out)
+    _barrier()
+    return out
+
+
+def _base_model(module: nn.Module) -> nn.Module:
+    return module.get_base_model() if is_peft_model(module) else module
+
+
+def save_merged(trainer_or_state: Any, out_dir: Union[str, os.PathLike], dtype: torch.dtype = torch.bfloat16,
+                tokenizer: Any = None, peft_model: Optional[nn.Module] = None, adapter: str = "default",
+                max_shard_size: Union[int, str] = "5GB") -> Path:
+    """Write the merged model (LoRA folded into the base weights; a fully fine-tuned model as is)
+    in `dtype` (bf16, fp16 or fp32) as safetensors + config.json, loadable by plain transformers
+    (collective with a trainer; rank 0 writes). Returns `out_dir` on every rank."""
+    if isinstance(dtype, str):
+        from .loader import resolve_dtype
+
+        dtype = resolve_dtype(dtype)
+    if dtype not in _EXPORT_DTYPES:
+        raise ValueError(f"dtype={dtype}: the merged export is written in bf16, fp16 or fp32")
+    sd, module, rank = gather_state(trainer_or_state, peft_model)
+    out = Path(out_dir).expanduser().resolve()
+    if rank == 0:
+        if is_peft_model(module):
+            merged = merge_lora_state_dict(sd, module, adapter=adapter, dtype=dtype)
+        else:
+            merged = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+        base = _base_model(module)
+        config = copy.deepcopy(base.config)
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                try:
+                    delattr(config, attr)
+                except AttributeError:
+                    pass
+        config.dtype = dtype
+        if getattr(config, "use_cache", None) is False:
+            config.use_cache = True
+        if getattr(config, "tie_word_embeddings", False):
+            emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+            head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+            if emb is not None and head is not None and emb.weight is head.weight:
+                merged.pop("lm_head.weight", None)  # transformers re-ties it on load
+        with _AtomicDir(out) as tmp:
+            config.save_pretrained(str(tmp))
+            gen = getattr(base, "generation_config", None)
+            if gen is not None:
+                try:
+                    gen.save_pretrained(str(tmp))
+                except Exception as exc:  # an invalid generation config must not lose the weights
+                    logger.warning("generation_config not saved: %s", exc)
+            _write_safetensors(merged, tmp, max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        logger.info("merged %s model written to %s", str(dtype).removeprefix("torch."), out)
+    _barrier()
+    return out
+
+
+def _write_safetensors(sd: dict[str, torch.Tensor], out: Path, max_shard_size: Union[int, str]) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: sd[k] for k in keys}, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                 "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
