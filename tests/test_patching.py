@@ -171,18 +171,22 @@ def test_kernels_false_leaves_the_model_untouched():
 def test_switches_and_unpatch_restore_everything():
     import transformers.models.llama.modeling_llama as ml
 
-    original = ml.apply_rotary_pos_emb
+    # models patched by earlier tests and never unpatched keep the (inactive) dispatcher
+    # installed: compare with what is there now, and with HF's own function under it
+    before = ml.apply_rotary_pos_emb
+    hf_function = getattr(before, "_unsloth_original", before)
     model = make_model("llama")
     report = patch_model(model, rope=False, fused_cross_entropy=False)
     assert report.ops == ["rms_norm", "swiglu"] and "switched off" in str(report)
-    assert not hasattr(model, "unsloth_fused_loss") and ml.apply_rotary_pos_emb is original
+    assert not hasattr(model, "unsloth_fused_loss") and ml.apply_rotary_pos_emb is before
     report = patch_model(model)  # idempotent; adds the rest
     assert report.ops == ["rms_norm", "rope", "swiglu", "fused_cross_entropy"]
     assert report.count("rms_norm") == 5
-    assert ml.apply_rotary_pos_emb is not original
+    assert ml.apply_rotary_pos_emb is not hf_function
+    assert ml.apply_rotary_pos_emb._unsloth_original is hf_function
     keys = list(model.state_dict())
     unpatch_model(model)
-    assert ml.apply_rotary_pos_emb is original
+    assert ml.apply_rotary_pos_emb is before
     assert not hasattr(model, "unsloth_fused_loss")
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert list(model.state_dict()) == keys
