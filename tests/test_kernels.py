@@ -272,6 +272,64 @@ def test_rope_packed_sequences_restart_at_zero():
     close(ko, rk, torch.float32, "k")
 
 
+@needs_interp
+@pytest.mark.parametrize("block_t", [None, 1, 2, 4, 16], ids=lambda b: f"bt{b}")
+@pytest.mark.parametrize("T", [1, 5, 9], ids=lambda t: f"T{t}")
+def test_rope_token_tiling_tails(monkeypatch, block_t, T):
+    """Several tokens per program (the BLOCK_T tunable, automatic or forced, with a forced warp
+    count): token counts not a multiple of the tile (masked tails), one token, per-batch cos
+    (COS_BATCHED) and broadcast cos, out of place (leaves) and in place (projection views);
+    poisoned outputs catch unwritten tails, and the program count follows the tile."""
+    from unsloth_dist.kernels import rope as R
+
+    monkeypatch.setattr(R, "BLOCK_T", block_t)
+    monkeypatch.setattr(R, "NUM_WARPS", None if block_t is None else 2)
+    B, HQ, HK, D = 2, 3, 1, 12
+    bt = R._config(HQ, HK, D, T)[0]
+    assert bt >= 1 and bt & (bt - 1) == 0 and (block_t is None or bt == min(block_t, 1 << (T - 1).bit_length()))
+    for batched_cos in (True, False):
+        pos = (torch.arange(T)[None] + torch.tensor([[0], [5]])) if batched_cos else torch.arange(3, 3 + T)[None]
+        cos, sin = _hf_cos_sin(pos, D)
+        q, k = _qk(B, HQ, HK, T, D, torch.float32)
+        with launched("rope"):
+            qo, ko = K.apply_rope(q, k, cos, sin)  # leaves: out of place
+        rq, rk = K.rope_reference(q, k, cos, sin)
+        g = torch.randn_like(rq), torch.randn_like(rk)
+        dq, dk = grads((qo, ko), (q, k), g)
+        rdq, rdk = grads((rq, rk), (q, k), g)
+        for a, b, n in ((qo, rq, "q"), (ko, rk, "k"), (dq, rdq, "dq"), (dk, rdk, "dk")):
+            close(a, b, torch.float32, f"T={T} bt={bt} batched={batched_cos} {n}")
+        x, wq, wk = _proj_inputs(B, T, HQ, HK, D, torch.float32)
+        qp, kp, _, _ = _projected_qk(B, HQ, HK, T, D, torch.float32, x, wq, wk)
+        rq, rk = K.rope_reference(*_projected_qk(B, HQ, HK, T, D, torch.float32, x, wq, wk)[:2], cos, sin)
+        ptr = qp.data_ptr()
+        qo, ko = K.apply_rope(qp, kp, cos, sin)  # projection views: in place
+        assert qo.data_ptr() == ptr, "not rotated in place"
+        g = torch.randn_like(rq), torch.randn_like(rk)
+        got = grads((qo, ko), (x, wq, wk), g)
+        want = grads((rq, rk), (x, wq, wk), g)
+        for a, b, n in ((qo, rq, "q"), (ko, rk, "k"), *zip(got, want, ("dx", "dwq", "dwk"))):
+            close(a, b, torch.float32, f"in-place T={T} bt={bt} batched={batched_cos} {n}")
+
+
+def test_rope_cheap_layout_and_alias_checks():
+    """The O(1) host-side checks (cached per layout) agree with what they stand for."""
+    from unsloth_dist.kernels import rope as R
+
+    x = torch.randn(2, 6, 4, 8)
+    v = x.transpose(1, 2)
+    assert R._no_internal_overlap(v) and R._no_internal_overlap(v)  # second call: cached
+    assert not R._no_internal_overlap(torch.randn(1, 4, 8).expand(3, 4, 8))
+    assert R._no_internal_overlap(torch.randn(3, 1, 8).expand(3, 1, 8))  # size-1 dims ignored
+    assert R._byte_range(v) == (x.data_ptr(), x.data_ptr() + x.numel() * 4)
+    assert R._byte_range(torch.empty(0, 3))[1] == R._byte_range(torch.empty(0, 3))[0]
+    assert R._may_alias(x[:, :3], x[:, 2:]) and not R._may_alias(x[:1], x[1:])
+    assert not R._may_alias(x, torch.randn(2, 6, 4, 8))
+    qkv = torch.randn(2, 5, 3 * 16)  # a fused projection: q and k interleave per token
+    q, k = qkv[..., :16].view(2, 5, 2, 8), qkv[..., 16:32].view(2, 5, 2, 8)
+    assert R._may_alias(q, k)
+
+
 def _projected_qk(B, HQ, HK, T, D, dtype, x=None, wq=None, wk=None):
     """q, k as HF's attention makes them: projection outputs [B, T, H*D] viewed [B, T, H, D] and
     transposed to [B, H, T, D] (non-contiguous, non-leaf). Returns (q, k, q_proj_out, k_proj_out)."""

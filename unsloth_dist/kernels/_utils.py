@@ -32,8 +32,16 @@ LAUNCHES: Counter = Counter()
 _POISON = {"on": os.environ.get("UNSLOTH_KERNELS_POISON", "0") == "1"}
 
 
+_INTERPRET_PARSED: dict = {}
+
+
 def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    # read on every call (a test may flip the variable inside one process), parsed once per value
+    raw = os.environ.get("TRITON_INTERPRET")
+    mode = _INTERPRET_PARSED.get(raw)
+    if mode is None:
+        mode = _INTERPRET_PARSED[raw] = (raw or "0").strip().lower() in ("1", "true", "on", "yes")
+    return mode
 
 
 def triton_interpreter_ready() -> bool:
@@ -41,6 +49,16 @@ def triton_interpreter_ready() -> bool:
     (tl.sum, tl.max, ...) are interpreter functions. Triton fixes that at import time, so the
     interpreter works in a process only if the variable was set before the first `import triton`
     (note: importing transformers' modeling code imports triton, through torch)."""
+    ready = _INTERPRETER_READY.get("ready")
+    if ready is None:  # fixed once triton is imported (it is, above, when HAS_TRITON): compute once
+        ready = _INTERPRETER_READY["ready"] = _interpreter_ready()
+    return ready
+
+
+_INTERPRETER_READY: dict = {}
+
+
+def _interpreter_ready() -> bool:
     if not HAS_TRITON:
         return False
     try:
@@ -131,6 +149,16 @@ class LazyKernel:
             return launcher(*args, **kwargs)
 
         return launch
+
+    def launch(self, grid, *args, **kwargs):
+        """``k.launch(grid, *args, **meta)`` == ``k[grid](*args, **meta)``, without building the
+        two intermediate launcher closures per call (for host-overhead-sensitive kernels)."""
+        LAUNCHES[self.name] += 1
+        k = self._compiled.get(interpret_mode())
+        if k is None:
+            k = self._get()
+        # triton's JITFunction / InterpretedFunction launch entry point (what `[grid](...)` calls)
+        return k.run(*args, grid=grid, warmup=False, **kwargs)
 
 
 def next_pow2(n: int) -> int:

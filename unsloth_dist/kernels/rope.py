@@ -44,78 +44,120 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
 
 # --------------------------------------------------------------------------- kernel
 
+#: tokens per program (a power of two); None: automatic -- as many tokens as keep the widest
+#: half-tile (tokens x padded heads x head_dim/2) at about ``_TILE`` elements
+BLOCK_T: int | None = None
+#: warps per program; None: automatic -- about 16 elements of the widest half-tile per thread
+NUM_WARPS: int | None = None
+_TILE = 4096
+_MAX_BLOCK_T = 64
+
 
 def _rope_kernel(Q, K, QO, KO, COS, SIN, T,
                  sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
                  sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t,
-                 sc_b, sc_t,
-                 HQ, HK, HALF,
-                 BACKWARD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // T
-    t = pid % T
+                 HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, COS_BATCHED: tl.constexpr,
+                 BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                 BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one program: BLOCK_T consecutive tokens of one sequence, every q and k head
+    pid = tl.program_id(0)
+    n_tblocks = tl.cdiv(T, BLOCK_T)
+    b = (pid // n_tblocks).to(tl.int64)
+    t = ((pid % n_tblocks) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # [BLOCK_T]
+    tmask = t < T
     d = tl.arange(0, BLOCK_D)
-    dmask = d < HALF
-    cbase = b * sc_b + t * sc_t
-    c1 = tl.load(COS + cbase + d, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + cbase + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(SIN + cbase + d, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + cbase + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+
+    # cos / sin: contiguous [B or 1, T, 2 * HALF], loaded once per token for all heads
+    crow = t * (2 * HALF)
+    if COS_BATCHED:
+        crow += b * T * (2 * HALF)
+    coff = crow[:, None] + d[None, :]  # [BLOCK_T, BLOCK_D]
+    cmask = tmask[:, None]
+    if BLOCK_D != HALF:
+        cmask = cmask & (d < HALF)[None, :]
+    c1 = tl.load(COS + coff, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + coff + HALF, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + coff, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + coff + HALF, mask=cmask, other=0.0).to(tl.float32)
     if BACKWARD:
         # transpose of [[c1, -s1], [s2, c2]] (acting on [x1, x2]) is [[c1, s2], [-s1, c2]]
-        a11 = c1
         a12 = s2
         a21 = -s1
-        a22 = c2
     else:
-        a11 = c1
         a12 = -s1
         a21 = s2
-        a22 = c2
+    a11 = c1[:, None, :]  # [BLOCK_T, 1, BLOCK_D]: broadcast over heads
+    a12 = a12[:, None, :]
+    a21 = a21[:, None, :]
+    a22 = c2[:, None, :]
+    dd = d[None, None, :]
+    tt = t[:, None, None]
+    mt = tmask[:, None, None]
 
     # q heads
-    hq = tl.arange(0, BLOCK_HQ)
-    mq = (hq[:, None] < HQ) & dmask[None, :]
-    qin = Q + b * sq_b + t * sq_t + hq[:, None] * sq_h + d[None, :]
+    hq = tl.arange(0, BLOCK_HQ)[None, :, None]
+    mq = mt
+    if BLOCK_HQ != HQ:
+        mq = mq & (hq < HQ)
+    if BLOCK_D != HALF:
+        mq = mq & (dd < HALF)
+    qin = Q + b * sq_b + tt * sq_t + hq * sq_h + dd
     q1 = tl.load(qin, mask=mq, other=0.0).to(tl.float32)
     q2 = tl.load(qin + HALF, mask=mq, other=0.0).to(tl.float32)
-    qout = QO + b * sqo_b + t * sqo_t + hq[:, None] * sqo_h + d[None, :]
-    tl.store(qout, (q1 * a11[None, :] + q2 * a12[None, :]).to(QO.dtype.element_ty), mask=mq)
-    tl.store(qout + HALF, (q1 * a21[None, :] + q2 * a22[None, :]).to(QO.dtype.element_ty), mask=mq)
+    qout = QO + b * sqo_b + tt * sqo_t + hq * sqo_h + dd
+    tl.store(qout, (q1 * a11 + q2 * a12).to(QO.dtype.element_ty), mask=mq)
+    tl.store(qout + HALF, (q1 * a21 + q2 * a22).to(QO.dtype.element_ty), mask=mq)
 
     # k heads
-    hk = tl.arange(0, BLOCK_HK)
-    mk = (hk[:, None] < HK) & dmask[None, :]
-    kin = K + b * sk_b + t * sk_t + hk[:, None] * sk_h + d[None, :]
+    hk = tl.arange(0, BLOCK_HK)[None, :, None]
+    mk = mt
+    if BLOCK_HK != HK:
+        mk = mk & (hk < HK)
+    if BLOCK_D != HALF:
+        mk = mk & (dd < HALF)
+    kin = K + b * sk_b + tt * sk_t + hk * sk_h + dd
     k1 = tl.load(kin, mask=mk, other=0.0).to(tl.float32)
     k2 = tl.load(kin + HALF, mask=mk, other=0.0).to(tl.float32)
-    kout = KO + b * sko_b + t * sko_t + hk[:, None] * sko_h + d[None, :]
-    tl.store(kout, (k1 * a11[None, :] + k2 * a12[None, :]).to(KO.dtype.element_ty), mask=mk)
-    tl.store(kout + HALF, (k1 * a21[None, :] + k2 * a22[None, :]).to(KO.dtype.element_ty), mask=mk)
+    kout = KO + b * sko_b + tt * sko_t + hk * sko_h + dd
+    tl.store(kout, (k1 * a11 + k2 * a12).to(KO.dtype.element_ty), mask=mk)
+    tl.store(kout + HALF, (k1 * a21 + k2 * a22).to(KO.dtype.element_ty), mask=mk)
 
 
 _kernel = LazyKernel(_rope_kernel, name="rope")
+_CONFIGS: dict[tuple, tuple[int, int, int, int, int]] = {}
+
+
+def _config(HQ: int, HK: int, D: int, T: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_HQ, BLOCK_HK, BLOCK_D, num_warps), cached per shape class."""
+    key = (HQ, HK, D, T if T < _MAX_BLOCK_T else _MAX_BLOCK_T, BLOCK_T, NUM_WARPS)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        bhq, bhk, bd = next_pow2(HQ), next_pow2(HK), next_pow2(D // 2)
+        widest = max(bhq, bhk) * bd
+        bt = BLOCK_T if BLOCK_T is not None else max(1, _TILE // widest)
+        bt = max(1, min(next_pow2(bt), next_pow2(T), _MAX_BLOCK_T))
+        warps = NUM_WARPS if NUM_WARPS is not None else min(16, max(4, next_pow2(bt * widest // 512)))
+        cfg = _CONFIGS[key] = (bt, bhq, bhk, bd, warps)
+    return cfg
 
 
 def _launch(q, k, qo, ko, cos, sin, backward: bool) -> None:
-    """Rotate q, k into qo, ko (which may be q, k themselves: each program reads its token's
-    heads completely before it writes them, so the kernel works in place)."""
+    """Rotate q, k into qo, ko (which may be q, k themselves: each program reads its tokens'
+    heads completely before it writes them, so the kernel works in place). cos / sin must be
+    contiguous."""
     B, HQ, T, D = q.shape
-    HK = k.shape[1]
     if B * T == 0:
         return
-    sc_b = 0 if cos.shape[0] == 1 else cos.stride(0)
-    BLOCK_D = next_pow2(D // 2)
-    BLOCK_HQ, BLOCK_HK = next_pow2(HQ), next_pow2(HK)
-    tile = max(BLOCK_HQ, BLOCK_HK) * BLOCK_D
-    _kernel[(B * T,)](
+    HK = k.shape[1]
+    bt, bhq, bhk, bd, warps = _config(HQ, HK, D, T)
+    sq, sk, sqo, sko = q.stride(), k.stride(), qo.stride(), ko.stride()
+    _kernel.launch(
+        (B * ((T + bt - 1) // bt),),
         q, k, qo, ko, cos, sin, T,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-        sc_b, cos.stride(1),
-        HQ, HK, D // 2,
-        BACKWARD=backward, BLOCK_HQ=BLOCK_HQ, BLOCK_HK=BLOCK_HK, BLOCK_D=BLOCK_D,
-        num_warps=4 if tile <= 4096 else 8,
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2],
+        sqo[0], sqo[1], sqo[2], sko[0], sko[1], sko[2],
+        HQ=HQ, HK=HK, HALF=D // 2, COS_BATCHED=cos.shape[0] != 1,
+        BACKWARD=backward, BLOCK_T=bt, BLOCK_HQ=bhq, BLOCK_HK=bhk, BLOCK_D=bd, num_warps=warps,
     )
 
 
@@ -124,37 +166,81 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- in-place safety
+# All checks are O(1) Python on sizes / strides / pointers (no tensors created, no syncs); what
+# depends only on a layout or a class is computed once and cached.
+
+_LAYOUTS: dict[tuple, tuple[bool, int]] = {}
+
+
+def _layout(t: torch.Tensor) -> tuple[bool, int]:
+    """(no internal overlap, span in elements) of `t`'s sizes / strides, cached per layout.
+
+    No internal overlap: a sufficient condition for distinct indices of `t` to address distinct
+    elements (false for expanded / stride-0 tensors, which an in-place write would corrupt).
+    Span: 1 + the largest element offset (0 for an empty tensor)."""
+    shape, stride = t.shape, t.stride()
+    key = (shape, stride)
+    info = _LAYOUTS.get(key)
+    if info is None:
+        dims = sorted((st, sz) for st, sz in zip(stride, shape) if sz > 1)
+        ok, span = True, 1
+        for st, sz in dims:
+            if st < span:
+                ok = False
+                break
+            span = st * sz
+        extent = 0 if 0 in shape else 1 + sum((sz - 1) * st for st, sz in zip(stride, shape))
+        if len(_LAYOUTS) > 4096:
+            _LAYOUTS.clear()
+        info = _LAYOUTS[key] = (ok, extent)
+    return info
 
 
 def _no_internal_overlap(t: torch.Tensor) -> bool:
-    """Sufficient condition for distinct indices of `t` to address distinct elements (false for
-    expanded / stride-0 tensors, which an in-place write would corrupt)."""
-    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
-    span = 1
-    for st, sz in dims:
-        if st < span:
-            return False
-        span = st * sz
-    return True
+    return _layout(t)[0]
 
 
-def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+def _byte_range(t: torch.Tensor, extent: int | None = None) -> tuple[int, int]:
+    """[first byte, one past the last byte] `t` addresses (`extent`: its span, when known)."""
+    if extent is None:
+        extent = t.numel() if t.is_contiguous() else _layout(t)[1]
     lo = t.data_ptr()
-    return lo, lo + (1 + sum((sz - 1) * st for st, sz in zip(t.stride(), t.shape))) * t.element_size()
+    return lo, lo + extent * t.element_size()
+
+
+def _overlap(r1: tuple[int, int], r2: tuple[int, int]) -> bool:
+    return r1[0] < r2[1] and r2[0] < r1[1]
 
 
 def _may_alias(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
-    return a0 < b1 and b0 < a1
+    """Whether `a` and `b` may share memory: their byte ranges intersect (live tensors of
+    different allocations never do; a superset of sharing one storage with intersecting
+    ranges, so never a false "no")."""
+    return _overlap(_byte_range(a), _byte_range(b))
 
 
 _VIEW_NODE_PREFIXES = ("TransposeBackward", "ViewBackward", "UnsafeViewBackward", "PermuteBackward",
                        "AsStridedBackward", "SliceBackward", "SelectBackward", "SplitBackward",
                        "SplitWithSizesBackward", "UnbindBackward", "NarrowBackward", "AliasBackward",
                        "SqueezeBackward", "UnsqueezeBackward", "ReshapeAliasBackward")
-_IS_VIEW_NODE: dict[type, bool] = {}
+# kinds of autograd nodes (a property of the node's class, cached per class)
+_VIEW, _FORBIDS, _CUSTOM, _OTHER = range(4)
+_NODE_KIND: dict[type, int] = {}
+
+
+def _node_kind(cls: type) -> int:
+    kind = _NODE_KIND.get(cls)
+    if kind is None:
+        if cls.__name__.rstrip("0123456789") in _VIEW_NODE_PREFIXES:
+            kind = _VIEW
+        elif cls.__name__ == "AccumulateGrad" or hasattr(cls, "_saved_result"):
+            kind = _FORBIDS  # a leaf, or an op that saved its own output
+        elif hasattr(cls, "saved_tensors"):
+            kind = _CUSTOM  # a custom autograd.Function: look at what it saved
+        else:
+            kind = _OTHER
+        _NODE_KIND[cls] = kind
+    return kind
 
 
 def _producer_forbids_in_place(t: torch.Tensor) -> bool:
@@ -169,28 +255,30 @@ def _producer_forbids_in_place(t: torch.Tensor) -> bool:
     for _ in range(16):
         if node is None:
             return False
-        cls = type(node)
-        is_view = _IS_VIEW_NODE.get(cls)
-        if is_view is None:
-            is_view = _IS_VIEW_NODE[cls] = cls.__name__.rstrip("0123456789") in _VIEW_NODE_PREFIXES
-        if not is_view:
+        kind = _node_kind(type(node))
+        if kind != _VIEW:
             break
         nxt = node.next_functions
         node = nxt[0][0] if nxt else None
     else:
         return True  # an unusually long view chain: do not guess
-    if node is None:
-        return False
-    if type(node).__name__ == "AccumulateGrad" or hasattr(node, "_saved_result"):
+    if kind == _FORBIDS:
         return True
-    if hasattr(node, "saved_tensors"):  # a custom autograd.Function
+    if kind == _CUSTOM:
         try:
             saved = node.saved_tensors
         except RuntimeError:
             return True
+        if not saved:
+            return False
         ptr = t.untyped_storage().data_ptr()
         return any(s is not None and s.untyped_storage().data_ptr() == ptr for s in saved)
     return False
+
+
+def _dtype_kept(dtype: torch.dtype, other: torch.dtype) -> bool:
+    """`dtype` is the promoted dtype of (dtype, other)."""
+    return other is dtype or torch.promote_types(dtype, other) == dtype
 
 
 def _can_rotate_in_place(q, k, cos, sin, inplace) -> bool:
@@ -198,12 +286,17 @@ def _can_rotate_in_place(q, k, cos, sin, inplace) -> bool:
         return False
     if inplace is None and (q.grad_fn is None or k.grad_fn is None):
         return False  # auto: only intermediate activations of a graph
-    if torch.promote_types(q.dtype, cos.dtype) != q.dtype or torch.promote_types(q.dtype, sin.dtype) != q.dtype:
+    if not (_dtype_kept(q.dtype, cos.dtype) and _dtype_kept(q.dtype, sin.dtype)):
         return False  # the output has another dtype than q (e.g. fp32 cos with bf16 q)
-    for t in (q, k):
-        if (t.requires_grad and t.is_leaf) or t.stride(-1) != 1 or not _no_internal_overlap(t):
-            return False  # a leaf that requires grad must not be modified
-    if _may_alias(q, k) or _may_alias(q, cos) or _may_alias(q, sin) or _may_alias(k, cos) or _may_alias(k, sin):
+    if (q.requires_grad and q.is_leaf) or (k.requires_grad and k.is_leaf):
+        return False  # a leaf that requires grad must not be modified
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        return False
+    (q_ok, q_extent), (k_ok, k_extent) = _layout(q), _layout(k)
+    if not (q_ok and k_ok):
+        return False
+    rq, rk, rc, rs = _byte_range(q, q_extent), _byte_range(k, k_extent), _byte_range(cos), _byte_range(sin)
+    if _overlap(rq, rk) or _overlap(rq, rc) or _overlap(rq, rs) or _overlap(rk, rc) or _overlap(rk, rs):
         return False
     return not (_producer_forbids_in_place(q) or _producer_forbids_in_place(k))
 
@@ -221,7 +314,7 @@ def _owned_gradient(g: torch.Tensor, dtype: torch.dtype) -> bool:
     buffer, use_count == 1 -- the gradient attention's backward hands over), and it is a dense,
     non-overlapping tensor of the input's dtype. A gradient the caller passed to
     ``backward()`` / ``autograd.grad`` is held by the caller too and is never modified."""
-    if g.dtype != dtype or g.stride(-1) != 1 or not _no_internal_overlap(g):
+    if g.dtype != dtype or g.stride(-1) != 1 or not _layout(g)[0]:
         return False
     try:
         if g._use_count() != 1:
@@ -237,23 +330,29 @@ def _owned_gradient(g: torch.Tensor, dtype: torch.dtype) -> bool:
         return False
 
 
+_increment_version = torch.autograd.graph.increment_version
+
+
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, inplace=None):
-        q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-        cos, sin = cos.contiguous(), sin.contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()  # the kernel indexes them as contiguous
         ctx.save_for_backward(cos, sin)
         ctx.dtypes = (q.dtype, k.dtype)
         if inplace:  # decided by apply_rope on the caller's tensors (inside here they are detached)
-            _launch(q, k, q, k, cos, sin, False)
+            _launch(q, k, q, k, cos, sin, False)  # (apply_rope checked: last dims contiguous)
             # the Triton store is invisible to autograd: bump the version counters so that a
             # tensor saved before the rotation (sharing this storage) fails loudly in backward
-            for t in (q, k):
-                if not t.is_inference():
-                    torch.autograd.graph.increment_version(t)
+            if q.is_inference() or k.is_inference():
+                for t in (q, k):
+                    if not t.is_inference():
+                        _increment_version(t)
+            else:
+                _increment_version((q, k))
             # returned as-is (not marked dirty): autograd hands out views of q / k with this
             # node as grad_fn -- no CopySlices on the projection output, no copies in backward
             return q, k
+        q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
         # output dtype as HF's `q * cos + ...`: the promoted dtype of q and cos
         qo = empty_like(q, dtype=torch.promote_types(q.dtype, cos.dtype))
         ko = empty_like(k, dtype=torch.promote_types(k.dtype, cos.dtype))
