@@ -1,5 +1,4 @@
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -8,6 +7,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _prepare_triton_interpreter() -> None:
+    """TRITON_INTERPRET must be set when triton is first imported (transformers' modeling code
+    imports it through torch): only that import sees it, so the kernel tests can switch the
+    interpreter on per test; the tests themselves run without it."""
+    import torch
+
+    if "triton" in sys.modules or torch.cuda.is_available():
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401  (its library is now the interpreter's)
+    except Exception:
+        pass
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_prepare_triton_interpreter()
 
 # torch.distributed / DeepSpeed must not see a launcher environment left in the shell
 for _var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",

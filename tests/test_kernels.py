@@ -24,23 +24,7 @@ import zlib
 import torch
 
 
-def _prepare_interpreter() -> None:
-    if "triton" in sys.modules or torch.cuda.is_available():
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401  (its library is now the interpreter's)
-    except Exception:
-        pass
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-_prepare_interpreter()
+# TRITON_INTERPRET is prepared for the first `import triton` in tests/conftest.py
 
 import pytest  # noqa: E402
 

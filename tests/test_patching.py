@@ -17,25 +17,7 @@ import sys
 import torch
 
 
-def _prepare_interpreter() -> None:
-    # TRITON_INTERPRET must be set before the first `import triton` (transformers' modeling code
-    # imports it through torch); only the import sees it, the tests here run without it
-    if "triton" in sys.modules or torch.cuda.is_available():
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        pass
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-_prepare_interpreter()
+# TRITON_INTERPRET is prepared for the first `import triton` in tests/conftest.py
 
 import copy  # noqa: E402
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint
 from . import distributed as D
-from .config import ConfigError, TrainConfig, load_config
+from .config import ConfigError, load_config
 from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, check_sample, model_inputs, uses_varlen_attention
 
 logger = logging.getLogger("unsloth_dist")
@@ -427,16 +426,12 @@ class _nullctx:
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
-    fn = getattr(model, "gradient_checkpointing_enable", None)
-    if fn is None:
-        raise ConfigError(
-            f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable(); "
-            "set gradient_checkpointing: false or use a transformers model"
-        )
-    fn(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = False
+    from .models.lora import enable_gradient_checkpointing
+
+    try:
+        enable_gradient_checkpointing(model, True)
+    except ValueError as exc:
+        raise ConfigError(f"gradient_checkpointing: {exc}; set gradient_checkpointing: false or use a transformers model") from None
 
 
 # the single-GPU API users already know, as a thin layer over the Trainer above
