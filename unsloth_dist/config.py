@@ -272,6 +272,19 @@ class TrainConfig(_Strict):
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     dist_timeout_s: int = Field(1800, gt=0)
     disable_tqdm: bool = False
+    # where rank 0 also sends the metrics it writes to output_dir/metrics.jsonl:
+    # "tensorboard" (output_dir/runs), "wandb" (project from WANDB_PROJECT), or both
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    run_name: Optional[str] = None
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: Any) -> Any:
+        if value is None or value == "none" or value == "":
+            return []
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip() and v.strip() != "none"]
+        return value
 
     @field_validator("backend", mode="before")
     @classmethod

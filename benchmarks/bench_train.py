@@ -1,0 +1,510 @@
+"""Training throughput and memory: unsloth_dist against transformers (+ Liger-Kernel) on every backend.
+
+One run of this script measures, on the same GPUs and in the same session, unsloth_dist's Trainer
+(kernels patched in) under single / ddp / fsdp / zero2 / zero3 and the baselines a user would
+otherwise write: plain transformers with torch DDP, FSDP2 (`fully_shard` per decoder layer + root,
+bf16 `MixedPrecisionPolicy`) or DeepSpeed ZeRO, each with and without Liger-Kernel's Llama patches
+(`apply_liger_kernel_to_llama`, fused linear cross-entropy). Random weights, random tokens.
+
+    # the whole matrix on 2 GPUs (each case is its own torchrun / python process)
+    python benchmarks/bench_train.py --workload full-1b --gpus 2 --out benchmarks/results/train.json
+    # a few cases
+    python benchmarks/bench_train.py --workload lora-8b --gpus 2 --impls ours,hf --backends fsdp,zero3
+    # one case, as the matrix launches it
+    torchrun --nproc_per_node 2 benchmarks/bench_train.py --case --impl ours --backend fsdp --workload full-1b
+
+Workloads: full-1b (Llama-3.2-1B shape, full fine-tuning, seq 2048, micro-batch 4), lora-8b
+(Llama-3.1-8B shape, LoRA r=16 on all linear layers), qlora-8b (the same on a 4-bit NF4 base),
+tiny / tiny-lora (a few-MB shape for the CPU test). Each case reports tokens/s per GPU (median of
+the timed steps, after warm-up), peak memory per GPU (max over ranks), MFU and the losses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0)
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0)
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+
+WORKLOADS = {
+    "full-1b": dict(shape=LLAMA_1B, seq=2048, micro=4, lora=False, quant=False, ckpt=False),
+    "lora-8b": dict(shape=LLAMA_8B, seq=2048, micro=4, lora=True, quant=False, ckpt=True),
+    "qlora-8b": dict(shape=LLAMA_8B, seq=2048, micro=4, lora=True, quant=True, ckpt=True),
+    "tiny": dict(shape=TINY, seq=32, micro=2, lora=False, quant=False, ckpt=False),
+    "tiny-lora": dict(shape=TINY, seq=32, micro=2, lora=True, quant=False, ckpt=True),
+}
+IMPLS = ["ours", "hf", "hf-liger"]
+BACKENDS = ["single", "ddp", "fsdp", "zero2", "zero3"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(local_rank: int):
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(wl: dict, device, dtype, seq: int, attn: str):
+    """The workload's Llama with random weights, built directly on `device` in `dtype`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**wl["shape"], max_position_embeddings=max(seq, 4096), attn_implementation=attn)
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model
+
+
+def quantize_4bit(model, compute_dtype):
+    """Swap every decoder-layer nn.Linear for a bitsandbytes NF4 Linear4bit (double quantization,
+    bf16 quant storage so FSDP2 / ZeRO-3 can shard it), quantizing the random weights on the GPU.
+    The same modules `from_pretrained(..., quantization_config=BitsAndBytesConfig(nf4))` builds."""
+    import bitsandbytes as bnb
+    import torch
+    from torch import nn
+
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if not isinstance(child, nn.Linear) or "lm_head" in f"{name}.{child_name}":
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                  quant_storage=torch.bfloat16, device="meta")
+            w = child.weight.data
+            q.weight = bnb.nn.Params4bit(w.to("cpu"), requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", quant_storage=torch.bfloat16).to(w.device)
+            setattr(mod, child_name, q)
+            del child, w
+    model.is_loaded_in_4bit = True
+    model.config.quantization_config = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                        "bnb_4bit_use_double_quant": True, "bnb_4bit_quant_storage": "bfloat16"}
+    return model
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in a matmul per token (embedding lookups excluded, the head counted)."""
+    import torch
+
+    base = model
+    while hasattr(base, "base_model") and base.base_model is not base:
+        base = base.base_model
+    cfg = base.config if hasattr(base, "config") else model.config
+    n = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name or "lora_" in name:
+            continue
+        numel = p.numel()
+        if getattr(p, "quant_storage", None) is not None or p.dtype == torch.uint8:  # packed 4-bit
+            numel = numel * (p.element_size() * 2)
+        n += numel
+    if getattr(cfg, "tie_word_embeddings", False):
+        n += cfg.vocab_size * cfg.hidden_size
+    return n
+
+
+def flops_per_token(wl: dict, n_matmul: int, seq: int) -> float:
+    s = wl["shape"]
+    attn = 12 * s["num_hidden_layers"] * s["hidden_size"] * seq  # QK^T and AV, forward + backward (no causal discount)
+    # full fine-tuning: forward 2N + backward 4N; frozen base (LoRA): no weight gradients, 4N
+    return (4 if wl["lora"] else 6) * n_matmul + attn
+
+
+def random_batches(n: int, micro: int, seq: int, vocab: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (micro, seq), generator=g) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def run_ours(args, wl, device, world) -> dict:
+    import torch
+
+    from unsloth_dist import Trainer
+    from unsloth_dist.models.patching import patch_model
+
+    dtype = torch.bfloat16 if (wl["lora"] and device.type == "cuda") else torch.float32
+    model = build_model(wl, device, dtype, args.seq, args.attn)
+    if wl["quant"]:
+        quantize_4bit(model, torch.bfloat16)
+    n_matmul = matmul_params(model)
+    if wl["lora"]:
+        from unsloth_dist.models.lora import add_lora
+
+        model = add_lora(model, r=16, lora_alpha=16, target_modules=LORA_TARGETS)
+    report = patch_model(model, kernels=not args.no_kernels)
+    steps = args.warmup + args.steps
+    vocab = wl["shape"]["vocab_size"]
+    rows = [{"input_ids": r} for b in random_batches(steps * world, args.micro, args.seq, vocab, 1) for r in b.tolist()]
+    times: list[float] = []
+
+    class Timer:
+        def on_step_end(self, trainer, step, loss):
+            _sync(device)
+            times.append(time.perf_counter())
+
+    out_dir = tempfile.mkdtemp(prefix="bench_train_")
+    trainer = Trainer(model, rows, backend=args.backend, callbacks=[Timer()], args={
+        "output_dir": out_dir, "precision": args.precision, "per_device_train_batch_size": args.micro,
+        "max_steps": steps, "learning_rate": 1e-5, "gradient_checkpointing": wl["ckpt"], "disable_tqdm": True,
+        "logging_steps": 10**6, "save_on_sigterm": False, "seed": 0, "max_grad_norm": 1.0,
+    })
+    _sync(device)
+    t0 = time.perf_counter()
+    result = trainer.train()
+    step_s = [b - a for a, b in zip([t0] + times[:-1], times)][args.warmup:]
+    return {"step_s": step_s, "losses": result.losses, "n_matmul": n_matmul, "patched": list(report.ops)}
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def run_hf(args, wl, device, world, liger: bool) -> dict:
+    """The loop a transformers user writes: HF model, torch DDP / FSDP2 / DeepSpeed, fused AdamW,
+    autocast (single / ddp) or bf16 MixedPrecisionPolicy (fsdp) or DeepSpeed bf16 (zero)."""
+    import torch
+    import torch.distributed as dist
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    backend = args.backend
+    cuda = device.type == "cuda"
+    bf16 = args.precision != "fp32"
+    # full fine-tuning keeps fp32 weights (autocast / FSDP mixed precision / DeepSpeed bf16 masters);
+    # a LoRA user loads the frozen base in bf16 (torch_dtype=torch.bfloat16) and peft keeps adapters fp32
+    dtype = torch.bfloat16 if (wl["lora"] and cuda) else torch.float32
+    model = build_model(wl, device, dtype, args.seq, args.attn)
+    if wl["quant"]:
+        quantize_4bit(model, torch.bfloat16)
+    n_matmul = matmul_params(model)
+    if wl["lora"]:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if wl["quant"]:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=wl["ckpt"],
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    if wl["ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if backend != "single" and not dist.is_initialized():
+        if backend.startswith("zero"):
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        else:
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def adamw(ps):
+        return torch.optim.AdamW(ps, lr=1e-5, fused=cuda)
+
+    autocast = bf16 and backend in ("single", "ddp")
+    engine = None
+    if backend == "single":
+        opt = adamw(params)
+        fwd = model
+    elif backend == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd = DDP(model, device_ids=[device.index] if cuda else None)
+        opt = adamw(params)
+    elif backend == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        for layer in layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        fwd = model
+        opt = adamw([p for p in model.parameters() if p.requires_grad])
+    else:
+        import deepspeed
+
+        stage = int(backend[-1])
+        ds_cfg = {
+            "train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+            "bf16": {"enabled": bf16},
+            "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                                  "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
+            "steps_per_print": 10**9, "wall_clock_breakdown": False,
+        }
+        engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=adamw(params), config=ds_cfg,
+                                                 dist_init_required=False)
+        fwd = engine
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    vocab = wl["shape"]["vocab_size"]
+    batches = random_batches((args.warmup + args.steps) * world, args.micro, args.seq, vocab, 1)[rank::world]
+    times, losses = [], []
+    model.train()
+    _sync(device)
+    t = time.perf_counter()
+    for x in batches:
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = fwd(input_ids=x, labels=x, use_cache=False).loss
+        if engine is not None:
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        _sync(device)
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
+    return {"step_s": times[args.warmup:], "losses": [float(v) for v in losses], "n_matmul": n_matmul}
+
+
+# --------------------------------------------------------------------------- one case
+
+
+def run_case(args) -> int:
+    import torch
+
+    rank, world, local = _env()
+    device = _device(local)
+    wl = dict(WORKLOADS[args.workload])
+    if args.seq is None:
+        args.seq = wl["seq"]
+    if args.micro is None:
+        args.micro = wl["micro"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    record = {"workload": args.workload, "impl": args.impl, "backend": args.backend, "world_size": world,
+              "seq": args.seq, "micro_batch": args.micro, "precision": args.precision,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    try:
+        if args.impl == "ours":
+            r = run_ours(args, wl, device, world)
+        else:
+            r = run_hf(args, wl, device, world, liger=args.impl == "hf-liger")
+    except torch.cuda.OutOfMemoryError as exc:
+        record.update(status="oom", error=str(exc).splitlines()[0][:300])
+        r = None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            t = torch.tensor([peak if peak == peak else 0.0], device=device if device.type == "cuda" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            peak = float(t) if device.type == "cuda" else peak
+    if r is not None:
+        med = statistics.median(r["step_s"])
+        tokens = args.micro * args.seq
+        fpt = flops_per_token(wl, r["n_matmul"], args.seq)
+        record.update(
+            status="ok", steps_timed=len(r["step_s"]), step_s_median=med,
+            step_s_iqr=_iqr(r["step_s"]), tokens_per_s_per_gpu=tokens / med, peak_mem_gib=peak,
+            mfu=(tokens / med) * fpt / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
+            loss_first=r["losses"][0], loss_last=r["losses"][-1], n_matmul_params=r["n_matmul"],
+        )
+        if "patched" in r:
+            record["kernels"] = r["patched"]
+    if rank == 0:
+        line = json.dumps(record)
+        print("BENCH_RESULT " + line, flush=True)
+        if args.result_file:
+            with open(args.result_file, "a") as f:
+                f.write(line + "\n")
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    return 0 if record.get("status") in ("ok", "oom") else 1
+
+
+def _iqr(xs: list[float]) -> float:
+    if len(xs) < 4:
+        return 0.0
+    q = statistics.quantiles(xs, n=4)
+    return q[2] - q[0]
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+def _liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def run_matrix(args) -> int:
+    impls = args.impls.split(",")
+    backends = args.backends.split(",")
+    for i in impls:
+        if i not in IMPLS:
+            raise SystemExit(f"--impls: unknown {i!r} (choose from {', '.join(IMPLS)})")
+    for b in backends:
+        if b not in BACKENDS:
+            raise SystemExit(f"--backends: unknown {b!r} (choose from {', '.join(BACKENDS)})")
+    if "hf-liger" in impls and not _liger_available():
+        print("note: liger-kernel is not installed; skipping the hf-liger baseline", flush=True)
+        impls = [i for i in impls if i != "hf-liger"]
+    result_file = Path(tempfile.mkstemp(prefix="bench_train_", suffix=".jsonl")[1])
+    records = []
+    for backend in backends:
+        for impl in impls:
+            gpus = 1 if backend == "single" else args.gpus
+            base = [sys.executable] if backend == "single" else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+            cmd = base + [__file__, "--case", "--impl", impl, "--backend", backend, "--workload", args.workload,
+                          "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
+                          "--attn", args.attn, "--peak-tflops", str(args.peak_tflops), "--result-file", str(result_file)]
+            for flag, v in (("--seq", args.seq), ("--micro", args.micro)):
+                if v is not None:
+                    cmd += [flag, str(v)]
+            if args.no_kernels:
+                cmd.append("--no-kernels")
+            before = len(_read(result_file))
+            t0 = time.time()
+            print(f"--- {impl} {backend} x{gpus}", flush=True)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.case_timeout)
+            got = _read(result_file)[before:]
+            if proc.returncode != 0 or not got:
+                tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+                rec = {"workload": args.workload, "impl": impl, "backend": backend, "world_size": gpus,
+                       "status": "failed", "error": tail[-1500:]}
+                print(tail, flush=True)
+            else:
+                rec = got[-1]
+            rec["wall_s"] = round(time.time() - t0, 1)
+            records.append(rec)
+            print(_fmt_row(rec), flush=True)
+    table = markdown_table(records)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d"),
+                                              "records": records, "table": table}, indent=1))
+    failed = [r for r in records if r.get("status") == "failed"]
+    return 1 if failed and args.strict else 0
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fmt_row(r: dict) -> str:
+    if r.get("status") != "ok":
+        return f"{r['impl']:9s} {r['backend']:6s} {r.get('status')}: {str(r.get('error', ''))[:200]}"
+    mfu = f" mfu {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+    return (f"{r['impl']:9s} {r['backend']:6s} x{r['world_size']} {r['tokens_per_s_per_gpu']:10.0f} tok/s/gpu "
+            f"peak {r['peak_mem_gib']:.2f} GiB{mfu} loss {r['loss_first']:.3f}->{r['loss_last']:.3f}")
+
+
+def markdown_table(records: list[dict]) -> str:
+    """Rows per backend: ours and each baseline, with ours' ratio to the best baseline of that backend."""
+    lines = ["| backend | impl | GPUs | tokens/s/GPU | peak GiB | MFU | loss first→last | vs best baseline (speed, memory) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for backend in BACKENDS:
+        rows = [r for r in records if r.get("backend") == backend]
+        if not rows:
+            continue
+        ok_base = [r for r in rows if r["impl"] != "ours" and r.get("status") == "ok"]
+        best = max(ok_base, key=lambda r: r["tokens_per_s_per_gpu"]) if ok_base else None
+        for r in rows:
+            if r.get("status") != "ok":
+                lines.append(f"| {backend} | {r['impl']} | {r.get('world_size', '')} | {r.get('status')} | | | | |")
+                continue
+            ratio = ""
+            if r["impl"] == "ours" and best is not None:
+                mem = r["peak_mem_gib"] / best["peak_mem_gib"] if best["peak_mem_gib"] == best["peak_mem_gib"] else float("nan")
+                ratio = f"{r['tokens_per_s_per_gpu'] / best['tokens_per_s_per_gpu']:.2f}x, {mem:.2f}x (vs {best['impl']})"
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "–"
+            lines.append(
+                f"| {backend} | {r['impl']} | {r['world_size']} | {r['tokens_per_s_per_gpu']:.0f} | {r['peak_mem_gib']:.2f} "
+                f"| {mfu} | {r['loss_first']:.3f}→{r['loss_last']:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", default="full-1b", choices=sorted(WORKLOADS))
+    p.add_argument("--gpus", type=int, default=1, help="ranks per multi-process case (the matrix)")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--micro", type=int, default=None, help="micro-batch per GPU")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="bf16: ours precision bf16, baselines autocast / bf16 mixed precision")
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
+    p.add_argument("--no-kernels", action="store_true", help="ours without the Triton kernels")
+    p.add_argument("--out", default=None, help="JSON with every record and the markdown table")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a case failed")
+    p.add_argument("--case-timeout", type=int, default=900)
+    # one case (what the matrix launches)
+    p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="ours", choices=IMPLS)
+    p.add_argument("--backend", default="single", choices=BACKENDS)
+    p.add_argument("--result-file", default=None)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.case:
+        return run_case(args)
+    return run_matrix(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
