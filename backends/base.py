@@ -169,9 +169,9 @@ class LocalOptimizerMixin:
         self.optimizer.zero_grad(set_to_none=True)
         if self._master is not None:
             with torch.no_grad():
-                for p, m in zip(self._model_params, self._master):
-                    p.copy_(m)
-                    p.grad = None
+                torch._foreach_copy_(self._model_params, self._master)  # one multi-tensor kernel
+            for p in self._model_params:
+                p.grad = None
         return float(norm)
 
     # ------------------------------------------------------------------ checkpoints (DCP)

@@ -171,7 +171,12 @@ class Trainer:
 
     def _make_optimizer(self, groups: list) -> torch.optim.Optimizer:
         c = self.cfg
-        return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon)
+        # one fused CUDA kernel for the whole update where every parameter is on a GPU (DTensor
+        # shards included), as transformers' default adamw_torch_fused; foreach elsewhere
+        params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon,
+                                 fused=fused or None)
 
     @property
     def total_steps(self) -> int:
