@@ -70,32 +70,81 @@ class _Strict(BaseModel):
 
 
 class SingleConfig(_Strict):
-    """One process, one device."""
+    """One process, one device: no process group, no wrapping. For one GPU, the CPU, or debugging.
+    Refused when the launcher started several processes (unless UNSLOTH_FORCE_SINGLE_GPU=1)."""
 
-    name: Literal["single"] = "single"
+    name: Literal["single"] = Field("single", description="Selects this backend.")
 
 
 class DDPConfig(_Strict):
-    """torch DistributedDataParallel."""
+    """torch DistributedDataParallel: every rank holds the whole model, gradients and optimizer
+    state; gradients are all-reduced in buckets during backward. The fastest choice when all of it
+    fits on one GPU."""
 
-    name: Literal["ddp"] = "ddp"
-    find_unused_parameters: bool = False
-    bucket_cap_mb: float = Field(25.0, gt=0)
-    static_graph: bool = False
-    gradient_as_bucket_view: bool = True
+    name: Literal["ddp"] = Field("ddp", description="Selects this backend.")
+    find_unused_parameters: bool = Field(
+        False,
+        description="Let DDP find parameters that got no gradient in a step (an extra graph walk every "
+        "step). Turn on only when DDP reports parameters that did not receive a gradient (e.g. "
+        "branches not used in every forward).",
+    )
+    bucket_cap_mb: float = Field(
+        25.0,
+        gt=0,
+        description="Size in MiB of the gradient buckets DDP all-reduces while backward still runs. "
+        "Larger buckets mean fewer, bigger all-reduces (can help on slow interconnects) and less overlap.",
+    )
+    static_graph: bool = Field(
+        False,
+        description="Tell DDP that the set of used parameters is the same in every step, which lets it "
+        "skip per-step bookkeeping (and work with reentrant gradient checkpointing). Only for models "
+        "whose forward does not change between steps.",
+    )
+    gradient_as_bucket_view: bool = Field(
+        True,
+        description="Gradients are views into DDP's communication buckets instead of separate tensors, "
+        "saving one gradient-sized copy of memory. Turn off only if code holds on to `.grad` tensors "
+        "across steps.",
+    )
 
 
 class FSDPConfig(_Strict):
-    """FSDP2 (`torch.distributed.fsdp.fully_shard`) on every decoder layer and the root."""
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) on every decoder layer and the root: each rank
+    keeps a 1/N shard of the parameters, gradients and optimizer state, and gathers one layer at a
+    time. For models whose weights and Adam state do not fit on one GPU, or to give the memory to the
+    batch. Parameters stay fp32 shards; `precision: bf16` casts them to bf16 per layer for compute."""
 
-    name: Literal["fsdp"] = "fsdp"
+    name: Literal["fsdp"] = Field("fsdp", description="Selects this backend.")
     # full = FULL_SHARD, grad_op = SHARD_GRAD_OP (keep params unsharded between forward
     # and backward), hybrid = shard inside a node and replicate across nodes, none = replicate.
-    sharding: Literal["full", "grad_op", "hybrid", "none"] = "full"
+    sharding: Literal["full", "grad_op", "hybrid", "none"] = Field(
+        "full",
+        description="How parameters, gradients and optimizer state are spread: `full` (FULL_SHARD: each "
+        "rank keeps 1/N, a layer is gathered for its forward and again for its backward; least memory), "
+        "`grad_op` (SHARD_GRAD_OP: parameters stay gathered between forward and backward; more memory, "
+        "one all-gather less per layer), `hybrid` (shard within a node, replicate across nodes: "
+        "intra-node traffic only for the gathers; the world size must be a multiple of the ranks per "
+        "node), `none` (replicate everywhere, DDP-like).",
+    )
     # None: derived from `sharding` (True for full/hybrid, False for grad_op/none).
-    reshard_after_forward: Optional[bool] = None
-    cpu_offload: bool = False
-    wrap: Literal["decoder_layer"] = "decoder_layer"
+    reshard_after_forward: Optional[bool] = Field(
+        None,
+        description="Free each decoder layer's gathered parameters after its forward (re-gathered for "
+        "backward). Unset: derived from `sharding` (true for full/hybrid, false for grad_op/none); "
+        "true together with grad_op/none is rejected.",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="Keep the sharded parameters, gradients and optimizer state in (pinned) CPU memory "
+        "and run the optimizer step on the CPU (FSDP2 CPUOffloadPolicy). Saves most GPU memory at a "
+        "large speed cost; needs a GPU (refused on CPU-only runs).",
+    )
+    wrap: Literal["decoder_layer"] = Field(
+        "decoder_layer",
+        description="What becomes its own FSDP unit: every decoder layer (found through the model's "
+        "`_no_split_modules`, or its largest ModuleList of blocks), plus the root for embeddings, final "
+        "norm and head. The only policy so far.",
+    )
 
     @model_validator(mode="after")
     def _reshard(self) -> "FSDPConfig":
@@ -124,19 +173,73 @@ _STAGE3_ONLY = (
 
 
 class ZeroConfig(_Strict):
-    """DeepSpeed ZeRO stage 1, 2 or 3 (`name` picks the stage)."""
+    """DeepSpeed ZeRO stage 1, 2 or 3 (`name` picks the stage). DeepSpeed owns gradient
+    accumulation boundaries, clipping and fp16 loss scaling; the JSON config it gets is generated
+    from the TrainConfig (`unsloth-dist config deepspeed` writes the same file)."""
 
-    name: Literal["zero1", "zero2", "zero3"] = "zero2"
-    offload_optimizer: Literal["none", "cpu"] = "none"
-    offload_param: Literal["none", "cpu"] = "none"
-    overlap_comm: bool = True
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = Field(500_000_000, gt=0)
-    allgather_bucket_size: int = Field(500_000_000, gt=0)
-    stage3_prefetch_bucket_size: int = Field(50_000_000, gt=0)
-    stage3_param_persistence_threshold: int = Field(100_000, ge=0)
-    stage3_max_live_parameters: int = Field(1_000_000_000, gt=0)
-    stage3_max_reuse_distance: int = Field(1_000_000_000, ge=0)
+    name: Literal["zero1", "zero2", "zero3"] = Field(
+        "zero2",
+        description="The ZeRO stage: `zero1` partitions the optimizer state, `zero2` also the gradients, "
+        "`zero3` also the parameters (gathered module by module in forward and backward).",
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none",
+        description="`cpu`: keep the optimizer state (fp32 master weights and Adam moments) in pinned CPU "
+        "memory and step with DeepSpeed's CPU Adam. Frees the largest share of GPU memory for a slower "
+        "step; needs a GPU (refused on CPU-only runs).",
+    )
+    offload_param: Literal["none", "cpu"] = Field(
+        "none",
+        description="`cpu`: keep the partitioned parameters in CPU memory and bring them to the GPU when a "
+        "module runs (ZeRO-Infinity style). zero3 only; the slowest and smallest setting.",
+    )
+    overlap_comm: bool = Field(
+        True,
+        description="Overlap gradient reduction with backward computation. Faster; at stages 1-2 it "
+        "doubles the reduction buffers (2 x reduce_bucket_size elements).",
+    )
+    contiguous_gradients: bool = Field(
+        True,
+        description="Copy gradients into one contiguous buffer as they are produced, avoiding memory "
+        "fragmentation during backward.",
+    )
+    reduce_bucket_size: int = Field(
+        500_000_000,
+        gt=0,
+        description="Elements reduced at a time when gradients are reduced / reduce-scattered. Lower it "
+        "to save memory (each bucket is a buffer of this many elements), raise it for fewer, larger "
+        "collectives.",
+    )
+    allgather_bucket_size: int = Field(
+        500_000_000,
+        gt=0,
+        description="Elements all-gathered at a time when the updated parameter partitions are "
+        "gathered after the step (stages 1-2; zero3 ignores it). Lower it to save memory.",
+    )
+    stage3_prefetch_bucket_size: int = Field(
+        50_000_000,
+        gt=0,
+        description="zero3 only: elements of parameters fetched ahead of the module that needs them. "
+        "Larger overlaps more communication with compute and uses more memory.",
+    )
+    stage3_param_persistence_threshold: int = Field(
+        100_000,
+        ge=0,
+        description="zero3 only: parameters with fewer elements than this are not partitioned (kept "
+        "whole on every rank), saving many tiny gathers (norms, biases).",
+    )
+    stage3_max_live_parameters: int = Field(
+        1_000_000_000,
+        gt=0,
+        description="zero3 only: upper bound on the number of gathered parameter elements held on a GPU "
+        "at once. Lower it to save memory at some speed cost.",
+    )
+    stage3_max_reuse_distance: int = Field(
+        1_000_000_000,
+        ge=0,
+        description="zero3 only: a gathered parameter is kept (not released) if it will be used again "
+        "within this many parameter elements; lower it to save memory.",
+    )
 
     @property
     def stage(self) -> int:
@@ -155,9 +258,11 @@ class ZeroConfig(_Strict):
 
 
 class AutoConfig(_Strict):
-    """Pick the backend from the launcher environment and the world size at start-up."""
+    """Pick the backend from the launcher environment and the world size at start-up: the
+    accelerate config's FSDP / DeepSpeed settings under `accelerate launch`, `single` for one
+    process, `zero2` under the DeepSpeed launcher, `ddp` otherwise (torchrun with several ranks)."""
 
-    name: Literal["auto"] = "auto"
+    name: Literal["auto"] = Field("auto", description="Selects this backend.")
 
 
 BackendConfig = Annotated[
@@ -224,58 +329,201 @@ _SCHEDULERS = (
 class TrainConfig(_Strict):
     """Everything a training run needs; field names follow `transformers.TrainingArguments`."""
 
-    output_dir: str = "outputs"
-    backend: BackendConfig = Field(default_factory=AutoConfig)
-    precision: Precision = "bf16-mixed"
+    output_dir: str = Field(
+        "outputs",
+        description="Directory for everything the run writes: `metrics.jsonl`, `checkpoint-N/` "
+        "directories and the `latest` marker, `runs/` for TensorBoard. Relative paths are relative to the "
+        "working directory of the launched processes.",
+    )
+    backend: BackendConfig = Field(
+        default_factory=AutoConfig,
+        description="How the work is spread over processes: a bare name (`single`, `ddp`, `fsdp`, "
+        "`zero1`, `zero2`, `zero3`, `auto`) takes that backend's defaults, a mapping with `name:` sets "
+        "its options (see the backend sections below). `auto` decides from the launcher at start-up.",
+    )
+    precision: Precision = Field(
+        "bf16-mixed",
+        description="Numeric policy. `bf16`: bf16 parameters and compute, fp32 master weights, "
+        "reductions and optimizer state. `bf16-mixed`: fp32 parameters, bf16 autocast. `fp16-mixed`: "
+        "fp16 autocast with dynamic loss scaling (GPU only; not with fsdp). `fp32`: no reduced "
+        "precision (use it on the CPU or to debug numerics).",
+    )
 
-    per_device_train_batch_size: int = Field(8, gt=0)
-    per_device_eval_batch_size: int = Field(8, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    per_device_train_batch_size: int = Field(
+        8,
+        gt=0,
+        description="Samples per micro-batch on each rank. Lower it when a step runs out of memory and "
+        "raise gradient_accumulation_steps to keep the global batch.",
+    )
+    per_device_eval_batch_size: int = Field(
+        8, gt=0, description="Samples per evaluation forward on each rank (no gradients are kept)."
+    )
+    gradient_accumulation_steps: int = Field(
+        1,
+        gt=0,
+        description="Micro-batches accumulated per optimizer step. The global batch is "
+        "per_device_train_batch_size x gradient_accumulation_steps x world size; adjust this to keep it "
+        "when the number of GPUs changes.",
+    )
     # Optional: the global batch (per_device x accumulation x world size) asked for. When set,
     # it must equal that product at start-up; this catches a config written for another world size.
-    global_batch_size: Optional[int] = Field(None, gt=0)
+    global_batch_size: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Samples per optimizer step over all ranks. When set, the start-up check requires "
+        "per_device_train_batch_size x gradient_accumulation_steps x world size to equal it and says "
+        "which accumulation would: this catches a config written for another number of GPUs. Unset: no "
+        "check.",
+    )
 
-    learning_rate: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW (reached after warm-up).")
+    weight_decay: float = Field(
+        0.0,
+        ge=0,
+        description="AdamW decoupled weight decay, applied to matrices only (biases and norm weights are "
+        "never decayed).",
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1: decay rate of the first-moment (mean) estimate.")
+    adam_beta2: float = Field(
+        0.999, ge=0, lt=1, description="AdamW beta2: decay rate of the second-moment (squared-gradient) estimate."
+    )
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon, added to the denominator for stability.")
+    max_grad_norm: float = Field(
+        1.0,
+        ge=0,
+        description="Clip the global gradient norm (over all ranks and shards) to this value before each "
+        "step; 0 disables clipping. The logged grad_norm is the norm before clipping.",
+    )  # 0 disables clipping
 
-    num_train_epochs: Optional[float] = Field(None, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0)  # wins over num_train_epochs, as in transformers
-    warmup_steps: int = Field(0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    lr_scheduler_type: str = "linear"
-    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_train_epochs: Optional[float] = Field(
+        None,
+        gt=0,
+        description="Passes over the training data (fractions allowed); used only when max_steps is not "
+        "set. One of the two is required.",
+    )
+    max_steps: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Optimizer steps to run; wins over num_train_epochs, as in transformers. One of the "
+        "two is required.",
+    )  # wins over num_train_epochs, as in transformers
+    warmup_steps: int = Field(
+        0, ge=0, description="Steps of linear learning-rate warm-up from 0. Exclusive with warmup_ratio."
+    )
+    warmup_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Warm-up as a fraction of the total steps (rounded up). Exclusive with warmup_steps.",
+    )
+    lr_scheduler_type: str = Field(
+        "linear",
+        description="Learning-rate schedule after warm-up, built by transformers' `get_scheduler` "
+        "(names as in TrainingArguments).",
+    )
+    lr_scheduler_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments of the schedule, e.g. `{num_cycles: 2}` for "
+        "cosine_with_restarts or `{min_lr_rate: 0.1}` for cosine_with_min_lr.",
+    )
 
-    logging_steps: int = Field(1, gt=0)
-    eval_steps: Optional[int] = Field(None, gt=0)
-    save_steps: Optional[int] = Field(None, gt=0)
-    save_total_limit: Optional[int] = Field(None, gt=0)
+    logging_steps: int = Field(
+        1,
+        gt=0,
+        description="Every this many optimizer steps rank 0 appends loss, learning rate, grad norm, tokens/s "
+        "and peak memory to output_dir/metrics.jsonl (and to report_to). The last step is always logged.",
+    )
+    eval_steps: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Evaluate the global eval loss every this many steps when an eval dataset is given "
+        "(or data.eval_split is set). Unset: no evaluation during training (trainer.evaluate() still works).",
+    )
+    save_steps: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Write a checkpoint every this many optimizer steps (all ranks take part). Unset: no "
+        "periodic checkpoints (a SIGTERM save still happens with save_on_sigterm).",
+    )
+    save_total_limit: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Keep at most this many checkpoints in output_dir, deleting the oldest only after a "
+        "new one is complete. Needs save_steps. Unset: keep all.",
+    )
     # "latest" = the newest complete checkpoint in output_dir (a fresh start when there is none),
     # or the path of a checkpoint-* directory
-    resume_from_checkpoint: Optional[str] = None
+    resume_from_checkpoint: Optional[str] = Field(
+        None,
+        description="`latest`: continue from the newest complete checkpoint in output_dir (a fresh start "
+        "when there is none); or the path of a `checkpoint-N` directory, from any backend or world size. "
+        "The global batch must be the one the checkpoint was trained with.",
+    )
     # a step whose global loss is NaN/inf: stop (raise, naming the step) or skip (no update)
-    nan_policy: Literal["stop", "skip"] = "stop"
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop",
+        description="What a step whose global loss is NaN or inf does: `stop` raises, naming the step; "
+        "`skip` makes no update for that step (logged as skipped) and goes on.",
+    )
     # save a checkpoint at the next step boundary on SIGTERM (preemption), then stop cleanly
-    save_on_sigterm: bool = True
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    dataloader_num_workers: int = Field(0, ge=0)
-    dataloader_pin_memory: bool = True
+    save_on_sigterm: bool = Field(
+        True,
+        description="On SIGTERM (preemption) every rank finishes the current step, a checkpoint is saved, "
+        "and training returns cleanly; resume with resume_from_checkpoint: latest.",
+    )
+    seed: int = Field(
+        42,
+        description="Seeds torch and the order of the data: the sequence of global batches depends only on "
+        "seed and global batch size, never on the world size or backend.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in backward instead of storing them: much "
+        "less activation memory for about one extra forward of compute. Turn on for long sequences or "
+        "when out of memory.",
+    )
+    dataloader_num_workers: int = Field(
+        0, ge=0, description="Worker processes per rank that collate batches (0: in the training process)."
+    )
+    dataloader_pin_memory: bool = Field(
+        True, description="Collate into pinned host memory for faster copies to the GPU (ignored without CUDA)."
+    )
 
     # the data pipeline (unsloth_dist.data): files, format, template, packing, masking
-    data: Optional["DataConfig"] = None
+    data: Optional["DataConfig"] = Field(
+        None,
+        description="The data pipeline (see the data section below): files, format, chat template, "
+        "masking, packing. Used when the Trainer gets no train_dataset (and a tokenizer).",
+    )
 
     # process group: auto = nccl with CUDA, gloo without
-    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
-    dist_timeout_s: int = Field(1800, gt=0)
-    disable_tqdm: bool = False
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto",
+        description="torch.distributed communication library: `auto` is nccl with CUDA GPUs, gloo "
+        "without; nccl needs GPUs.",
+    )
+    dist_timeout_s: int = Field(
+        1800,
+        gt=0,
+        description="Seconds a collective may wait before the process group gives up (the process-group "
+        "timeout). It is what ends ranks left waiting by a rank that died without a launcher watching; "
+        "lower it to fail faster, raise it if a slow but healthy phase (a large save) hits it.",
+    )
+    disable_tqdm: bool = Field(False, description="Hide rank 0's progress bar (metrics are still logged).")
     # where rank 0 also sends the metrics it writes to output_dir/metrics.jsonl:
     # "tensorboard" (output_dir/runs), "wandb" (project from WANDB_PROJECT), or both
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
-    run_name: Optional[str] = None
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description="Where rank 0 also sends the metrics it writes to output_dir/metrics.jsonl: "
+        "`tensorboard` (event files in output_dir/runs/<run_name>), `wandb` (project from $WANDB_PROJECT), "
+        "or both; the package must be installed (`pip install tensorboard` / `wandb`). Accepts a list or a "
+        "comma-separated string; `none` or empty: metrics.jsonl only.",
+    )
+    run_name: Optional[str] = Field(
+        None,
+        description="Name of the run for report_to: the wandb run name and the TensorBoard run directory "
+        "output_dir/runs/<run_name>. Unset: wandb's default name and a timestamp directory.",
+    )
 
     @field_validator("report_to", mode="before")
     @classmethod

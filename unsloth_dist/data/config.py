@@ -55,25 +55,91 @@ class DataConfig(_Strict):
       seed), or a path (file / folder) read as the eval set.
     """
 
-    paths: list[str] = Field(default_factory=list)
-    format: Literal["auto", "text", "instruction", "chat", "sharegpt"] = "auto"
-    template: Optional[str] = None
-    max_seq_length: int = Field(2048, gt=1)
-    packing: bool = False
-    train_on_completions_only: bool = True
-    truncation: Literal["drop", "right", "left"] = "drop"
-    eval_split: Optional[Union[float, str]] = None
+    paths: list[str] = Field(
+        default_factory=list,
+        description="A data file or folder, or a list of them: `.jsonl`, `.json`, `.csv`, `.parquet` (also "
+        "`.ndjson`, `.tsv`, `.pq`); a folder contributes every such file below it (sorted), and a folder "
+        "written by `datasets.Dataset.save_to_disk` is read as that dataset. Every path must exist when "
+        "the config is built (relative to the working directory).",
+    )
+    format: Literal["auto", "text", "instruction", "chat", "sharegpt"] = Field(
+        "auto",
+        description="How a row is read: `text` (a `text` field, every token trained), `instruction` "
+        "(Alpaca: `instruction`, optional `input`, `output`, optional `system`), `chat` (`messages`: a "
+        "list of `{role, content}`), `sharegpt` (`conversations`: a list of `{from, value}`). `auto` "
+        "detects it from the first row's fields.",
+    )
+    template: Optional[str] = Field(
+        None,
+        description="Chat template that renders instruction / chat / sharegpt rows: a built-in name "
+        "(`default`, `chatml`, `llama3`, `alpaca`) or a Jinja template string (checked to parse). Unset: "
+        "the tokenizer's own chat template, or the built-in `default` when it has none. Not used with "
+        "format text.",
+    )
+    max_seq_length: int = Field(
+        2048,
+        gt=1,
+        description="Tokens per sample (and per packed row). Longer samples are handled by `truncation`. "
+        "Activation memory grows with it.",
+    )
+    packing: bool = Field(
+        False,
+        description="Put several samples into each row of max_seq_length tokens: no padding is wasted. "
+        "position_ids restart at 0 for every sample and attention never crosses samples (block-diagonal "
+        "mask, or flash-attention varlen).",
+    )
+    train_on_completions_only: bool = Field(
+        True,
+        description="Put the loss on the assistant turns / outputs only (their content and the "
+        "end-of-turn or EOS token that closes them); false trains on every token, prompts included. "
+        "Plain text is always trained on whole.",
+    )
+    truncation: Literal["drop", "right", "left"] = Field(
+        "drop",
+        description="A sample longer than max_seq_length: `drop` skips it (counted in the report), "
+        "`right` keeps its first max_seq_length tokens, `left` keeps its last ones (so the final answer "
+        "survives). A truncated sample left with no trained token is skipped and counted.",
+    )
+    eval_split: Optional[Union[float, str]] = Field(
+        None,
+        description="Evaluation data: a fraction 0 < f < 1 of the samples held out (drawn with the seed), "
+        "or a path (file or folder) read as the eval set. Unset: no eval set.",
+    )
     # canonical field name -> the column name in the files, e.g. {"output": "response"}
-    fields: dict[str, str] = Field(default_factory=dict)
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column names of your files for the canonical fields the formats read (text, "
+        "instruction, input, output, system, messages, conversations), e.g. `{output: response}`.",
+    )
     # a row that lacks a field its format needs: error (naming file, row and field) or skip (counted)
-    missing_field: Literal["error", "skip"] = "error"
+    missing_field: Literal["error", "skip"] = Field(
+        "error",
+        description="A row that lacks a field its format needs: `error` stops with the file, row and field; "
+        "`skip` leaves it out and counts it in the report.",
+    )
     # the split of a saved DatasetDict to read
-    split: str = "train"
-    cache_dir: Optional[str] = None
-    use_cache: bool = True
-    num_proc: int = Field(1, ge=1)
+    split: str = Field("train", description="The split to read from a saved `DatasetDict` folder.")
+    cache_dir: Optional[str] = Field(
+        None,
+        description="Where the tokenized cache is kept. Unset: $UNSLOTH_DIST_DATA_CACHE, else "
+        "$XDG_CACHE_HOME/unsloth_dist/data (~/.cache/unsloth_dist/data). Every rank must see it (one "
+        "node, or a shared file system).",
+    )
+    use_cache: bool = Field(
+        True,
+        description="Reuse a tokenized cache entry keyed by the data files, the tokenizer and the settings "
+        "that change tokens or labels; false tokenizes again on every launch (still once, on rank 0).",
+    )
+    num_proc: int = Field(
+        1, ge=1, description="Worker processes rank 0 uses to tokenize (a multiprocessing pool; 1: in-process)."
+    )
     # how long ranks other than the tokenizing one wait for the cache before giving up
-    cache_wait_timeout_s: float = Field(3600.0, gt=0)
+    cache_wait_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds the other ranks wait for rank 0 to finish the tokenized cache before giving up "
+        "with an error. Raise it for very large datasets.",
+    )
 
     def __init__(self, **data) -> None:
         # errors name the field as it is written in a config file: data.<field>
