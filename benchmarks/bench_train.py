@@ -423,14 +423,22 @@ def run_matrix(args) -> int:
             rec["wall_s"] = round(time.time() - t0, 1)
             records.append(rec)
             print(_fmt_row(rec), flush=True)
-    table = markdown_table(records)
+            _write(args.out, records)  # after every case: a run cut short keeps what it measured
+    table = _write(args.out, records)
     print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d"),
-                                              "records": records, "table": table}, indent=1))
     failed = [r for r in records if r.get("status") == "failed"]
     return 1 if failed and args.strict else 0
+
+
+def _write(out, records: list[dict]) -> str:
+    table = markdown_table(records)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(out) + ".tmp")
+        tmp.write_text(json.dumps({"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d"),
+                                   "records": records, "table": table}, indent=1))
+        tmp.replace(out)
+    return table
 
 
 def _read(path: Path) -> list[dict]:
