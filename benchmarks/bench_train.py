@@ -152,6 +152,40 @@ def random_batches(n: int, micro: int, seq: int, vocab: int, seed: int):
     return [torch.randint(0, vocab, (micro, seq), generator=g) for _ in range(n)]
 
 
+class _Profile:
+    """torch.profiler over `n` timed steps (rank 0), summarised into `dir/impl_backend.txt`: the
+    top CUDA kernels and the share of each step the GPU spent in kernels."""
+
+    def __init__(self, args, device, n: int = 3):
+        self.args, self.device, self.n, self.prof, self.t0 = args, device, n, None, 0.0
+        self.on = bool(args.profile_dir) and device.type == "cuda" and _env()[0] == 0
+
+    def at_step(self, i: int) -> None:  # called after step i (0-based) finished
+        import torch
+
+        if not self.on:
+            return
+        if i == self.args.warmup - 1:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof.start()
+            self.t0 = time.perf_counter()
+        elif self.prof is not None and i == self.args.warmup - 1 + self.n:
+            _sync(self.device)
+            wall = (time.perf_counter() - self.t0) / self.n
+            self.prof.stop()
+            ka = self.prof.key_averages()
+            kernel_us = sum(e.self_device_time_total for e in ka if e.device_type.name == "CUDA") / self.n
+            table = ka.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+            head = (f"{self.args.impl} {self.args.backend}: wall {wall * 1e3:.1f} ms/step, GPU kernels "
+                    f"{kernel_us / 1e3:.1f} ms/step ({100 * kernel_us / 1e6 / wall:.0f}% busy)\n")
+            out = Path(self.args.profile_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{self.args.impl}_{self.args.backend}.txt").write_text(head + table)
+            print("PROFILE " + head.strip(), flush=True)
+            self.prof = None
+
+
 # --------------------------------------------------------------------------- ours
 
 
@@ -175,11 +209,13 @@ def run_ours(args, wl, device, world) -> dict:
     vocab = wl["shape"]["vocab_size"]
     rows = [{"input_ids": r} for b in random_batches(steps * world, args.micro, args.seq, vocab, 1) for r in b.tolist()]
     times: list[float] = []
+    prof = _Profile(args, device)
 
     class Timer:
         def on_step_end(self, trainer, step, loss):
             _sync(device)
             times.append(time.perf_counter())
+            prof.at_step(len(times) - 1)
 
     out_dir = tempfile.mkdtemp(prefix="bench_train_")
     trainer = Trainer(model, rows, backend=args.backend, callbacks=[Timer()], args={
@@ -278,6 +314,7 @@ def run_hf(args, wl, device, world, liger: bool) -> dict:
     vocab = wl["shape"]["vocab_size"]
     batches = random_batches((args.warmup + args.steps) * world, args.micro, args.seq, vocab, 1)[rank::world]
     times, losses = [], []
+    prof = _Profile(args, device)
     model.train()
     _sync(device)
     t = time.perf_counter()
@@ -298,6 +335,7 @@ def run_hf(args, wl, device, world, liger: bool) -> dict:
         now = time.perf_counter()
         times.append(now - t)
         t = now
+        prof.at_step(len(times) - 1)
     return {"step_s": times[args.warmup:], "losses": [float(v) for v in losses], "n_matmul": n_matmul}
 
 
@@ -408,6 +446,8 @@ def run_matrix(args) -> int:
                     cmd += [flag, str(v)]
             if args.no_kernels:
                 cmd.append("--no-kernels")
+            if args.profile_dir:
+                cmd += ["--profile-dir", str(args.profile_dir)]
             before = len(_read(result_file))
             t0 = time.time()
             print(f"--- {impl} {backend} x{gpus}", flush=True)
@@ -495,6 +535,7 @@ def parse_args(argv=None):
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--no-kernels", action="store_true", help="ours without the Triton kernels")
+    p.add_argument("--profile-dir", default=None, help="profile 3 timed steps per case (rank 0) into this folder")
     p.add_argument("--out", default=None, help="JSON with every record and the markdown table")
     p.add_argument("--strict", action="store_true", help="exit 1 when a case failed")
     p.add_argument("--case-timeout", type=int, default=900)

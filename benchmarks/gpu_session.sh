@@ -33,7 +33,7 @@ for part in "$@"; do
     memory) TAILN=12 step bench_memory 420 python3 benchmarks/bench_memory.py --gpus ${MEM_GPUS:-2} ${MEM_CASES:+--cases $MEM_CASES} --out "$OUT/bench_memory.json" ;;
     models) (cd /tmp/t && TAILN=25 step gpu_models 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_models.py) ;;
     equivalence) (cd /tmp/t && step gpu_equivalence 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_equivalence.py) ;;
-    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ;;
+    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ;;
     *) echo "unknown part $part" ;;
   esac
 done
