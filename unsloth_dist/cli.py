@@ -9,6 +9,7 @@ check the environment, plan memory.
     unsloth-dist plan --model llama-3.1-8b --gpus 8 --lora
     unsloth-dist checkpoint inspect outputs/run1
     unsloth-dist checkpoint consolidate outputs/run1/checkpoint-400 -o exported/
+    unsloth-dist plot outputs/run_ddp outputs/run_fsdp -o runs.png
 
 A user mistake (bad config, bad option, inconsistent launcher environment) prints one red
 `error:` line (plus the config's field list) and exits with status 2, without a traceback.
@@ -451,6 +452,38 @@ def checkpoint_consolidate(
         shutil.copy(p / "config.json", dest / "config.json")
     out.print(f"wrote {len(tensors)} tensors ({sum(t.numel() for t in tensors.values()):,} values, {dtype}) of step "
               f"{meta['step']} ({meta['backend']}, {meta['world_size']} ranks) to {dest / 'model.safetensors'}")
+
+
+# --------------------------------------------------------------------------- plot
+
+from .plotting import DEFAULT_METRICS as _PLOT_METRICS  # noqa: E402  (stdlib-only module: a cheap import)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def plot(
+    run_dirs: List[str] = typer.Argument(..., metavar="RUN_DIR", help="runs' output_dirs (or their metrics.jsonl files); several go on one chart"),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="image to write (.png; default RUN_DIR/metrics.png for one run, ./runs.png for several)"),
+    metrics: str = typer.Option(",".join(_PLOT_METRICS), "--metrics", "-m",
+                                help="comma-separated panels, any numeric field of metrics.jsonl (also grad_norm, eval_loss, epoch)"),
+) -> None:
+    """Chart the metrics.jsonl of one or more runs: one panel per metric, one line per run (labelled with
+    its backend and world size), eval loss on the loss panel, resumes marked."""
+    from rich.markup import escape
+
+    from .plotting import PlotError, plot_metrics
+
+    notes: list[str] = []
+    with _guard((PlotError,)):
+        if output is None:
+            if len(run_dirs) == 1:
+                p = Path(run_dirs[0])
+                output = (p if p.is_dir() or not p.exists() else p.parent) / "metrics.png"
+            else:
+                output = Path("runs.png")
+        path = plot_metrics(run_dirs, output, metrics, on_note=notes.append)
+    for n in notes:
+        err.print(f"[yellow]note:[/yellow] {escape(n)}", markup=True, soft_wrap=True)
+    out.print(f"wrote {path} ({len(run_dirs)} run(s))", markup=False, soft_wrap=True)
 
 
 def main() -> None:
