@@ -24,6 +24,7 @@ from . import checkpoint
 from . import distributed as D
 from .config import ConfigError, load_config
 from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, check_sample, model_inputs, uses_varlen_attention
+from .integrations import close_reporters, make_reporters
 
 logger = logging.getLogger("unsloth_dist")
 
@@ -116,6 +117,7 @@ class Trainer:
                 "nan_policy: skip is not supported with the zero backends (DeepSpeed owns the optimizer step; "
                 "its fp16 loss scaler already skips overflowing steps); use nan_policy: stop"
             )
+        self._reporters = make_reporters(cfg, self.env.rank)  # report_to: packages checked on every rank; rank 0 reports
         self.cfg = cfg
         self.backend_cfg = backend_cfg
         if not isinstance(model, nn.Module):
@@ -231,6 +233,8 @@ class Trainer:
         for cb in self.callbacks:
             if hasattr(cb, "on_log"):
                 cb.on_log(self, record)
+        for reporter in self._reporters:
+            reporter.log(record)
 
     # ------------------------------------------------------------------ public API
 
@@ -260,6 +264,7 @@ class Trainer:
                 logger.info("resumed from %s at step %d", path, self.global_step)
         result = TrainResult(losses=[], global_step=self.global_step, start_step=self.global_step)
         stop = _SigtermFlag(c.save_on_sigterm)
+        failed = True
         try:
             bar = None
             if self.rank == 0 and not c.disable_tqdm:
@@ -347,8 +352,10 @@ class Trainer:
                     self._log({"step": self.global_step, "eval_loss": ev})
                 if c.save_steps and self.global_step % c.save_steps == 0:
                     self.save_checkpoint()
+            failed = False
         finally:
             stop.restore()
+            close_reporters(self._reporters, failed)
         if bar is not None:
             bar.close()
         result.global_step = self.global_step
