@@ -1,13 +1,17 @@
-"""The seed-compatible API, unchanged from single-GPU scripts, on one GPU or many.
+"""Multi-GPU training with the seed API, unchanged from a single-GPU script: FastLanguageModel.from_pretrained
++ get_peft_model + UnslothTrainingArguments + UnslothTrainer. The same file runs on one process or many.
 
-    python examples/seed_api.py --model DIR                       # one process
-    torchrun --nproc_per_node 2 examples/seed_api.py --model DIR  # DDP, one replica per rank
-    torchrun --nproc_per_node 2 examples/seed_api.py --model DIR --backend zero3 --lora
+    python examples/multi_gpu_training.py --model DIR                       # one process
+    torchrun --nproc_per_node 2 examples/multi_gpu_training.py --model DIR --lora   # DDP, one replica per rank
+    torchrun --nproc_per_node 2 examples/multi_gpu_training.py --model DIR --backend zero3 --lora
 
 DIR is a local Hugging Face model directory with its tokenizer (or a hub id where the hub is
 reachable). The training data is a small built-in text set (or --data FILE.jsonl with a "text"
-field), tokenized by the trainer. With --lora the LoRA adapter is saved to OUT/adapter, otherwise
-the full model to OUT/model.
+field), tokenized by the trainer. --backend auto (the default) is ddp under torchrun with several
+ranks and single in one process; --backend fsdp / zero1 / zero2 / zero3 pick another. --lora trains
+LoRA adapters, --load-in-4bit a QLoRA (bitsandbytes NF4) base (see examples/qlora_fsdp.py for QLoRA
+under FSDP2 on GPUs). The adapter is saved to OUT/adapter, a fully fine-tuned model to OUT/model;
+rank 0 writes OUT/summary.json (steps, losses, backend, world size) and prints it.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def builtin_texts(n: int = 64, seed: int = 0) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local model directory (or hub id)")
-    p.add_argument("--out", default="outputs/seed_api")
+    p.add_argument("--out", default="outputs/multi_gpu_training")
     p.add_argument("--data", default=None, help="JSONL file with a 'text' field")
     p.add_argument("--backend", default="auto", help="auto | single | ddp | fsdp | zero1 | zero2 | zero3")
     p.add_argument("--dist-backend", default=None, help="nccl | gloo (default: nccl with GPUs, gloo without)")

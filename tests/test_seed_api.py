@@ -1,5 +1,5 @@
 """The seed-compatible API: UnslothTrainingArguments -> TrainConfig mapping (errors included), and the
-issue's seed snippet (examples/seed_api.py) under `torchrun --nproc_per_node 2` on CPU with gloo."""
+issue's seed snippet (examples/multi_gpu_training.py) under `torchrun --nproc_per_node 2` on CPU with gloo."""
 from __future__ import annotations
 
 import json
@@ -128,7 +128,7 @@ def test_seed_snippet_under_torchrun(tmp_path, ):
 
     model_dir = make_model_dir(tmp_path / "model")
     out = tmp_path / "out"
-    run_cmd(torchrun(2, "examples/seed_api.py", "--model", model_dir, "--out", str(out), "--lora"))
+    run_cmd(torchrun(2, "examples/multi_gpu_training.py", "--model", model_dir, "--out", str(out), "--lora"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["backend"] == "ddp" and summary["dist_backend"] == "gloo"
     assert summary["global_step"] == 5 and len(summary["losses"]) == 5
