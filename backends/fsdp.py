@@ -58,7 +58,19 @@ class FSDPBackend(Backend):
         return init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
 
     def setup(self, model: nn.Module, optimizer_factory: OptimizerFactory) -> nn.Module:
-        model.to(device=self.device, dtype=torch.float32)
+        model.to(device=self.device)
+        bf16 = self.cfg.precision == "bf16"
+        for p in model.parameters():
+            # trainable weights are the fp32 masters the optimizer updates; under precision bf16 a
+            # frozen base (LoRA) keeps the dtype it was loaded in (bf16: half the memory of fp32),
+            # since MixedPrecisionPolicy computes in bf16 either way; packed 4/8-bit weights stay packed
+            if type(p).__name__ in ("Params4bit", "Int8Params") or not p.is_floating_point():
+                continue
+            if p.requires_grad or not bf16:
+                p.data = p.data.float()
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.data = b.data.float()
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if self.cfg.precision == "bf16"

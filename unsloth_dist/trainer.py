@@ -350,8 +350,10 @@ class Trainer:
                     ev = self.evaluate()
                     result.eval_losses.append((self.global_step, ev))
                     self._log({"step": self.global_step, "eval_loss": ev})
+                    t_log = time.perf_counter()  # tokens/s counts training time only
                 if c.save_steps and self.global_step % c.save_steps == 0:
                     self.save_checkpoint()
+                    t_log = time.perf_counter()
             failed = False
         finally:
             stop.restore()
