@@ -4,7 +4,9 @@ DIR / FILE filled in and tiny settings appended).
 Commands already exercised elsewhere are listed in ELSEWHERE with the test that runs them; a check
 here makes sure that test runs that launcher, that script and those arguments. The rest run here:
 the seed-API example in one process and under ZeRO-3, QLoRA-FSDP's clear refusal without CUDA, and
-(marked gpu) QLoRA-FSDP and the split-model inference on the device.
+(marked gpu) QLoRA-FSDP and the split-model inference on the device. Last, the commands written in
+the README and docs/MULTI_GPU_TRAINING.md: the README's set-up commands match .ci/run, every
+`unsloth-dist ...` line names real commands and options, every examples/*.py named exists.
 """
 from __future__ import annotations
 
@@ -207,3 +209,72 @@ def test_qlora_fsdp(tmp_path_factory, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     print(f"\nqlora_fsdp on {n} x {s['gpu']}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
           f"peak GiB {s['peak_mem_gib_per_rank']}")
+
+
+# ------------------------------------------------------------------ commands in the README and the guide
+
+DOCS = ["README.md", "docs/MULTI_GPU_TRAINING.md"]
+INSTALL = 'pip install "setuptools>=70" wheel torch==2.13.0 && DS_BUILD_OPS=0 pip install --no-build-isolation -e ".[dev]"'
+
+
+def _code_blocks(text: str) -> list[str]:
+    return text.split("```")[1::2]
+
+
+def test_readme_setup_commands_and_ci_agree():
+    blocks = [b.split("\n", 1)[1].strip() for b in _code_blocks((ROOT / "README.md").read_text()) if b.startswith("bash")]
+    assert blocks[0] == f"{INSTALL} && python examples/quickstart.py", blocks[0]
+    assert blocks[1] == "python -m pytest -q", blocks[1]
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == f"{INSTALL} && {blocks[1]}", f".ci/run runs {ci!r}, not the README's install + test command"
+
+
+def _unsloth_dist_calls() -> list[list[str]]:
+    calls = []
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        for line in text.splitlines():
+            for part in line.split("unsloth-dist ")[1:]:
+                words = shlex.split(part.split("#", 1)[0].split("`", 1)[0].replace("\\", " "), posix=True)
+                if words and not words[0].startswith(("-", ".")) and words[0].isidentifier():
+                    calls.append(words)
+    return calls
+
+
+def test_unsloth_dist_commands_in_docs_exist():
+    """Every `unsloth-dist SUB [SUB2] --option` written in the README and the guide is a real command
+    with those options."""
+    import typer
+
+    from unsloth_dist.cli import app
+
+    root = typer.main.get_command(app)
+    calls = _unsloth_dist_calls()
+    assert len(calls) > 10, calls
+    seen = set()
+    for words in calls:
+        cmd, path = root, []
+        for w in words:
+            if hasattr(cmd, "commands") and not w.startswith("-"):  # a group (typer's own click copy)
+                alternatives = w.split("|")  # prose like `checkpoint inspect|consolidate`
+                for alt in alternatives:
+                    assert alt in cmd.commands, f"`unsloth-dist {' '.join(path + [alt])}` is not a command (in {words})"
+                    seen.add(" ".join(path + [alt]))
+                cmd, path = cmd.commands[alternatives[0]], path + [alternatives[0]]
+        opts = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+        for w in words:
+            if w == "--":
+                break  # arguments after -- go to `train`
+            if w.startswith("-") and w not in ("-", "--"):
+                assert w.split("=", 1)[0] in opts, f"`unsloth-dist {' '.join(path)}` has no option {w} ({words})"
+        seen.add(" ".join(path))
+    assert {"train", "launch", "config accelerate", "config deepspeed", "plan", "env", "plot",
+            "checkpoint consolidate"} <= seen, seen
+
+
+def test_example_scripts_named_in_docs_exist():
+    import re
+
+    for doc in DOCS:
+        for name in set(re.findall(r"examples/([\w]+\.py)", (ROOT / doc).read_text())):
+            assert (ROOT / "examples" / name).is_file(), f"{doc} names examples/{name}, which does not exist"
