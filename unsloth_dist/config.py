@@ -112,7 +112,9 @@ class FSDPConfig(_Strict):
     """FSDP2 (`torch.distributed.fsdp.fully_shard`) on every decoder layer and the root: each rank
     keeps a 1/N shard of the parameters, gradients and optimizer state, and gathers one layer at a
     time. For models whose weights and Adam state do not fit on one GPU, or to give the memory to the
-    batch. Parameters stay fp32 shards; `precision: bf16` casts them to bf16 per layer for compute."""
+    batch. Trained parameters are fp32 shards (the optimizer's masters) that `precision: bf16` casts
+    to bf16 per layer for compute; under `precision: bf16` a frozen base (LoRA) keeps the dtype it
+    was loaded in."""
 
     name: Literal["fsdp"] = Field("fsdp", description="Selects this backend.")
     # full = FULL_SHARD, grad_op = SHARD_GRAD_OP (keep params unsharded between forward
