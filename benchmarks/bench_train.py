@@ -183,6 +183,10 @@ class _Profile:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{self.args.impl}_{self.args.backend}.txt").write_text(head + table)
             print("PROFILE " + head.strip(), flush=True)
+            rows = sorted(((e.self_device_time_total / self.n / 1e3, e.count / self.n, e.key) for e in ka
+                           if e.self_device_time_total > 0), reverse=True)[:25]
+            for ms, calls, key in rows:
+                print(f"PROFILE   {ms:8.2f} ms/step {calls:6.0f} calls  {key[:100]}", flush=True)
             self.prof = None
 
 
@@ -453,6 +457,9 @@ def run_matrix(args) -> int:
             print(f"--- {impl} {backend} x{gpus}", flush=True)
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.case_timeout)
             got = _read(result_file)[before:]
+            for line in proc.stdout.splitlines():
+                if line.startswith("PROFILE"):
+                    print(line, flush=True)
             if proc.returncode != 0 or not got:
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
                 rec = {"workload": args.workload, "impl": impl, "backend": backend, "world_size": gpus,
