@@ -7,7 +7,8 @@
 
 at Llama-3-8B sizes in bf16: hidden 4096, intermediate 14336, vocab 128256, 32 / 8 heads of 128,
 16k tokens. Each measurement: a few warm-up runs, then the median (and p20 / p80) of repeated
-runs timed with CUDA events; peak memory is ``max_memory_allocated`` during one run minus what
+runs timed with CUDA events, each behind a queued GPU spin so that the events see GPU time only
+(the host has launched the op's kernels before the start event runs, as a model running ahead); peak memory is ``max_memory_allocated`` during one run minus what
 was allocated before it (the inputs), i.e. what the op itself adds.
 
     python benchmarks/bench_kernels.py --out benchmarks/results/kernels.json
@@ -256,6 +257,24 @@ def _sync():
         torch.cuda.synchronize()
 
 
+_SPIN: dict = {}
+
+
+def _gpu_spin(ms: float = 5.0) -> None:
+    """Queue a kernel that keeps the GPU busy for about `ms` so that the host has launched the
+    timed op's kernels before the start event runs: the events then measure GPU time alone, not
+    Python / autograd / launch latency (which a model's forward hides by running ahead)."""
+    if "cycles_per_ms" not in _SPIN:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        torch.cuda._sleep(1_000_000)
+        b.record()
+        b.synchronize()
+        _SPIN["cycles_per_ms"] = 1_000_000 / max(a.elapsed_time(b), 1e-3)
+    torch.cuda._sleep(int(ms * _SPIN["cycles_per_ms"]))
+
+
 def measure(prep: Callable, impl: Callable, warmup: int, reps: int) -> dict:
     if not torch.cuda.is_available():
         return _measure_cpu(prep, impl, warmup, reps)
@@ -273,6 +292,7 @@ def measure(prep: Callable, impl: Callable, warmup: int, reps: int) -> dict:
         ins = prep()
         fresh = _fresh(grads_out)
         torch.cuda.synchronize()
+        _gpu_spin()
         start.record()
         outs, g, _ = _fwd_bwd(impl, ins, grads_out, fresh)
         del fresh
