@@ -275,6 +275,22 @@ def _gpu_spin(ms: float = 5.0) -> None:
     torch.cuda._sleep(int(ms * _SPIN["cycles_per_ms"]))
 
 
+def _warm_gpu(seconds: float = 3.0) -> None:
+    """Busy the GPU with large matmuls before timing anything. On a freshly started machine the
+    first process's first ops measured up to 1.6-3x slower (H100, 2026-11-25: RMSNorm 0.43-0.71 ms
+    vs 0.27 ms, RoPE 0.48-0.74 vs 0.25 ms) while clocks and memory came up."""
+    if not torch.cuda.is_available():
+        return
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+    del a
+    torch.cuda.empty_cache()
+
+
 def measure(prep: Callable, impl: Callable, warmup: int, reps: int) -> dict:
     if not torch.cuda.is_available():
         return _measure_cpu(prep, impl, warmup, reps)
@@ -504,6 +520,7 @@ def main(argv=None) -> int:
             print("bench_kernels: --check FAILED (see [check] lines above); not timing", file=sys.stderr)
             return 1
         info["check_s"] = round(time.perf_counter() - t0, 1)
+    _warm_gpu()
     rows = run(args.ops, args.impls, args.warmup, args.reps)
     info["total_s"] = round(time.perf_counter() - t0, 1)
     table = markdown(rows)
