@@ -49,7 +49,8 @@ def parse_args(argv=None):
                         "examples/data/instructions.jsonl)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 30)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per rank per step (default 4)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per optimizer step, all ranks together (default 8)")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16)")
     p.add_argument("--seq-len", type=int, default=None, help="max tokens per row (default 128)")
     p.add_argument("--held-out", type=int, default=None, help="rows held out for before/after (default 16)")
@@ -68,8 +69,8 @@ def main(argv=None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-    from unsloth_dist.demo import (DemoError, DemoOptions, child_env, launch_command, prebuild_deepspeed_ops, prepare_model,
-                                   quiet_libraries, read_rows)
+    from unsloth_dist.demo import (DemoError, DemoOptions, child_env, launch_command, prebuild_deepspeed_ops,
+                                   prepare_model, quiet_libraries, read_rows)
 
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     given = {k: v for k, v in {
@@ -96,6 +97,9 @@ def main(argv=None) -> int:
                 raise DemoError(f"--nproc {nproc}: must be at least 1")
             opts = DemoOptions(model_dir="", output_dir=args.out, backend=args.backend, **given)
             opts.check()
+            if opts.batch_size % nproc:
+                raise DemoError(f"--batch-size {opts.batch_size} (rows per step, all ranks together) is not a "
+                                f"multiple of --nproc {nproc}")
             read_rows(opts.data)  # bad data stops here, before anything is downloaded or launched
             env = child_env(nproc)
             os.environ.update({k: v for k, v in env.items() if k not in os.environ})
@@ -103,8 +107,8 @@ def main(argv=None) -> int:
             if nproc > 1:
                 prebuild_deepspeed_ops(args.backend)
                 cmd = launch_command(Path(__file__).resolve(), raw + ["--model", str(model_dir)], nproc)
-                print(f"launching {nproc} ranks (python -m torch.distributed.run --standalone --nproc_per_node {nproc})",
-                      flush=True)
+                print(f"launching {nproc} ranks (python -m torch.distributed.run --standalone "
+                      f"--nproc_per_node {nproc})", flush=True)
                 return subprocess.call(cmd, env=env)
         opts = DemoOptions(model_dir=str(model_dir), output_dir=args.out, backend=args.backend, **given)
         with quiet_libraries():
@@ -115,6 +119,8 @@ def main(argv=None) -> int:
         prefix = f"[rank {rank}] " if launched and rank else ""
         print(f"{prefix}error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

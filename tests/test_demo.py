@@ -63,7 +63,8 @@ def tiny_tokenizer():
 def tiny_model(tokenizer, tie: bool = True, init: float = 0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(initializer_range=init, vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+    cfg = LlamaConfig(initializer_range=init, vocab_size=len(tokenizer), hidden_size=HIDDEN,
+                      intermediate_size=2 * HIDDEN,
                       num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                       max_position_embeddings=256, tie_word_embeddings=tie, rms_norm_eps=1e-5,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -157,7 +158,8 @@ def write_wheel(dest: Path, package: str, version: str, member: str, payload: Pa
 
 def _run_quickstart(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "OMP_NUM_THREADS"):
         env.pop(var, None)
     env.update({
         "UNSLOTH_DIST_CACHE": str(tmp_path / "model_cache"),  # must stay empty: --model is given
@@ -173,7 +175,7 @@ def _run_quickstart(args: list[str], tmp_path: Path, timeout: int = 300) -> subp
 def test_quickstart_two_ranks_ddp(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     proc = _run_quickstart(["--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "3",
-                            "--batch-size", "2", "--held-out", "4", "--show", "2", "--max-new-tokens", "6",
+                            "--batch-size", "4", "--held-out", "4", "--show", "2", "--max-new-tokens", "6",
                             "--lr", "5e-2"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + "\n---- stderr ----\n" + proc.stderr[-6000:]
     text = proc.stdout
@@ -224,7 +226,8 @@ def test_quickstart_two_ranks_ddp(tiny_model_dir, tmp_path):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as each rank ran
     try:  # rank r answered prompts r, r+2, ... in one batch
         for r in range(2):
-            assert demo.generate(peft_model, tokenizer, prompts[r::2], max_new_tokens=6) == [g["after"] for g in held[r::2]]
+            after = demo.generate(peft_model, tokenizer, prompts[r::2], max_new_tokens=6)
+            assert after == [g["after"] for g in held[r::2]]
             with peft_model.disable_adapter():
                 assert demo.generate(peft_model, tokenizer, prompts[r::2], max_new_tokens=6) == \
                     [g["before"] for g in held[r::2]]

