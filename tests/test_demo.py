@@ -372,3 +372,15 @@ def test_hold_out_and_answer_shape():
     with_sys = demo.with_system(rows[:2], "Answer exactly.")
     assert with_sys[0]["messages"][0] == {"role": "system", "content": "Answer exactly."}
     assert demo.with_system(rows[:2], "") == rows[:2]
+
+
+@pytest.mark.parametrize("with_plotting_module", [True, False])
+def test_plot_loss_png(tmp_path, monkeypatch, with_plotting_module):
+    """The loss chart, through unsloth_dist.plotting when it can be imported, else the fallback."""
+    if not with_plotting_module:
+        monkeypatch.setitem(sys.modules, "unsloth_dist.plotting", None)  # its import raises ImportError
+    rows = [{"step": 0, "eval_loss": 2.0}]
+    rows += [{"step": s, "loss": 2.0 / s, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = demo.plot_loss(tmp_path, tmp_path / "loss.png", title="t")
+    assert png == tmp_path / "loss.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
