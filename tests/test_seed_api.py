@@ -78,8 +78,14 @@ def test_optim_and_ignored_and_unknown_arguments():
         cfg(report_to="none")  # the harmless default: silent
     with pytest.warns(UserWarning, match="logging_dir"):
         cfg(logging_dir="logs")
-    with pytest.warns(UserWarning, match="report_to"):
-        cfg(report_to="wandb")
+    # TensorBoard / W&B pass through to TrainConfig; integrations unsloth_dist lacks are dropped loudly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = cfg(report_to="wandb", run_name="exp1")
+    assert c.report_to == ["wandb"] and c.run_name == "exp1"
+    with pytest.warns(UserWarning, match="report_to=.*ignoring \\['mlflow'\\]"):
+        assert cfg(report_to=["tensorboard", "mlflow"]).report_to == ["tensorboard"]
+    assert cfg(report_to="none").report_to == []
     with pytest.raises(ConfigError, match=r"'learnin_rate' \(did you mean 'learning_rate'\?\)"):
         UnslothTrainingArguments(learnin_rate=1e-3)
     with pytest.raises(ConfigError, match="backend='zero1'"):

@@ -22,8 +22,9 @@ Decisions (documented here, tested in tests/test_seed_api.py):
 * **optim**: AdamW variants only (``adamw_torch``, ``adamw_torch_fused``, ``adamw_hf``, ``adamw``;
   the bitsandbytes 8-bit / paged AdamW names are accepted with a warning: torch AdamW runs); anything
   else is an error.
-* Arguments that have no effect here (``report_to``, ``logging_dir``, ``run_name``, ``push_to_hub``, ...)
-  are ignored with a warning (silently for ``report_to="none"``). Unknown names are an error that names
+* ``report_to`` ("tensorboard", "wandb"; other integrations are dropped with a warning) and ``run_name``
+  map onto TrainConfig. Arguments that have no effect here (``logging_dir``, ``push_to_hub``, ...)
+  are ignored with a warning. Unknown names are an error that names
   them, with a close match when there is one.
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ _ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw")
 _ADAMW_8BIT = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch_4bit")
 # accepted, no effect here (a warning unless the value is the harmless default)
 _IGNORED = {
-    "report_to": ("none", None, [], "None"), "logging_dir": (None,), "run_name": (None,), "push_to_hub": (False,),
+    "logging_dir": (None,), "push_to_hub": (False,),
     "hub_model_id": (None,), "hub_token": (None,), "hub_strategy": (None, "every_save"), "overwrite_output_dir": (False, True),
     "do_train": (False, True), "do_eval": (False, True), "do_predict": (False,), "remove_unused_columns": (True, False),
     "logging_first_step": (False, True), "logging_strategy": ("steps",), "data_seed": (None,), "tf32": (None,),
@@ -68,7 +69,8 @@ _IGNORED = {
 }
 _EXTRA = ("enable_distributed_training", "distributed_backend", "ddp_find_unused_parameters", "ddp_bucket_cap_mb",
           "backend", "bf16", "fp16", "optim", "ddp_timeout", "eval_strategy", "evaluation_strategy",
-          "save_strategy", "max_seq_length", "max_length", "dataset_text_field", "deepspeed", "fsdp")
+          "save_strategy", "max_seq_length", "max_length", "dataset_text_field", "deepspeed", "fsdp", "report_to",
+          "run_name")
 _KNOWN = set(_DIRECT) | set(_IGNORED) | set(_EXTRA)
 
 
@@ -181,8 +183,21 @@ class UnslothTrainingArguments:
             if str(db) not in ("nccl", "gloo", "auto"):
                 raise ConfigError(f"UnslothTrainingArguments: distributed_backend={db!r}: use 'nccl' or 'gloo'")
             out["dist_backend"] = str(db)
+        # report_to / run_name: TensorBoard and W&B run here (TrainConfig.report_to); other integrations
+        # transformers knows are dropped with a warning
+        rt = kw.get("report_to")
+        if rt is not None:
+            names = [rt] if isinstance(rt, str) else list(rt)
+            names = [str(n) for n in names if str(n) not in ("none", "None", "")]
+            keep = [n for n in names if n in ("tensorboard", "wandb")]
+            if len(keep) < len(names):
+                warnings.warn(f"UnslothTrainingArguments: report_to={rt!r}: only 'tensorboard' and 'wandb' are supported; "
+                              f"ignoring {[n for n in names if n not in keep]}", stacklevel=3)
+            out["report_to"] = keep
+        if kw.get("run_name") is not None:
+            out["run_name"] = str(kw["run_name"])
         for k, harmless in _IGNORED.items():
-            if k in kw and kw[k] not in harmless and not (k == "report_to" and kw[k] in ("none", ["none"])):
+            if k in kw and kw[k] not in harmless:
                 warnings.warn(f"UnslothTrainingArguments: {k}={kw[k]!r} has no effect in unsloth_dist; ignored",
                               stacklevel=3)
         return out
