@@ -107,7 +107,8 @@ def quantize_4bit(model, compute_dtype):
                                   compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
                                   quant_storage=torch.bfloat16, device="meta")
             w = child.weight.data
-            q.weight = bnb.nn.Params4bit(w.to("cpu"), requires_grad=False, compress_statistics=True,
+            # Params4bit quantizes on its first move to a GPU (also from a GPU tensor)
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
                                          quant_type="nf4", quant_storage=torch.bfloat16).to(w.device)
             setattr(mod, child_name, q)
             del child, w
