@@ -462,7 +462,11 @@ def run_matrix(args) -> int:
                 if line.startswith("PROFILE"):
                     print(line, flush=True)
             if proc.returncode != 0 or not got:
-                tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+                lines = (proc.stdout + proc.stderr).strip().splitlines()
+                # the exception itself (torchrun's summary alone says only "FAILED")
+                cause = [ln for ln in lines if ("Error" in ln or "Exception" in ln) and "error_file" not in ln
+                         and "errors.html" not in ln and "Warning" not in ln][-6:]
+                tail = "\n".join(cause + lines[-8:])
                 rec = {"workload": args.workload, "impl": impl, "backend": backend, "world_size": gpus,
                        "status": "failed", "error": tail[-1500:]}
                 print(tail, flush=True)
