@@ -108,8 +108,9 @@ def quantize_4bit(model, compute_dtype):
                                   quant_storage=torch.bfloat16, device="meta")
             w = child.weight.data
             # Params4bit quantizes on its first move to a GPU (also from a GPU tensor)
-            q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4", quant_storage=torch.bfloat16).to(w.device)
+            # (module=q: the layer keeps the quant state too, which FSDP2's resharded parameter loses)
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                         quant_storage=torch.bfloat16, module=q).to(w.device)
             setattr(mod, child_name, q)
             del child, w
     model.is_loaded_in_4bit = True
