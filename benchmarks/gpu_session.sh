@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks for one device session, run from the repository root on the device machine:
-#   bash benchmarks/gpu_session.sh PART [PART ...]     PART = kernels | kbench | memory | models | equivalence | train
+#   bash benchmarks/gpu_session.sh PART [PART ...]     PART = kernels | kbench | memory | models | examples | equivalence | train
 # train: env TRAIN_WORKLOAD (full-1b), TRAIN_GPUS (1), TRAIN_BACKENDS, TRAIN_IMPLS, TRAIN_STEPS, TRAIN_WARMUP, TRAIN_TAG
 # Needs the wheels of .whl/ (pydantic, DeepSpeed sdist, bitsandbytes, liger-kernel, pytest-timeout, ...).
 # Logs and JSON go to $OUT (the device tool brings that folder back).
@@ -18,7 +18,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)"
 # tests run from a copy: in the repository root `unsloth_dist` would shadow the installed package
-rm -rf /tmp/t && mkdir -p /tmp/t && cp -r tests pyproject.toml /tmp/t/
+rm -rf /tmp/t && mkdir -p /tmp/t && cp -r tests examples configs pyproject.toml /tmp/t/
 step() {  # name timeout command...
   local name=$1 t=$2; shift 2
   echo "=== $name ($(date +%T))"
@@ -32,6 +32,7 @@ for part in "$@"; do
     kbench) TAILN=40 step bench_kernels 300 python3 benchmarks/bench_kernels.py --check --out "$OUT/bench_kernels.json" ;;
     memory) TAILN=12 step bench_memory 420 python3 benchmarks/bench_memory.py --gpus ${MEM_GPUS:-2} ${MEM_CASES:+--cases $MEM_CASES} --out "$OUT/bench_memory.json" ;;
     models) (cd /tmp/t && TAILN=25 step gpu_models 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_models.py) ;;
+    examples) (cd /tmp/t && TAILN=15 step gpu_examples 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_examples.py) ;;
     equivalence) (cd /tmp/t && step gpu_equivalence 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_equivalence.py) ;;
     train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ;;
     *) echo "unknown part $part" ;;
