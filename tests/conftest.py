@@ -1,4 +1,5 @@
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -52,7 +53,17 @@ def run_cmd(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subp
     full_env["PYTHONUNBUFFERED"] = "1"
     if env:
         full_env.update(env)
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # own session: on timeout the whole launcher tree is killed (subprocess.run kills only the
+    # launcher, then waits forever on pipes its ranks still hold)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"command timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}\n---- stderr ----\n{err[-6000:]}")
+    proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     if proc.returncode != 0:
         tail = (proc.stdout[-6000:] + "\n---- stderr ----\n" + proc.stderr[-8000:])
         pytest.fail(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")

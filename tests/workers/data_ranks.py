@@ -73,8 +73,9 @@ def main(tok_dir: str, data_file: str, bad_file: str, work: str) -> None:
 
     with open(os.path.join(work, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    # no barrier + destroy_process_group here: with DDP's reducer still holding the gloo group, torch
+    # 2.13 can deadlock in the group's destructor (main thread joins gloo's worker, which waits for
+    # the GIL to free the barrier's tensors) -- seen once in CI; the group is torn down at exit
 
 
 if __name__ == "__main__":
