@@ -15,7 +15,7 @@ bf16 `MixedPrecisionPolicy`) or DeepSpeed ZeRO, each with and without Liger-Kern
 
 Workloads: full-1b (Llama-3.2-1B shape, full fine-tuning, seq 2048, micro-batch 4), lora-8b
 (Llama-3.1-8B shape, LoRA r=16 on all linear layers), qlora-8b (the same on a 4-bit NF4 base),
-tiny / tiny-lora (a few-MB shape for the CPU test). Each case reports tokens/s per GPU (median of
+tiny / tiny-lora / tiny-qlora (a few-MB shape for the CPU test). Each case reports tokens/s per GPU (median of
 the timed steps, after warm-up), peak memory per GPU (max over ranks), MFU and the losses.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ WORKLOADS = {
     "qlora-8b": dict(shape=LLAMA_8B, seq=2048, micro=4, lora=True, quant=True, ckpt=True),
     "tiny": dict(shape=TINY, seq=32, micro=2, lora=False, quant=False, ckpt=False),
     "tiny-lora": dict(shape=TINY, seq=32, micro=2, lora=True, quant=False, ckpt=True),
+    "tiny-qlora": dict(shape=TINY, seq=32, micro=2, lora=True, quant=True, ckpt=True),
 }
 IMPLS = ["ours", "hf", "hf-liger"]
 BACKENDS = ["single", "ddp", "fsdp", "zero2", "zero3"]
