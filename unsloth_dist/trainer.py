@@ -275,8 +275,9 @@ class Trainer:
             t_start = time.perf_counter()
             t_log, tokens_since_log = t_start, 0
             it = iter(self._loader(self.global_step, total))
+            upcoming = [next(it) for _ in range(gas)] if self.global_step < total else []
             for step in range(self.global_step, total):
-                micros = [next(it) for _ in range(gas)]
+                micros = upcoming
                 counts = torch.tensor(
                     [
                         sum(count_targets(mb["labels"]) for mb in micros),
@@ -301,6 +302,9 @@ class Trainer:
                         s = self._forward_loss_sum(mb)
                         self.backend.backward(s / norm)
                     loss_sum += s.detach().double()
+                # the next step's micro-batches are collated now, while the GPU still runs this
+                # step's backward (the loss read below waits for it); same order as without
+                upcoming = [next(it) for _ in range(gas)] if step + 1 < total else []
                 global_loss = float(D.all_reduce_sum(loss_sum.to(self._comm_device))) / norm
                 if math.isfinite(global_loss):
                     grad_norm = self.backend.step()
