@@ -85,12 +85,19 @@ class Backend:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self) -> float:
-        """Clip, optimizer step, zero grad; returns the global grad norm before clipping."""
+    def clip_gradients(self) -> Optional[torch.Tensor]:
+        """Clip the gradients now and return the global grad norm before clipping as a 0-d tensor
+        (no host sync), for `step` to use; None where `step` clips itself (DeepSpeed)."""
+        return None
+
+    def step(self) -> "float | torch.Tensor":
+        """Clip (unless `clip_gradients` already did), optimizer step, zero grad; returns the global
+        grad norm before clipping (a tensor where reading it would wait for the GPU)."""
         raise NotImplementedError
 
     def skip_step(self) -> None:
         """Drop this step's gradients without updating (nan_policy: skip)."""
+        self._pending_norm = None
         self.optimizer.zero_grad(set_to_none=True)
         if self.module is not None:
             for p in self.module.parameters():
@@ -151,7 +158,9 @@ class LocalOptimizerMixin:
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def step(self) -> float:
+    _pending_norm: Optional[torch.Tensor] = None
+
+    def clip_gradients(self) -> torch.Tensor:
         if self._master is not None:
             for p, m in zip(self._model_params, self._master):
                 m.grad = None if p.grad is None else p.grad.detach().float()
@@ -160,7 +169,12 @@ class LocalOptimizerMixin:
             params = self._model_params
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, self._max_norm())
+        self._pending_norm = torch.nn.utils.clip_grad_norm_(params, self._max_norm())
+        return self._pending_norm
+
+    def step(self) -> torch.Tensor:
+        norm = self._pending_norm if self._pending_norm is not None else self.clip_gradients()
+        self._pending_norm = None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -172,7 +186,7 @@ class LocalOptimizerMixin:
                 torch._foreach_copy_(self._model_params, self._master)  # one multi-tensor kernel
             for p in self._model_params:
                 p.grad = None
-        return float(norm)
+        return norm
 
     # ------------------------------------------------------------------ checkpoints (DCP)
 

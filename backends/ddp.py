@@ -40,7 +40,9 @@ class DDPBackend(LocalOptimizerMixin, Backend):
             static_graph=b.static_graph,
             gradient_as_bucket_view=b.gradient_as_bucket_view,
         )
-        if self.model_dtype != torch.float32:
+        # bf16 weights: widen each bucket to fp32 for the reduction (backend.reduce_dtype: fp32);
+        # with one rank there is nothing to reduce, and the hook's casts would be pure cost
+        if self.model_dtype != torch.float32 and b.reduce_dtype == "fp32" and dist.get_world_size() > 1:
             self.model.register_comm_hook(None, _fp32_allreduce_hook)
         self._build_optimizer(model, optimizer_factory)
         return self.model

@@ -72,7 +72,8 @@ class FSDPBackend(Backend):
             if b.is_floating_point():
                 b.data = b.data.float()
         mp = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                 reduce_dtype=torch.bfloat16 if self.bcfg.reduce_dtype == "bf16" else torch.float32)
             if self.cfg.precision == "bf16"
             else MixedPrecisionPolicy()
         )
@@ -104,13 +105,21 @@ class FSDPBackend(Backend):
         # reduce-scatter averages over ranks: scale so the reduction sums token losses
         (loss * self.env.world_size).backward()
 
-    def step(self) -> float:
+    _pending_norm: Optional[torch.Tensor] = None
+
+    def clip_gradients(self) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(self._params, self._max_norm())
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
+        self._pending_norm = norm
+        return norm
+
+    def step(self) -> torch.Tensor:
+        norm = self._pending_norm if self._pending_norm is not None else self.clip_gradients()
+        self._pending_norm = None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -68,6 +68,14 @@ def _device(local_rank: int):
     return torch.device("cpu")
 
 
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _sync(device) -> None:
     import torch
 
@@ -212,6 +220,7 @@ def run_ours(args, wl, device, world) -> dict:
 
         model = add_lora(model, r=16, lora_alpha=16, target_modules=LORA_TARGETS)
     report = patch_model(model, kernels=not args.no_kernels)
+    _reset_peak(device)  # the peak is training's: building / quantizing the random model is not counted
     steps = args.warmup + args.steps
     vocab = wl["shape"]["vocab_size"]
     rows = [{"input_ids": r} for b in random_batches(steps * world, args.micro, args.seq, vocab, 1) for r in b.tolist()]
@@ -225,7 +234,8 @@ def run_ours(args, wl, device, world) -> dict:
             prof.at_step(len(times) - 1)
 
     out_dir = tempfile.mkdtemp(prefix="bench_train_")
-    trainer = Trainer(model, rows, backend=args.backend, callbacks=[Timer()], args={
+    backend = args.backend if args.backend == "single" else {"name": args.backend, "reduce_dtype": args.reduce_dtype}
+    trainer = Trainer(model, rows, backend=backend, callbacks=[Timer()], args={
         "output_dir": out_dir, "precision": args.precision, "per_device_train_batch_size": args.micro,
         "max_steps": steps, "learning_rate": 1e-5, "gradient_checkpointing": wl["ckpt"], "disable_tqdm": True,
         "logging_steps": 10**6, "save_on_sigterm": False, "seed": 0, "max_grad_norm": 1.0,
@@ -271,6 +281,7 @@ def run_hf(args, wl, device, world, liger: bool) -> dict:
     if wl["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    _reset_peak(device)  # the peak is training's: building / quantizing the random model is not counted
     if backend != "single" and not dist.is_initialized():
         if backend.startswith("zero"):
             import deepspeed
@@ -362,6 +373,7 @@ def run_case(args) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     record = {"workload": args.workload, "impl": args.impl, "backend": args.backend, "world_size": world,
+              "reduce_dtype": args.reduce_dtype if args.impl == "ours" else None,
               "seq": args.seq, "micro_batch": args.micro, "precision": args.precision,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     try:
@@ -453,6 +465,7 @@ def run_matrix(args) -> int:
                     cmd += [flag, str(v)]
             if args.no_kernels:
                 cmd.append("--no-kernels")
+            cmd += ["--reduce-dtype", args.reduce_dtype]
             if args.profile_dir:
                 cmd += ["--profile-dir", str(args.profile_dir)]
             before = len(_read(result_file))
@@ -549,6 +562,8 @@ def parse_args(argv=None):
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--no-kernels", action="store_true", help="ours without the Triton kernels")
+    p.add_argument("--reduce-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="ours: backend.reduce_dtype of ddp / fsdp / zero (the baselines keep their own defaults)")
     p.add_argument("--profile-dir", default=None, help="profile 3 timed steps per case (rank 0) into this folder")
     p.add_argument("--out", default=None, help="JSON with every record and the markdown table")
     p.add_argument("--strict", action="store_true", help="exit 1 when a case failed")

@@ -106,6 +106,10 @@ class DDPConfig(_Strict):
         "saving one gradient-sized copy of memory. Turn off only if code holds on to `.grad` tensors "
         "across steps.",
     )
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="dtype gradients are all-reduced in under `precision: bf16` (the weights and gradients are bf16 there). `fp32`: each bf16 bucket is widened to fp32 for the reduction (exact sums, twice the traffic, and a cast per bucket); `bf16`: the buckets are reduced as they are (half the traffic, rounding in the sum). With one rank nothing is reduced and neither costs anything.",
+    )
 
 
 class FSDPConfig(_Strict):
@@ -146,6 +150,10 @@ class FSDPConfig(_Strict):
         description="What becomes its own FSDP unit: every decoder layer (found through the model's "
         "`_no_split_modules`, or its largest ModuleList of blocks), plus the root for embeddings, final "
         "norm and head. The only policy so far.",
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="dtype of the gradient reduce-scatter under `precision: bf16` (FSDP2 `MixedPrecisionPolicy.reduce_dtype`). `fp32`: gradients are reduced and kept in fp32 (exact sums); `bf16`: half the traffic and no cast, with rounding in the sum.",
     )
 
     @model_validator(mode="after")
@@ -241,6 +249,10 @@ class ZeroConfig(_Strict):
         ge=0,
         description="zero3 only: a gathered parameter is kept (not released) if it will be used again "
         "within this many parameter elements; lower it to save memory.",
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="dtype of DeepSpeed's gradient reduction under `precision: bf16` (`communication_data_type`). `fp32`: exact sums, twice the traffic and a cast of every gradient bucket; `bf16` (DeepSpeed's own default for bf16): half the traffic, rounding in the sum.",
     )
 
     @property

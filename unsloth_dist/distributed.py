@@ -233,10 +233,30 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if is_dist():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    if is_dist() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+_CPU_GROUP: list = []  # [(default group object, its gloo twin)]
+
+
+def cpu_group():
+    """A process group that reduces CPU tensors: the default group when it is gloo, otherwise a gloo
+    group over the same ranks, created once (collectively: every rank calls this at the same point).
+
+    The trainer sums its per-step counters (target tokens, tokens, a stop flag) over it, so reading
+    them never waits for the GPU stream (an NCCL reduction of a CUDA tensor would, through `.tolist()`).
+    None when there is no process group or it has one rank (nothing to reduce)."""
+    if not is_dist() or dist.get_world_size() == 1:
+        return None
+    default = dist.group.WORLD
+    if dist.get_backend(default) == "gloo":
+        return default
+    if not _CPU_GROUP or _CPU_GROUP[0][0] is not default:  # a new default group: a new twin
+        _CPU_GROUP[:] = [(default, dist.new_group(backend="gloo"))]
+    return _CPU_GROUP[0][1]
 
 
 def barrier() -> None:

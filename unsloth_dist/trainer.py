@@ -154,6 +154,7 @@ class Trainer:
         self.device = D.device_for(self.env)
         D.init_process_group(cfg, backend_cfg, self.env, self.device)
         self.rank, self.world_size = D.rank(), D.world_size()
+        self._cpu_group = D.cpu_group()  # the per-step counters are summed on the host
         torch.manual_seed(cfg.seed)
         if cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
@@ -285,9 +286,10 @@ class Trainer:
                         float(stop.raised),  # any rank's SIGTERM stops every rank at this boundary
                     ],
                     dtype=torch.float64,
-                    device=self._comm_device,
                 )
-                D.all_reduce_sum(counts)
+                # CPU tensors over a gloo group: reading them never waits for the GPU, which may
+                # still run the previous optimizer step
+                D.all_reduce_sum(counts, group=self._cpu_group)
                 n_targets, n_tokens, n_stop = counts.tolist()
                 if n_stop > 0:
                     self.save_checkpoint()
@@ -305,9 +307,18 @@ class Trainer:
                 # the next step's micro-batches are collated now, while the GPU still runs this
                 # step's backward (the loss read below waits for it); same order as without
                 upcoming = [next(it) for _ in range(gas)] if step + 1 < total else []
-                global_loss = float(D.all_reduce_sum(loss_sum.to(self._comm_device))) / norm
+                loss_t = D.all_reduce_sum(loss_sum.to(self._comm_device))
+                # clip now (no host sync), then read the loss and the grad norm together: one wait
+                # per step, and the clipping launches overlap the tail of the backward
+                norm_t = self.backend.clip_gradients()
+                if norm_t is not None:
+                    loss_v, norm_v = torch.stack([loss_t.to(norm_t.device), norm_t.double()]).tolist()
+                else:
+                    loss_v, norm_v = float(loss_t), None
+                global_loss = loss_v / norm
                 if math.isfinite(global_loss):
-                    grad_norm = self.backend.step()
+                    stepped = self.backend.step()
+                    grad_norm = norm_v if norm_v is not None else float(stepped)
                 elif c.nan_policy == "skip":
                     self.backend.skip_step()
                     grad_norm = float("nan")

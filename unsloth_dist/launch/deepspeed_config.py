@@ -54,8 +54,9 @@ def deepspeed_config(cfg: TrainConfig, zero: ZeroConfig, world_size: int) -> dic
         "wall_clock_breakdown": False,
     }
     if cfg.precision == "bf16":
-        # bf16 weights and compute, fp32 master weights / optimizer state and fp32 reductions
-        ds["communication_data_type"] = "fp32"
+        # bf16 weights and compute, fp32 master weights / optimizer state; reductions in
+        # backend.reduce_dtype (fp32 by default)
+        ds["communication_data_type"] = zero.reduce_dtype
     if zero.offload_optimizer == "cpu":
         # DeepSpeed's CPU Adam runs the offloaded step; it reads the hyper-parameters from here.
         ds["optimizer"] = {

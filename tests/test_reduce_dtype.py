@@ -1,0 +1,46 @@
+"""backend.reduce_dtype: the gradient reduction dtype reaches DDP (its fp32 hook), FSDP2 (the
+MixedPrecisionPolicy) and DeepSpeed (communication_data_type), and training works with either."""
+import math
+import pytest
+import torch
+
+from conftest import run_cmd, torchrun
+from unsloth_dist.config import load_config
+
+
+def test_reduce_dtype_defaults_and_choices():
+    for name in ("ddp", "fsdp", "zero2", "zero3"):
+        assert load_config({"max_steps": 1, "backend": name}).backend.reduce_dtype == "fp32"
+        assert load_config({"max_steps": 1, "backend": {"name": name, "reduce_dtype": "bf16"}}).backend.reduce_dtype == "bf16"
+    with pytest.raises(Exception, match="reduce_dtype"):
+        load_config({"max_steps": 1, "backend": {"name": "ddp", "reduce_dtype": "fp16"}})
+    with pytest.raises(Exception, match="reduce_dtype"):
+        load_config({"max_steps": 1, "backend": {"name": "single", "reduce_dtype": "bf16"}})  # nothing to reduce
+
+
+@pytest.mark.parametrize("reduce_dtype", ["fp32", "bf16"])
+def test_deepspeed_config_communication_dtype(reduce_dtype):
+    from unsloth_dist.launch.deepspeed_config import deepspeed_config
+
+    cfg = load_config({"max_steps": 1, "backend": {"name": "zero3", "reduce_dtype": reduce_dtype}, "precision": "bf16"})
+    assert deepspeed_config(cfg, cfg.backend, 2)["communication_data_type"] == reduce_dtype
+
+
+def test_reduce_dtype_reaches_each_engine_on_two_ranks(tmp_path, deepspeed_cpu_ops):
+    out = tmp_path / "records.pt"
+    run_cmd(torchrun(2, "tests/workers/reduce_dtype.py", str(out)), timeout=600)
+    rec = torch.load(out)
+    # DDP widens buckets to fp32 only when asked; FSDP2 and DeepSpeed hold the asked dtype
+    assert rec["ddp-fp32"]["engine"] == "fp32" and rec["ddp-bf16"]["engine"] == "native"
+    for backend in ("fsdp", "zero2"):
+        assert rec[f"{backend}-fp32"]["engine"] == "fp32"
+        assert rec[f"{backend}-bf16"]["engine"] == "bf16"
+    for key, r in rec.items():
+        assert r["cpu_group_is_world"], key  # gloo default group: the counters use it directly
+        assert len(r["losses"]) == 4 and all(math.isfinite(x) for x in r["losses"] + r["grad_norms"]), key
+        assert r["losses"][-1] < r["losses"][0], key
+    # the same run in either dtype: same data and start, so the losses agree to bf16 rounding
+    for backend in ("ddp", "fsdp", "zero2"):
+        a, b = rec[f"{backend}-fp32"]["losses"], rec[f"{backend}-bf16"]["losses"]
+        assert a[0] == pytest.approx(b[0], rel=1e-6)  # before any reduction
+        assert a == pytest.approx(b, rel=2e-2), backend

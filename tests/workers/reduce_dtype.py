@@ -1,0 +1,55 @@
+"""Train a tiny Llama under precision bf16 with backend.reduce_dtype fp32 and bf16 for ddp, fsdp and
+zero2, and record what each engine was really set up with plus the losses and grad norms.
+
+    torchrun --nproc_per_node 2 tests/workers/reduce_dtype.py OUT.pt
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tiny import ragged_dataset, tiny_llama  # noqa: E402
+
+from unsloth_dist import Trainer  # noqa: E402
+from unsloth_dist import distributed as D  # noqa: E402
+
+
+def engine_reduce_dtype(trainer) -> str:
+    """The reduction dtype as the engine itself holds it (not as the config says)."""
+    b = trainer.backend
+    if b.name == "ddp":
+        hooks = [h.__name__ for h, _ in trainer.model._comm_hooks]
+        return "fp32" if "_fp32_allreduce_hook" in hooks else "native"
+    if b.name == "fsdp":
+        from unsloth_dist.backends.fsdp import decoder_layers
+
+        dtypes = {layer._get_fsdp_state()._mp_policy.reduce_dtype for layer in decoder_layers(b.module)}
+        assert len(dtypes) == 1, dtypes
+        return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtypes.pop()]
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[b.engine.communication_data_type]
+
+
+def main(out: str) -> None:
+    records = {}
+    for backend in ("ddp", "fsdp", "zero2"):
+        for reduce_dtype in ("fp32", "bf16"):
+            model = tiny_llama(seed=0, vocab=128, hidden=64, layers=2)
+            data = ragged_dataset(n=16, seed=5, vocab=128, max_len=16, min_len=6)
+            trainer = Trainer(model, data, backend={"name": backend, "reduce_dtype": reduce_dtype}, args={
+                "output_dir": os.path.join(os.path.dirname(out), f"{backend}-{reduce_dtype}"),
+                "per_device_train_batch_size": 2, "max_steps": 4, "learning_rate": 1e-3, "precision": "bf16",
+                "seed": 3, "disable_tqdm": True, "max_grad_norm": 1.0})
+            result = trainer.train()
+            records[f"{backend}-{reduce_dtype}"] = {
+                "engine": engine_reduce_dtype(trainer), "losses": result.losses, "grad_norms": result.grad_norms,
+                "cpu_group_is_world": D.cpu_group() is dist.group.WORLD}
+    if dist.get_rank() == 0:
+        torch.save(records, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
