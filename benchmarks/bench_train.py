@@ -192,12 +192,19 @@ class _Profile:
                     f"{kernel_us / 1e3:.1f} ms/step ({100 * kernel_us / 1e6 / wall:.0f}% busy)\n")
             out = Path(self.args.profile_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / f"{self.args.impl}_{self.args.backend}.txt").write_text(head + table)
+            cpu_table = ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
+            (out / f"{self.args.impl}_{self.args.backend}.txt").write_text(head + table + "\n\nBy host time:\n" + cpu_table)
             print("PROFILE " + head.strip(), flush=True)
             rows = sorted(((e.self_device_time_total / self.n / 1e3, e.count / self.n, e.key) for e in ka
                            if e.self_device_time_total > 0), reverse=True)[:25]
             for ms, calls, key in rows:
                 print(f"PROFILE   {ms:8.2f} ms/step {calls:6.0f} calls  {key[:100]}", flush=True)
+            host = sorted(((e.self_cpu_time_total / self.n / 1e3, e.count / self.n, e.key) for e in ka
+                           if e.self_cpu_time_total > 0), reverse=True)[:25]
+            total_host = sum(e.self_cpu_time_total for e in ka) / self.n / 1e3
+            print(f"PROFILE-HOST {self.args.impl} {self.args.backend}: {total_host:.1f} ms/step host time in ops", flush=True)
+            for ms, calls, key in host:
+                print(f"PROFILE-HOST {ms:8.2f} ms/step {calls:6.0f} calls  {key[:100]}", flush=True)
             self.prof = None
 
 
