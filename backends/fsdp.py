@@ -80,8 +80,10 @@ class FSDPBackend(Backend):
         offload = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.bcfg.cpu_offload else OffloadPolicy()
         kwargs = dict(mesh=self._mesh(), mp_policy=mp, offload_policy=offload)
         reshard = self.bcfg.resolved_reshard_after_forward
-        for layer in decoder_layers(model):
+        layers = decoder_layers(model)
+        for layer in layers:
             fully_shard(layer, reshard_after_forward=reshard, **kwargs)
+        self._set_prefetch(layers)
         # the root keeps its parameters (embeddings, final norm, head) unsharded after forward:
         # backward needs them first
         fully_shard(model, reshard_after_forward=False, **kwargs)
@@ -89,6 +91,18 @@ class FSDPBackend(Backend):
         self.optimizer = optimizer_factory(param_groups(model.named_parameters(), self.cfg.weight_decay))
         self._params = [p for p in model.parameters() if p.requires_grad]
         return model
+
+    def _set_prefetch(self, layers: list[nn.Module]) -> None:
+        """Explicit FSDP2 prefetching when asked: layer i's forward starts the all-gathers of the next
+        `forward_prefetch` layers, its backward those of the `backward_prefetch` layers before it (in
+        the order backward reaches them). The defaults (0, 1) leave FSDP2's implicit schedule alone."""
+        fwd, bwd = self.bcfg.forward_prefetch, self.bcfg.backward_prefetch
+        if fwd > 0:
+            for i, layer in enumerate(layers[:-1]):
+                layer.set_modules_to_forward_prefetch(layers[i + 1 : i + 1 + fwd])
+        if bwd > 1:
+            for i, layer in enumerate(layers[1:], start=1):
+                layer.set_modules_to_backward_prefetch(layers[max(0, i - bwd) : i][::-1])
 
     @contextlib.contextmanager
     def _no_sync(self) -> Iterator[None]:

@@ -163,6 +163,19 @@ def random_batches(n: int, micro: int, seq: int, vocab: int, seed: int):
     return [torch.randint(0, vocab, (micro, seq), generator=g) for _ in range(n)]
 
 
+def _backend_set(args) -> dict:
+    """--backend-set KEY=VALUE pairs as a dict (VALUE read as YAML: 1, true, bf16)."""
+    import yaml
+
+    out = {}
+    for kv in args.backend_set:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--backend-set {kv!r}: expected KEY=VALUE, e.g. forward_prefetch=1")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 class _Profile:
     """torch.profiler over `n` timed steps (rank 0), summarised into `dir/impl_backend.txt`: the
     top CUDA kernels and the share of each step the GPU spent in kernels."""
@@ -241,7 +254,8 @@ def run_ours(args, wl, device, world) -> dict:
             prof.at_step(len(times) - 1)
 
     out_dir = tempfile.mkdtemp(prefix="bench_train_")
-    backend = args.backend if args.backend == "single" else {"name": args.backend, "reduce_dtype": args.reduce_dtype}
+    backend = args.backend if args.backend == "single" else {
+        "name": args.backend, "reduce_dtype": args.reduce_dtype, **_backend_set(args)}
     trainer = Trainer(model, rows, backend=backend, callbacks=[Timer()], args={
         "output_dir": out_dir, "precision": args.precision, "per_device_train_batch_size": args.micro,
         "max_steps": steps, "learning_rate": 1e-5, "gradient_checkpointing": wl["ckpt"], "disable_tqdm": True,
@@ -381,6 +395,7 @@ def run_case(args) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     record = {"workload": args.workload, "impl": args.impl, "backend": args.backend, "world_size": world,
               "reduce_dtype": args.reduce_dtype if args.impl == "ours" else None,
+              "backend_set": _backend_set(args) if args.impl == "ours" and args.backend != "single" else None,
               "seq": args.seq, "micro_batch": args.micro, "precision": args.precision,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     try:
@@ -473,6 +488,8 @@ def run_matrix(args) -> int:
             if args.no_kernels:
                 cmd.append("--no-kernels")
             cmd += ["--reduce-dtype", args.reduce_dtype]
+            for kv in args.backend_set:
+                cmd += ["--backend-set", kv]
             if args.profile_dir:
                 cmd += ["--profile-dir", str(args.profile_dir)]
             before = len(_read(result_file))
@@ -571,6 +588,9 @@ def parse_args(argv=None):
     p.add_argument("--no-kernels", action="store_true", help="ours without the Triton kernels")
     p.add_argument("--reduce-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="ours: backend.reduce_dtype of ddp / fsdp / zero (the baselines keep their own defaults)")
+    p.add_argument("--backend-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="ours: one more field of the backend config for ddp / fsdp / zero cases (repeatable; VALUE "
+                        "parsed as YAML), e.g. --backend-set forward_prefetch=1 --backend-set reshard_after_forward=false")
     p.add_argument("--profile-dir", default=None, help="profile 3 timed steps per case (rank 0) into this folder")
     p.add_argument("--out", default=None, help="JSON with every record and the markdown table")
     p.add_argument("--strict", action="store_true", help="exit 1 when a case failed")

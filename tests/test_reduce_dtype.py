@@ -1,5 +1,7 @@
 """backend.reduce_dtype: the gradient reduction dtype reaches DDP (its fp32 hook), FSDP2 (the
-MixedPrecisionPolicy) and DeepSpeed (communication_data_type), and training works with either."""
+MixedPrecisionPolicy) and DeepSpeed (communication_data_type), and training works with either.
+FSDP2's explicit prefetching (backend.forward_prefetch / backward_prefetch) reaches each layer and
+leaves the losses unchanged."""
 import math
 import pytest
 import torch
@@ -35,6 +37,14 @@ def test_reduce_dtype_reaches_each_engine_on_two_ranks(tmp_path, deepspeed_cpu_o
     for backend in ("fsdp", "zero2"):
         assert rec[f"{backend}-fp32"]["engine"] == "fp32"
         assert rec[f"{backend}-bf16"]["engine"] == "bf16"
+    pre = rec.pop("prefetch")
+    # 3 decoder layers: forward_prefetch=2 -> layer 0 gathers 1 and 2, layer 1 gathers 2; backward_prefetch=2
+    # -> layer 2 gathers 1 then 0, layer 1 gathers 0; the default leaves FSDP2's implicit schedule (empty lists)
+    assert pre["22"]["forward"] == [[1, 2], [2], []], pre["22"]["forward"]
+    assert pre["22"]["backward"] == [[], [0], [1, 0]], pre["22"]["backward"]
+    assert pre["01"]["forward"] == [[], [], []] and pre["01"]["backward"] == [[], [], []]
+    assert pre["22"]["losses"] == pytest.approx(pre["01"]["losses"], rel=1e-6)
+    assert pre["01"]["losses"][-1] < pre["01"]["losses"][0]
     for key, r in rec.items():
         assert r["cpu_group_is_world"], key  # gloo default group: the counters use it directly
         assert len(r["losses"]) == 4 and all(math.isfinite(x) for x in r["losses"] + r["grad_norms"]), key

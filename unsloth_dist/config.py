@@ -151,6 +151,24 @@ class FSDPConfig(_Strict):
         "`_no_split_modules`, or its largest ModuleList of blocks), plus the root for embeddings, final "
         "norm and head. The only policy so far.",
     )
+    forward_prefetch: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="How many following decoder layers each layer's forward starts gathering "
+        "(FSDP2 `set_modules_to_forward_prefetch`). 0: FSDP2's default, a layer's all-gather is issued when "
+        "its forward begins, which overlaps only as far as the host runs ahead of the GPU; 1-2 issue it "
+        "earlier, hiding the gather when the host is the bottleneck, at the memory of that many more "
+        "gathered layers.",
+    )
+    backward_prefetch: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="How many preceding decoder layers each layer's backward starts gathering "
+        "(FSDP2 `set_modules_to_backward_prefetch`). 1: FSDP2's default (the next layer of the backward); "
+        "more gathers earlier at the memory of that many more gathered layers.",
+    )
     reduce_dtype: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="dtype of the gradient reduce-scatter under `precision: bf16` (FSDP2 `MixedPrecisionPolicy.reduce_dtype`). `fp32`: gradients are reduced and kept in fp32 (exact sums); `bf16`: half the traffic and no cast, with rounding in the sum.",

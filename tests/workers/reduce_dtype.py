@@ -1,10 +1,12 @@
 """Train a tiny Llama under precision bf16 with backend.reduce_dtype fp32 and bf16 for ddp, fsdp and
-zero2, and record what each engine was really set up with plus the losses and grad norms.
+zero2, and record what each engine was really set up with plus the losses and grad norms; then
+fsdp with explicit forward/backward prefetching against the default schedule.
 
     torchrun --nproc_per_node 2 tests/workers/reduce_dtype.py OUT.pt
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -47,6 +49,29 @@ def main(out: str) -> None:
             records[f"{backend}-{reduce_dtype}"] = {
                 "engine": engine_reduce_dtype(trainer), "losses": result.losses, "grad_norms": result.grad_norms,
                 "cpu_group_is_world": D.cpu_group() is dist.group.WORLD}
+    # explicit FSDP2 prefetching (backend.forward_prefetch / backward_prefetch) changes only when
+    # the all-gathers are issued: same run as fsdp-fp32, same losses
+    model = tiny_llama(seed=0, vocab=128, hidden=64, layers=3)
+    data = ragged_dataset(n=16, seed=5, vocab=128, max_len=16, min_len=6)
+    runs = {}
+    for fwd, bwd in ((0, 1), (2, 2)):
+        trainer = Trainer(copy.deepcopy(model), data, backend={"name": "fsdp", "forward_prefetch": fwd, "backward_prefetch": bwd},
+                          args={"output_dir": os.path.join(os.path.dirname(out), f"fsdp-prefetch{fwd}{bwd}"),
+                                "per_device_train_batch_size": 2, "max_steps": 4, "learning_rate": 1e-3,
+                                "precision": "bf16", "seed": 3, "disable_tqdm": True, "max_grad_norm": 1.0})
+        result = trainer.train()
+        from unsloth_dist.backends.fsdp import decoder_layers
+
+        layers = decoder_layers(trainer.backend.module)
+        states = [layer._get_fsdp_state() for layer in layers]
+        # for each layer: the indices of the layers it prefetches (None: FSDP2's implicit default)
+        def idx(lst):
+            return None if lst is None else [states.index(s) for s in lst]
+        runs[f"{fwd}{bwd}"] = {
+            "losses": result.losses,
+            "forward": [idx(getattr(s, "_states_to_forward_prefetch", None)) for s in states],
+            "backward": [idx(getattr(s, "_states_to_backward_prefetch", None)) for s in states]}
+    records["prefetch"] = runs
     if dist.get_rank() == 0:
         torch.save(records, out)
 
