@@ -154,6 +154,19 @@ class LocalOptimizerMixin:
             self.optimizer = optimizer_factory(param_groups(named, self.cfg.weight_decay))
         if self.cfg.precision == "fp16-mixed":
             self.scaler = torch.amp.GradScaler(self.device.type)
+        self._fused_adamw = False
+        if getattr(self.cfg, "fused_master_adamw", False):
+            from unsloth_dist.kernels import adamw as K
+
+            why = K.supports(self.optimizer, self._model_params, self._master or [])
+            if self._master is None:
+                why = f"precision is {self.cfg.precision}, not bf16 (no fp32 master copies)"
+            if why is not None:
+                from unsloth_dist.config import ConfigError
+
+                raise ConfigError(f"fused_master_adamw: true cannot run here: {why}; set fused_master_adamw: false")
+            self._fused_adamw = True
+        self._clip_coef: Optional[torch.Tensor] = None
 
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
@@ -161,6 +174,14 @@ class LocalOptimizerMixin:
     _pending_norm: Optional[torch.Tensor] = None
 
     def clip_gradients(self) -> torch.Tensor:
+        if self._fused_adamw:
+            # the norm of the bf16 gradients (fp32 accumulation) and the clip coefficient stay on the
+            # device; the fused step scales each gradient as it reads it
+            from unsloth_dist.kernels import adamw as K
+
+            grads = [p.grad for p in self._model_params if p.grad is not None]
+            self._pending_norm, self._clip_coef = K.grad_norm_and_coef(grads, self._max_norm())
+            return self._pending_norm
         if self._master is not None:
             for p, m in zip(self._model_params, self._master):
                 m.grad = None if p.grad is None else p.grad.detach().float()
@@ -175,6 +196,14 @@ class LocalOptimizerMixin:
     def step(self) -> torch.Tensor:
         norm = self._pending_norm if self._pending_norm is not None else self.clip_gradients()
         self._pending_norm = None
+        if self._fused_adamw:
+            from unsloth_dist.kernels import adamw as K
+
+            K.master_adamw_step(self.optimizer, self._model_params, self._master, self._clip_coef)
+            self._clip_coef = None
+            for p in self._model_params:
+                p.grad = None
+            return norm
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -163,6 +163,11 @@ def random_batches(n: int, micro: int, seq: int, vocab: int, seed: int):
     return [torch.randint(0, vocab, (micro, seq), generator=g) for _ in range(n)]
 
 
+def _fused_adamw(args) -> bool:
+    """--fused-adamw applies where there are fp32 masters: ours, single / ddp, precision bf16."""
+    return bool(args.fused_adamw) and args.impl == "ours" and args.backend in ("single", "ddp") and args.precision == "bf16"
+
+
 def _backend_set(args) -> dict:
     """--backend-set KEY=VALUE pairs as a dict (VALUE read as YAML: 1, true, bf16)."""
     import yaml
@@ -260,6 +265,7 @@ def run_ours(args, wl, device, world) -> dict:
         "output_dir": out_dir, "precision": args.precision, "per_device_train_batch_size": args.micro,
         "max_steps": steps, "learning_rate": 1e-5, "gradient_checkpointing": wl["ckpt"], "disable_tqdm": True,
         "logging_steps": 10**6, "save_on_sigterm": False, "seed": 0, "max_grad_norm": 1.0,
+        "fused_master_adamw": _fused_adamw(args),
     })
     _sync(device)
     t0 = time.perf_counter()
@@ -396,6 +402,7 @@ def run_case(args) -> int:
     record = {"workload": args.workload, "impl": args.impl, "backend": args.backend, "world_size": world,
               "reduce_dtype": args.reduce_dtype if args.impl == "ours" else None,
               "backend_set": _backend_set(args) if args.impl == "ours" and args.backend != "single" else None,
+              "fused_master_adamw": _fused_adamw(args),
               "seq": args.seq, "micro_batch": args.micro, "precision": args.precision,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     try:
@@ -487,6 +494,8 @@ def run_matrix(args) -> int:
                     cmd += [flag, str(v)]
             if args.no_kernels:
                 cmd.append("--no-kernels")
+            if args.fused_adamw:
+                cmd.append("--fused-adamw")
             cmd += ["--reduce-dtype", args.reduce_dtype]
             for kv in args.backend_set:
                 cmd += ["--backend-set", kv]
@@ -586,6 +595,8 @@ def parse_args(argv=None):
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--no-kernels", action="store_true", help="ours without the Triton kernels")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="ours, single / ddp under bf16: fused_master_adamw (clip + AdamW on the fp32 masters + bf16 copy in one kernel)")
     p.add_argument("--reduce-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="ours: backend.reduce_dtype of ddp / fsdp / zero (the baselines keep their own defaults)")
     p.add_argument("--backend-set", action="append", default=[], metavar="KEY=VALUE",

@@ -216,3 +216,30 @@ def test_fused_linear_cross_entropy_bf16(_gpu, opts):
     assert abs(loss.item() - rl.item()) <= 1e-2 * abs(rl.item()), (loss.item(), rl.item())
     close(dh, rdh, "CE d hidden")
     close(dw, rdw, "CE d weight")
+
+
+def test_master_adamw_bf16_against_torch_adamw(_gpu):
+    """fused_master_adamw on the GPU: three steps (one clipped) over Llama-sized tensors against
+    torch's fused AdamW on fp32 copies of the masters with clip_grad_norm_; the bf16 weights must be
+    the masters rounded to nearest."""
+    from unsloth_dist.kernels import adamw as A
+
+    shapes = [(HIDDEN, HIDDEN), (INTER, HIDDEN), (HIDDEN,), (1000, 37)]
+    params = [torch.randn(s, device="cuda").to(torch.bfloat16) for s in shapes]
+    masters = [p.float().clone().requires_grad_(True) for p in params]
+    ref = [p.float().clone().requires_grad_(True) for p in params]
+    kw = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt, ref_opt = torch.optim.AdamW(masters, fused=True, **kw), torch.optim.AdamW(ref, fused=True, **kw)
+    assert A.supports(opt, params, masters) is None
+    for step, max_norm in enumerate([1e9, 1.0, 1e9]):
+        for p, r in zip(params, ref):
+            p.grad = (torch.randn(p.shape, device="cuda") * 1e-2).to(torch.bfloat16)
+            r.grad = p.grad.float()
+        norm, coef = A.grad_norm_and_coef([p.grad for p in params], max_norm)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+        A.master_adamw_step(opt, params, masters, coef)
+        ref_opt.step()
+        for i, (p, m, r) in enumerate(zip(params, masters, ref)):
+            torch.testing.assert_close(m.detach(), r.detach(), rtol=1e-5, atol=1e-6, msg=lambda s: f"step {step} {i}: {s}")
+            assert torch.equal(p, m.detach().to(torch.bfloat16)), f"step {step} {i}"

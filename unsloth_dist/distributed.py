@@ -161,6 +161,11 @@ def check_runtime(cfg: TrainConfig, backend, env: LaunchEnv) -> None:
                 "precision: fp16-mixed needs a CUDA GPU (fp16 loss scaling is not supported on CPU); "
                 "use precision: bf16-mixed or fp32 on CPU"
             )
+        if getattr(cfg, "fused_master_adamw", False) and os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on", "yes"):
+            raise ConfigError(
+                "fused_master_adamw: true runs a Triton kernel and this run has no GPU (on CPU only Triton's "
+                "interpreter, TRITON_INTERPRET=1, can run it, for tests); set fused_master_adamw: false"
+            )
         if isinstance(backend, FSDPConfig) and backend.cpu_offload:
             raise ConfigError("backend.cpu_offload: there is no GPU to offload from on this CPU-only run; set cpu_offload: false")
         if isinstance(backend, ZeroConfig) and (backend.offload_optimizer != "none" or backend.offload_param != "none"):
