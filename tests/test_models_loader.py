@@ -118,9 +118,11 @@ def test_qlora_load_forward_train_step_and_merged_export(model_dir, bnb, tmp_pat
     plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         ref = plain(input_ids=IDS).logits
-        got = model.eval()(input_ids=IDS).logits.float()
+        # train mode (no dropout in this model): in eval mode bitsandbytes repacks the weights into its
+        # CPU inference layout (uint8) on CPUs with AVX512-BF16, which would hide the storage checks below
+        got = model.train()(input_ids=IDS).logits.float()
+    assert q.weight.dtype == torch.bfloat16
     assert (got - ref).norm() < 0.25 * ref.norm()  # NF4 of random weights: close, not equal
-    model.train()
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
     packed_before = q.weight.detach().clone()
     try:
