@@ -30,8 +30,12 @@ def test_deepspeed_config_communication_dtype(reduce_dtype):
 
 def test_reduce_dtype_reaches_each_engine_on_two_ranks(tmp_path, deepspeed_cpu_ops):
     out = tmp_path / "records.pt"
-    run_cmd(torchrun(2, "tests/workers/reduce_dtype.py", str(out)), timeout=600)
+    run_cmd(torchrun(2, "tests/workers/reduce_dtype.py", str(out)), timeout=600, env={"TRITON_INTERPRET": "1"})
     rec = torch.load(out)
+    fused = rec.pop("ddp-fused")
+    assert fused["launches"] == 4 * fused["n_params"]  # the kernel ran for every parameter in every step
+    assert fused["losses"] == pytest.approx(rec["ddp-fp32"]["losses"], rel=1e-4)
+    assert fused["grad_norms"] == pytest.approx(rec["ddp-fp32"]["grad_norms"], rel=1e-4)
     # DDP widens buckets to fp32 only when asked; FSDP2 and DeepSpeed hold the asked dtype
     assert rec["ddp-fp32"]["engine"] == "fp32" and rec["ddp-bf16"]["engine"] == "native"
     for backend in ("fsdp", "zero2"):

@@ -72,6 +72,26 @@ def main(out: str) -> None:
             "forward": [idx(getattr(s, "_states_to_forward_prefetch", None)) for s in states],
             "backward": [idx(getattr(s, "_states_to_backward_prefetch", None)) for s in states]}
     records["prefetch"] = runs
+    # fused_master_adamw under DDP (Triton's interpreter: the launch sets TRITON_INTERPRET=1): the
+    # all-reduced bf16 gradients (bucket views) go straight into the kernel; same run as ddp-fp32
+    from test_kernels import _rne_bf16_casts
+
+    from unsloth_dist.kernels import LAUNCHES
+
+    class _Patch:  # the one monkeypatch method _rne_bf16_casts uses, for the rest of this process
+        setattr = staticmethod(setattr)
+
+    _rne_bf16_casts(_Patch())  # round fp32 -> bf16 to nearest even like a GPU (the interpreter truncates)
+
+    model = tiny_llama(seed=0, vocab=128, hidden=64, layers=2)
+    trainer = Trainer(model, data, backend={"name": "ddp", "gradient_as_bucket_view": True}, args={
+        "output_dir": os.path.join(os.path.dirname(out), "ddp-fused"), "per_device_train_batch_size": 2,
+        "max_steps": 4, "learning_rate": 1e-3, "precision": "bf16", "seed": 3, "disable_tqdm": True,
+        "max_grad_norm": 1.0, "fused_master_adamw": True})
+    before = LAUNCHES["master_adamw"]
+    result = trainer.train()
+    records["ddp-fused"] = {"losses": result.losses, "grad_norms": result.grad_norms,
+                            "launches": LAUNCHES["master_adamw"] - before, "n_params": len(trainer.backend._master)}
     if dist.get_rank() == 0:
         torch.save(records, out)
 
