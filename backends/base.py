@@ -155,12 +155,13 @@ class LocalOptimizerMixin:
         if self.cfg.precision == "fp16-mixed":
             self.scaler = torch.amp.GradScaler(self.device.type)
         self._fused_adamw = False
-        if getattr(self.cfg, "fused_master_adamw", False):
+        if self.cfg.fused_master_adamw:
             from unsloth_dist.kernels import adamw as K
 
-            why = K.supports(self.optimizer, self._model_params, self._master or [])
             if self._master is None:
                 why = f"precision is {self.cfg.precision}, not bf16 (no fp32 master copies)"
+            else:
+                why = K.supports(self.optimizer, self._model_params, self._master)
             if why is not None:
                 from unsloth_dist.config import ConfigError
 

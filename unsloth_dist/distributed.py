@@ -161,7 +161,9 @@ def check_runtime(cfg: TrainConfig, backend, env: LaunchEnv) -> None:
                 "precision: fp16-mixed needs a CUDA GPU (fp16 loss scaling is not supported on CPU); "
                 "use precision: bf16-mixed or fp32 on CPU"
             )
-        if getattr(cfg, "fused_master_adamw", False) and os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on", "yes"):
+        from unsloth_dist.kernels._utils import interpret_mode
+
+        if cfg.fused_master_adamw and not interpret_mode():
             raise ConfigError(
                 "fused_master_adamw: true runs a Triton kernel and this run has no GPU (on CPU only Triton's "
                 "interpreter, TRITON_INTERPRET=1, can run it, for tests); set fused_master_adamw: false"
