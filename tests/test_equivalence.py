@@ -14,6 +14,7 @@ from tiny import ragged_dataset
 
 WORKER = "tests/workers/equivalence.py"
 VARIANTS = ["full-gas1", "full-gas2", "lora-gas1", "lora-gas2"]
+BACKENDS = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +34,28 @@ def test_data_is_ragged_enough_to_matter():
     assert min(counts) < max(counts) / 3
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, deepspeed_cpu_ops):
+    """Every backend on 2 gloo ranks, one after another in one torchrun (one process group; every
+    Trainer builds its own backend): the start-up is paid once. Each backend is checked by its own
+    test; a run that failed (and the ones after it, which did not run) fail theirs with the output."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    proc = run_cmd(torchrun(2, WORKER, ",".join(BACKENDS), str(out), *VARIANTS), check=False)
+    return out, proc
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
-def test_backend_matches_single_process(backend, reference, tmp_path, deepspeed_cpu_ops):
-    run_cmd(torchrun(2, WORKER, backend, str(tmp_path), *VARIANTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_single_process(backend, reference, two_ranks):
+    out, proc = two_ranks
     for variant in VARIANTS:
         kind = variant.split("-")[0]
         ref = reference[kind]
-        got = torch.load(tmp_path / f"{backend}-{variant}.pt")
+        path = out / f"{backend}-{variant}.pt"
+        if not path.is_file():
+            pytest.fail(f"{backend} {variant} did not finish (launch exit {proc.returncode}):\n"
+                        f"{proc.stdout[-4000:]}\n---- stderr ----\n{proc.stderr[-8000:]}")
+        got = torch.load(path)
         assert got["world_size"] == 2 and got["backend"] == backend
         assert len(got["losses"]) == len(ref["losses"]) == 8
         torch.testing.assert_close(
@@ -68,3 +83,10 @@ def test_backend_matches_single_process(backend, reference, tmp_path, deepspeed_
             assert moved and all("lora_" in k for k in moved), sorted(moved)[:5]
         else:
             assert len(moved) == len(ref["initial"])
+
+
+@pytest.mark.slow
+def test_two_rank_launch_exits_cleanly(two_ranks):
+    """The shared launch itself ended well (teardown included), not only every run's results."""
+    _, proc = two_ranks
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n---- stderr ----\n{proc.stderr[-8000:]}"

@@ -61,10 +61,28 @@ def test_single_process(single_run):
         _assert_same_training(got, ref, f"single {kind}")
 
 
+TWO_RANKS = ["ddp", "fsdp", "zero3"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, deepspeed_cpu_ops):
+    """The 2-rank runs of every backend one after another in one torchrun (one process group;
+    every Trainer builds its own backend), so the start-up is paid once; each backend is checked
+    by its own test, and a run that did not finish fails it with the launch's output."""
+    out = tmp_path_factory.mktemp("kt-two-ranks")
+    runs = [f"{b}:{v}" for b in TWO_RANKS for v in RUNS[b]]
+    proc = run_cmd(torchrun(2, WORKER, "--runs", str(out), *runs), env=NO_INTERP, check=False)
+    return out, proc
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["ddp", "fsdp", "zero3"])
-def test_two_ranks(backend, single_run, tmp_path, deepspeed_cpu_ops):
-    run_cmd(torchrun(2, WORKER, backend, str(tmp_path), *RUNS[backend]), env=NO_INTERP)
+@pytest.mark.parametrize("backend", TWO_RANKS)
+def test_two_ranks(backend, single_run, two_ranks):
+    tmp_path, proc = two_ranks
+    for variant in RUNS[backend]:
+        if not (tmp_path / f"{backend}-{variant}.pt").is_file():
+            pytest.fail(f"{backend} {variant} did not finish (launch exit {proc.returncode}):\n"
+                        f"{proc.stdout[-4000:]}\n---- stderr ----\n{proc.stderr[-8000:]}")
     for variant in RUNS[backend]:
         if not variant.startswith("patched"):
             continue
@@ -76,6 +94,13 @@ def test_two_ranks(backend, single_run, tmp_path, deepspeed_cpu_ops):
             torch.testing.assert_close(torch.tensor(got["losses"]),
                                        torch.tensor(_load(single_run, "single", "plain-untied")["losses"]),
                                        rtol=1e-4, atol=0, msg=lambda m: f"{backend}: differs from one process: {m}")
+
+
+@pytest.mark.slow
+def test_two_rank_launch_exits_cleanly(two_ranks):
+    """The shared launch itself ended well (teardown included), not only every run's results."""
+    _, proc = two_ranks
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n---- stderr ----\n{proc.stderr[-8000:]}"
 
 
 @pytest.mark.slow

@@ -1,7 +1,10 @@
 """Run one backend on a Llama built from a config and save the per-step losses and final weights.
 
-    torchrun --nproc_per_node 2 tests/workers/equivalence.py BACKEND OUT_DIR VARIANT [VARIANT...]
+    torchrun --nproc_per_node 2 tests/workers/equivalence.py BACKEND[,BACKEND...] OUT_DIR VARIANT [VARIANT...]
     VARIANT = full-gas1 | full-gas2 | lora-gas1 | lora-gas2  (also runs with backend=single, one process)
+
+Several backends run one after another in one launch (one process group; every Trainer builds its
+own backend). OUT_DIR/BACKEND-VARIANT.pt is written once the run passed its own checks on every rank.
 
 Environment knobs (the GPU check uses them): EQ_PRECISION (default fp32), EQ_SIZE (tiny | medium:
 a ~280M-parameter Llama), EQ_SEQ (max sample length), EQ_GLOBAL_BATCH, EQ_STEPS.
@@ -55,6 +58,13 @@ def run(backend: str, variant: str, out_dir: str) -> None:
     result = trainer.train()
     eval_loss = trainer.evaluate()
     sd = trainer.full_state_dict()
+    # every rank saw the same global losses
+    if trainer.world_size > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * trainer.world_size
+        dist.all_gather_object(gathered, result.losses)
+        assert all(g == gathered[0] for g in gathered), f"{backend} {variant}: ranks disagree on the global losses"
     if trainer.rank == 0:
         torch.save(
             {"losses": result.losses, "grad_norms": result.grad_norms, "eval_loss": eval_loss, "state_dict": sd,
@@ -62,16 +72,11 @@ def run(backend: str, variant: str, out_dir: str) -> None:
              "initial": initial if trainer.world_size == 1 else None},
             os.path.join(out_dir, f"{backend}-{variant}.pt"),
         )
-    # every rank saw the same global losses
-    if trainer.world_size > 1:
-        import torch.distributed as dist
-
-        gathered = [None] * trainer.world_size
-        dist.all_gather_object(gathered, result.losses)
-        assert all(g == gathered[0] for g in gathered), "ranks disagree on the global losses"
 
 
 if __name__ == "__main__":
-    backend, out_dir, *variants = sys.argv[1:]
-    for v in variants:
-        run(backend, v, out_dir)
+    backends, out_dir, *variants = sys.argv[1:]
+    for backend in backends.split(","):
+        for v in variants:
+            print(f"=== {backend} {v}", flush=True)
+            run(backend, v, out_dir)

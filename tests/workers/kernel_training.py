@@ -4,6 +4,10 @@ per-step losses, grad norms and final weights.
     torchrun --nproc_per_node 2 tests/workers/kernel_training.py BACKEND OUT_DIR VARIANT [VARIANT...]
     python tests/workers/kernel_training.py single OUT_DIR VARIANT [VARIANT...]
     VARIANT = {plain,patched}-{untied,tied}[-lora]
+    torchrun --nproc_per_node 2 tests/workers/kernel_training.py --runs OUT_DIR BACKEND:VARIANT [...]
+
+(--runs: several backends one after another in one launch; one process group, every Trainer
+builds its own backend.)
 
 Writes OUT_DIR/BACKEND-VARIANT.pt on rank 0. With TRITON_INTERPRET=1 in the environment (set
 before the process starts) the patched model runs the Triton kernels in Triton's interpreter.
@@ -76,6 +80,13 @@ def run(backend: str, variant: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    backend, out_dir, *variants = sys.argv[1:]
-    for v in variants:
-        run(backend, v, out_dir)
+    if sys.argv[1] == "--runs":
+        out_dir, *runs = sys.argv[2:]
+        for spec in runs:
+            backend, v = spec.split(":")
+            print(f"=== {backend} {v}", flush=True)
+            run(backend, v, out_dir)
+    else:
+        backend, out_dir, *variants = sys.argv[1:]
+        for v in variants:
+            run(backend, v, out_dir)

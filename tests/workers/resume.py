@@ -11,6 +11,16 @@ MODE:
   raise STEP RANK      rank RANK raises an exception after step STEP
   nan STEP POLICY      the loss of step STEP is NaN; nan_policy POLICY
 
+    [torchrun --nproc_per_node 2] tests/workers/resume.py --jobs JOBS.json
+
+runs several of these (full / resume / nan runs: the ones that end normally) one after another in
+one process (one process group; every Trainer builds its own backend), so that the tests pay the
+interpreter, import and process-group start-up once. JOBS.json is a list of
+{"name", "backend", "out", "mode", "rest": [...], "args": {WORKER_ARGS}}. Rank 0 writes
+OUT/start-NAME (the time) when a job starts and OUT/done-NAME once every rank finished it; a
+failed one prints "JOB NAME FAILED" with its traceback and ends the process (the jobs after it do
+not run; a launch may end on purpose with a job that kills or raises).
+
 The global batch is 4 samples whatever the world size (gradient accumulation fills it).
 """
 from __future__ import annotations
@@ -39,8 +49,7 @@ class AfterStep:
             self.fn(trainer)
 
 
-def main() -> int:
-    backend, out_dir, mode, *rest = sys.argv[1:]
+def run(backend: str, out_dir: str, mode: str, rest: list[str], extra: dict) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     micro = 2  # world 2: no accumulation; world 1: accumulation 2
@@ -58,7 +67,7 @@ def main() -> int:
         "disable_tqdm": True,
         "save_steps": 4,
     }
-    args.update(json.loads(os.environ.get("WORKER_ARGS", "{}")))
+    args.update(extra)
     callbacks = []
     resume = None
     if mode == "resume":
@@ -123,6 +132,35 @@ def main() -> int:
         if mode == "nan":
             record.update(snapshots)
         torch.save(record, os.path.join(out_dir, f"result-{mode}.pt"))
+
+
+def main() -> int:
+    if sys.argv[1] != "--jobs":
+        backend, out_dir, mode, *rest = sys.argv[1:]
+        run(backend, out_dir, mode, rest, json.loads(os.environ.get("WORKER_ARGS", "{}")))
+        return 0
+    with open(sys.argv[2]) as f:
+        jobs = json.load(f)
+    import time
+
+    for job in jobs:
+        print(f"=== JOB {job['name']}", flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(os.path.join(job["out"], f"start-{job['name']}"), "w") as f:
+                f.write(repr(time.time()))
+        try:
+            run(job["backend"], job["out"], job["mode"], list(job.get("rest", [])), dict(job.get("args", {})))
+        except BaseException:
+            print(f"JOB {job['name']} FAILED", flush=True)
+            print(f"JOB {job['name']} FAILED", file=sys.stderr, flush=True)
+            raise
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()  # every rank finished the job before it counts as done
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(os.path.join(job["out"], f"done-{job['name']}"), "w") as f:
+                f.write("ok")
     return 0
 
 
