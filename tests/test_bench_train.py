@@ -25,7 +25,7 @@ def _run(tmp_path, *extra):
 
 
 def test_bench_train_matrix_runs(tmp_path):
-    res = _run(tmp_path, "--impls", "ours,hf", "--backends", "single,fsdp")
+    res = _run(tmp_path, "--impls", "ours,hf", "--backends", "single,fsdp", "--backend-set", "forward_prefetch=1")
     recs = {(r["impl"], r["backend"]): r for r in res["records"]}
     assert set(recs) == {("ours", "single"), ("hf", "single"), ("ours", "fsdp"), ("hf", "fsdp")}
     for key, r in recs.items():
@@ -35,6 +35,9 @@ def test_bench_train_matrix_runs(tmp_path):
         # random tokens over a 512-token vocabulary: the loss starts near ln(512)
         assert abs(r["loss_first"] - 6.238) < 0.3, (key, r["loss_first"])
     assert set(recs[("ours", "single")]["kernels"]) >= {"rms_norm", "rope", "swiglu", "fused_cross_entropy"}
+    # --backend-set reaches ours' multi-rank backend config (YAML value: the int 1), not the baselines
+    assert recs[("ours", "fsdp")]["backend_set"] == {"forward_prefetch": 1}
+    assert recs[("hf", "fsdp")]["backend_set"] is None and recs[("ours", "single")]["backend_set"] is None
     # the table compares ours with the baseline of the same backend
     assert "| fsdp | ours | 2 |" in res["table"] and "(vs hf)" in res["table"]
 
