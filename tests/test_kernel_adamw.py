@@ -107,7 +107,7 @@ def test_supports_names_what_it_cannot_run():
     assert "contiguous" in A.supports(opt, [params[0].t(), params[1]], masters)
 
 
-def _train(fused: bool, tmp_path, backend="single"):
+def _train(fused: bool, tmp_path, backend="single", resume=None, **extra):
     from tiny import ragged_dataset, tiny_llama
     from unsloth_dist import Trainer
 
@@ -116,9 +116,9 @@ def _train(fused: bool, tmp_path, backend="single"):
     trainer = Trainer(model, data, backend=backend, args={
         "output_dir": str(tmp_path / f"fused{fused}"), "per_device_train_batch_size": 4, "max_steps": 5,
         "learning_rate": 5e-3, "weight_decay": 0.1, "precision": "bf16", "seed": 3, "disable_tqdm": True,
-        "max_grad_norm": 0.5, "fused_master_adamw": fused})
+        "max_grad_norm": 0.5, "fused_master_adamw": fused, **extra})
     before = LAUNCHES["master_adamw"]
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     masters = [m.detach().clone() for m in trainer.backend._master]
     return result, masters, LAUNCHES["master_adamw"] - before
 
@@ -133,6 +133,16 @@ def test_trainer_with_fused_master_adamw_trains_like_torch_adamw(tmp_path):
     assert plain.losses[-1] < plain.losses[0]
     for a, b in zip(fused_masters, plain_masters):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_master_adamw_checkpoint_resume_goes_on_like_the_uninterrupted_run(tmp_path):
+    """Master weights and Adam state the kernel keeps are saved and restored like torch AdamW's."""
+    full, full_masters, _ = _train(True, tmp_path / "a", save_steps=3)
+    resumed, resumed_masters, n = _train(True, tmp_path / "b", resume=str(tmp_path / "a" / "fusedTrue" / "checkpoint-3"))
+    assert resumed.start_step == 3 and n == 2 * len(resumed_masters)
+    assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-6)
+    for a, b in zip(full_masters, resumed_masters):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
 
 def test_fused_master_adamw_config_errors(monkeypatch):
