@@ -266,6 +266,7 @@ def run_ours(args, wl, device, world) -> dict:
         "max_steps": steps, "learning_rate": 1e-5, "gradient_checkpointing": wl["ckpt"], "disable_tqdm": True,
         "logging_steps": 10**6, "save_on_sigterm": False, "seed": 0, "max_grad_norm": 1.0,
         "fused_master_adamw": _fused_adamw(args),
+        **({"gradient_checkpointing_layers": args.ckpt_layers} if wl["ckpt"] and args.ckpt_layers is not None else {}),
     })
     _sync(device)
     t0 = time.perf_counter()
@@ -403,6 +404,7 @@ def run_case(args) -> int:
               "reduce_dtype": args.reduce_dtype if args.impl == "ours" else None,
               "backend_set": _backend_set(args) if args.impl == "ours" and args.backend != "single" else None,
               "fused_master_adamw": _fused_adamw(args),
+              "ckpt_layers": args.ckpt_layers if args.impl == "ours" else None,
               "seq": args.seq, "micro_batch": args.micro, "precision": args.precision,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     try:
@@ -496,6 +498,8 @@ def run_matrix(args) -> int:
                 cmd.append("--no-kernels")
             if args.fused_adamw:
                 cmd.append("--fused-adamw")
+            if args.ckpt_layers is not None:
+                cmd += ["--ckpt-layers", str(args.ckpt_layers)]
             cmd += ["--reduce-dtype", args.reduce_dtype]
             for kv in args.backend_set:
                 cmd += ["--backend-set", kv]
@@ -595,6 +599,9 @@ def parse_args(argv=None):
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--no-kernels", action="store_true", help="ours without the Triton kernels")
+    p.add_argument("--ckpt-layers", type=int, default=None,
+                   help="ours, workloads with activation checkpointing (lora-8b, qlora-8b): checkpoint only the "
+                        "first K decoder layers (gradient_checkpointing_layers)")
     p.add_argument("--fused-adamw", action="store_true",
                    help="ours, single / ddp under bf16: fused_master_adamw (clip + AdamW on the fp32 masters + bf16 copy in one kernel)")
     p.add_argument("--reduce-dtype", default="fp32", choices=["fp32", "bf16"],

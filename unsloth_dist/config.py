@@ -514,6 +514,13 @@ class TrainConfig(_Strict):
         "less activation memory for about one extra forward of compute. Turn on for long sequences or "
         "when out of memory.",
     )
+    gradient_checkpointing_layers: Optional[int] = Field(
+        None,
+        ge=0,
+        description="With `gradient_checkpointing: true`: how many decoder layers are checkpointed, counted "
+        "from the first; the others keep their activations (no recompute for them: faster, at the activation "
+        "memory of each such layer). Unset: every layer. More than the model has is an error.",
+    )
     fused_master_adamw: bool = Field(
         False,
         description="single / ddp under `precision: bf16`: run gradient clipping, AdamW on the fp32 master "
@@ -600,6 +607,11 @@ class TrainConfig(_Strict):
             )
         if self.save_total_limit is not None and self.save_steps is None:
             raise ValueError("save_total_limit is set but save_steps is not: set save_steps, or drop save_total_limit")
+        if self.gradient_checkpointing_layers is not None and not self.gradient_checkpointing:
+            raise ValueError(
+                "gradient_checkpointing_layers is set but gradient_checkpointing is false: set "
+                "gradient_checkpointing: true, or leave gradient_checkpointing_layers unset"
+            )
         if self.fused_master_adamw and (self.backend.name not in ("single", "ddp", "auto") or self.precision != "bf16"):
             raise ValueError(
                 f"fused_master_adamw: true needs backend single or ddp with precision bf16 (got backend "

@@ -127,6 +127,7 @@ class Trainer:
         self.backend_cfg = backend_cfg
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._ckpt_off = _layers_without_checkpointing(model, cfg.gradient_checkpointing_layers)
         if train_dataset is None and cfg.data is not None:
             # the config's data section: tokenized once (rank 0; the others read the cache),
             # before any process group exists, so bad data stops the run here
@@ -163,6 +164,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
+            for layer in self._ckpt_off:  # selective: these layers keep their activations
+                layer.gradient_checkpointing = False
         # a model patched with the fused linear cross-entropy (unsloth_dist.models) computes the
         # token-loss sum inside its own forward, so the [tokens, vocab] logits never exist
         self.fused_loss = bool(getattr(model, "unsloth_fused_loss", False))
@@ -457,6 +460,30 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+def _layers_without_checkpointing(model: nn.Module, n_checkpointed: Optional[int]) -> list[nn.Module]:
+    """The decoder layers after the first `n_checkpointed` (gradient_checkpointing_layers), checked
+    against the model before any process group exists."""
+    if n_checkpointed is None:
+        return []
+    from unsloth_dist.backends.fsdp import decoder_layers
+
+    try:
+        layers = decoder_layers(model)
+    except ConfigError:
+        layers = []
+    if not layers or not all(hasattr(m, "gradient_checkpointing") for m in layers):
+        raise ConfigError(
+            f"gradient_checkpointing_layers: {type(model).__name__} has no transformers decoder layers that "
+            "checkpoint one by one; leave gradient_checkpointing_layers unset"
+        )
+    if n_checkpointed > len(layers):
+        raise ConfigError(
+            f"gradient_checkpointing_layers: {n_checkpointed} but the model has {len(layers)} decoder layers; "
+            f"use at most {len(layers)} (or leave it unset to checkpoint every layer)"
+        )
+    return layers[n_checkpointed:]
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
