@@ -115,6 +115,10 @@ def main(argv=None) -> int:
             from unsloth_dist.demo import run_demo
 
             run_demo(opts, echo=lambda s: print(s, flush=True))
+            if launched:
+                from unsloth_dist.distributed import shutdown
+
+                shutdown()  # every rank ends together, the groups destroyed before the interpreter exits
     except (DemoError, ValueError, OSError) as exc:  # user mistakes (ConfigError / DataError are ValueErrors)
         prefix = f"[rank {rank}] " if launched and rank else ""
         print(f"{prefix}error: {exc}", file=sys.stderr)

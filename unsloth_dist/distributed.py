@@ -269,3 +269,21 @@ def cpu_group():
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """End the process group at the end of a script, on every rank together: wait for the slowest
+    rank (e.g. rank 0 still writing files), then destroy the groups. Call it once the Trainer and the
+    models it wrapped are gone: a group destroyed while DDP's reducer still holds it, or left to the
+    interpreter's exit (torch 2.13 + gloo), can hang or abort the rank ("terminate called without an
+    active exception")."""
+    import gc
+
+    if not is_dist():
+        return
+    gc.collect()  # a DDP reducer in a reference cycle still holds the group
+    try:
+        dist.barrier()
+    finally:
+        _CPU_GROUP.clear()
+        dist.destroy_process_group()
