@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     except (ConfigError, LaunchError, AccelerateLaunchError, RecipeError, ValueError) as exc:  # user mistakes
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from unsloth_dist.distributed import shutdown
+
+    shutdown()  # the ranks end together; the groups are destroyed before the interpreter exits
     return 0
 
 
