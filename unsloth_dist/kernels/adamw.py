@@ -9,7 +9,7 @@ coefficient (a device scalar, so nothing waits for the host), updates the master
 and writes the bf16 weight: ~30 bytes per parameter, no fp32 gradient.
 
 Semantics are torch.optim.AdamW's (decoupled weight decay, bias correction, `eps` added after the
-square root); the optimizer object and its state (`step`, `exp_avg`, `exp_avg_sq` per master
+square root; the tests compare against torch.optim.AdamW itself, which is the reference); the optimizer object and its state (`step`, `exp_avg`, `exp_avg_sq` per master
 parameter) stay torch's, so checkpoints, schedulers and `state_dict()` are unchanged. `step` is
 kept as a CPU tensor, as torch's non-fused AdamW keeps it, so the bias corrections are host
 numbers and the update launches without a device sync.
@@ -23,26 +23,6 @@ import torch
 import triton.language as tl
 
 from ._utils import LazyKernel, cdiv, use_triton
-
-# --------------------------------------------------------------------------- reference
-
-
-def master_adamw_reference(param: torch.Tensor, grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor,
-                           exp_avg_sq: torch.Tensor, coef: torch.Tensor, lr: float, beta1: float, beta2: float,
-                           eps: float, weight_decay: float, step: float) -> None:
-    """One AdamW update of `master` with `grad * coef` (step = the count after this update), then
-    `param <- master` in param's dtype. torch.optim.AdamW's single-tensor arithmetic."""
-    with torch.no_grad():
-        g = grad.float() * coef
-        master.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bc1 = 1 - beta1**step
-        bc2_sqrt = math.sqrt(1 - beta2**step)
-        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-        master.addcdiv_(exp_avg, denom, value=-lr / bc1)
-        param.copy_(master)
-
 
 # --------------------------------------------------------------------------- kernel
 
@@ -111,6 +91,7 @@ def master_adamw_step(optimizer: torch.optim.AdamW, params: Sequence[torch.Tenso
     hyper-parameters of the master's param group, and write the result into the bf16 parameter.
     Parameters without a gradient are skipped, as torch's AdamW skips them."""
     group_of = {id(m): g for g in optimizer.param_groups for m in g["params"]}
+    optimizer._opt_called = True  # what torch's step wrapper records (LR schedulers check it)
     coef = coef.to(dtype=torch.float32)
     for p, m in zip(params, masters):
         grad = p.grad
@@ -133,8 +114,6 @@ def master_adamw_step(optimizer: torch.optim.AdamW, params: Sequence[torch.Tenso
         n = m.numel()
         if n == 0:
             continue
-        optimizer._opt_called = True  # what torch's step wrapper records (LR schedulers check it)
         _kernel.launch((cdiv(n, _BLOCK),), p, grad, m, state["exp_avg"], state["exp_avg_sq"], c, n,
                        1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1**step),
                        1.0 / math.sqrt(1.0 - beta2**step), eps, BLOCK=_BLOCK, num_warps=8)
-
