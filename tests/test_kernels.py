@@ -515,6 +515,84 @@ def test_rope_in_place_under_activation_checkpointing(reentrant):
         close(a, b, torch.float32, name)
 
 
+@needs_interp
+@pytest.mark.parametrize("producer", ["rms_norm", "lora_delta", "foreign"])
+def test_rope_after_a_custom_function_under_checkpointing_does_not_recompute_in_forward(producer):
+    """q / k made by a custom autograd.Function (Qwen3's q_norm / k_norm through our RMSNorm, a
+    fused LoRA projection, another library's Function) inside a non-reentrant checkpoint: deciding
+    whether to rotate in place must not unpack the producer's saved tensors, which would run the
+    checkpointed block again in the forward. Ours declare `saves_output = False` (in place); a
+    foreign one is not inspected (out of place). Gradients match the reference either way."""
+    from torch.utils.checkpoint import checkpoint
+
+    from unsloth_dist.kernels import lora as L
+
+    B, T, HQ, HK, D = 2, 5, 2, 2, 8
+    x, wq, wk = _proj_inputs(B, T, HQ, HK, D, torch.float32)
+    v = torch.randn(B, HK, T, D, requires_grad=True)
+    nw = (torch.randn(D) * 0.1 + 1).requires_grad_()
+    a = (torch.randn(4, x.shape[-1]) * 0.3).requires_grad_()
+    bq, bk = (torch.randn(HQ * D, 4) * 0.3).requires_grad_(), (torch.randn(HK * D, 4) * 0.3).requires_grad_()
+    cos, sin = _hf_cos_sin(torch.arange(T)[None].expand(B, T), D)
+    calls = {"n": 0}
+
+    class Foreign(torch.autograd.Function):  # saves its input only, declares nothing
+        @staticmethod
+        def forward(ctx, t):
+            calls["n"] += 1
+            ctx.save_for_backward(t)
+            return t * 2.0
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2.0
+
+    def block(x, v, rope, norm, lora):
+        pq, pk = x @ wq.t(), x @ wk.t()
+        if producer == "lora_delta":
+            pq, pk = lora(pq, x, a, bq, 0.5), lora(pk, x, a, bk, 0.5)
+        q, k = pq.view(B, T, HQ, D), pk.view(B, T, HK, D)
+        if producer == "rms_norm":
+            q, k = norm(q, nw, 1e-6), norm(k, nw, 1e-6)
+        if producer == "foreign":
+            q, k = Foreign.apply(q), Foreign.apply(k)
+        qo, ko = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return torch.nn.functional.scaled_dot_product_attention(qo, ko, v, is_causal=True, enable_gqa=True)
+
+    real = L._LoraDelta.forward
+
+    def counted_lora(ctx, *args):
+        calls["n"] += 1
+        return real(ctx, *args)
+
+    def ours(q, k, cos, sin):
+        out = K.apply_rope(q, k, cos, sin, inplace=None)
+        calls["in_place"] = calls.get("in_place", True) and out[0].data_ptr() == q.data_ptr()
+        return out
+
+    def norm(t, w, eps):
+        calls["n"] += 1
+        return K.rms_norm(t, w, eps)
+
+    L._LoraDelta.forward = staticmethod(counted_lora)
+    try:
+        out = checkpoint(block, x, v, ours, norm, L.lora_delta, use_reentrant=False)
+        assert calls["n"] == 2, f"{producer}: the producer ran {calls['n']} times in the forward (recomputed there)"
+        leaves = (x, wq, wk, v, nw, a, bq, bk)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, leaves, g, allow_unused=True)
+        assert calls["n"] == 4  # and once more each in the backward's recompute
+    finally:
+        L._LoraDelta.forward = staticmethod(real)
+    assert calls["in_place"] == (producer != "foreign")
+    want = torch.autograd.grad(block(x, v, K.rope_reference, lambda t, w, e: K.rms_norm_reference(t, w, e),
+                                     L.lora_delta_reference), leaves, g, allow_unused=True)
+    for i, (p, r) in enumerate(zip(got, want)):
+        assert (p is None) == (r is None), i
+        if p is not None:
+            close(p, r, torch.float32, f"{producer} grad {i}")
+
+
 # --------------------------------------------------------------------------- SwiGLU / GeGLU
 
 

@@ -245,6 +245,8 @@ def _chunks(hidden, weight, bias, rows, C, target_r, loss_r, lse_r, row_scale_r,
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    saves_output = False  # RoPE may rotate this output in place (kernels.rope._producer_forbids_in_place)
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, softcap, z_loss, reduction, chunk_size, need_grad):
         N, H = hidden.shape

@@ -94,6 +94,8 @@ def _out_dtype(x: torch.Tensor, w: torch.Tensor, gemma: bool) -> torch.dtype:
 
 
 class RMSNormFunction(torch.autograd.Function):
+    saves_output = False  # RoPE may rotate this output in place (kernels.rope._producer_forbids_in_place)
+
     @staticmethod
     def forward(ctx, x, weight, eps, offset, gemma):
         shape = x.shape

@@ -246,7 +246,8 @@ def _node_kind(cls: type) -> int:
 def _producer_forbids_in_place(t: torch.Tensor) -> bool:
     """Walking back from `t` through view ops to what produced its storage: True when that is a
     leaf that requires grad (`t` is a view of a parameter / a caller's leaf), or an op that saved
-    its output for its own backward (exp, sigmoid, a custom Function saving its result, ...):
+    its output for its own backward (exp, sigmoid, a custom Function saving its result or not
+    declaring `saves_output = False`, ...):
     rotating `t` in place would corrupt it, so RoPE runs out of place. (Other
     consumers that saved the pre-rotation tensor cannot be seen from here; the version-counter
     bump of the in-place path makes their backward raise instead of silently using rotated
@@ -265,14 +266,12 @@ def _producer_forbids_in_place(t: torch.Tensor) -> bool:
     if kind == _FORBIDS:
         return True
     if kind == _CUSTOM:
-        try:
-            saved = node.saved_tensors
-        except RuntimeError:
-            return True
-        if not saved:
-            return False
-        ptr = t.untyped_storage().data_ptr()
-        return any(s is not None and s.untyped_storage().data_ptr() == ptr for s in saved)
+        # Our Functions declare whether they save their output. Another library's Function is
+        # not inspected: reading its saved tensors unpacks them, and under activation
+        # checkpointing unpacking recomputes the checkpointed layer there and then (its compute
+        # again, and memory held until the backward), so RoPE runs out of place after it.
+        declared = getattr(getattr(node, "_forward_cls", None), "saves_output", None)
+        return True if declared is None else bool(declared)
     return False
 
 
@@ -334,6 +333,8 @@ _increment_version = torch.autograd.graph.increment_version
 
 
 class RoPEFunction(torch.autograd.Function):
+    saves_output = False  # RoPE may rotate this output in place (kernels.rope._producer_forbids_in_place)
+
     @staticmethod
     def forward(ctx, q, k, cos, sin, inplace=None):
         cos, sin = cos.contiguous(), sin.contiguous()  # the kernel indexes them as contiguous

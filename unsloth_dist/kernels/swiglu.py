@@ -90,6 +90,8 @@ def _grid(n: int):
 
 
 class GLUFunction(torch.autograd.Function):
+    saves_output = False  # RoPE may rotate this output in place (kernels.rope._producer_forbids_in_place)
+
     @staticmethod
     def forward(ctx, gate, up, activation):
         act = ACTIVATIONS[activation]
