@@ -22,9 +22,9 @@ NO_INTERP = {"TRITON_INTERPRET": "0"}
 
 RUNS = {
     "single": ["plain-untied", "patched-untied", "plain-untied-lora", "patched-untied-lora"],
-    "ddp": ["plain-untied", "patched-untied"],
-    "fsdp": ["plain-untied", "patched-untied", "plain-tied", "patched-tied"],
-    "zero3": ["plain-untied", "patched-untied", "plain-tied", "patched-tied"],
+    "ddp": ["plain-untied", "patched-untied", "plain-untied-lora", "patched-untied-lora"],
+    "fsdp": ["plain-untied", "patched-untied", "plain-tied", "patched-tied", "plain-untied-lora", "patched-untied-lora"],
+    "zero3": ["plain-untied", "patched-untied", "plain-tied", "patched-tied", "plain-untied-lora", "patched-untied-lora"],
 }
 
 
@@ -58,6 +58,7 @@ def test_single_process(single_run):
         got, ref = _load(single_run, "single", f"patched-{kind}"), _load(single_run, "single", f"plain-{kind}")
         assert got["world_size"] == 1 and "fused_cross_entropy" in got["report"]
         assert not any(got["triton_launches"].values())  # reference dispatch here
+        assert ref["fused_lora_calls"] == 0 and (got["fused_lora_calls"] > 0) == kind.endswith("lora")
         _assert_same_training(got, ref, f"single {kind}")
 
 
@@ -90,6 +91,8 @@ def test_two_ranks(backend, single_run, two_ranks):
         got = _load(tmp_path, backend, variant)
         assert got["world_size"] == 2 and got["backend"] == backend
         _assert_same_training(got, _load(tmp_path, backend, f"plain-{kind}"), f"{backend} {kind}")
+        if kind.endswith("lora"):  # the fused LoRA update ran; ZeRO-3's partitioned adapters keep peft's forward
+            assert (got["fused_lora_calls"] > 0) == (backend != "zero3"), got["fused_lora_calls"]
         if kind == "untied":  # and like one process
             torch.testing.assert_close(torch.tensor(got["losses"]),
                                        torch.tensor(_load(single_run, "single", "plain-untied")["losses"]),

@@ -252,7 +252,9 @@ def test_peft_lora(arch, order):
         pat = add_lora(copy.deepcopy(base))
         report = patch_model(pat)
         assert pat.unsloth_fused_loss is True
-    assert report.ops == ["rms_norm", "rope", "swiglu", "fused_cross_entropy"]
+        assert report.count("lora") == 7 * len(pat.get_base_model().model.layers)  # every wrapped projection
+    lora_op = ["lora"] if order == "peft-then-patch" else []
+    assert report.ops == ["rms_norm", "rope", "swiglu", "fused_cross_entropy"] + lora_op
     assert getattr(pat, "unsloth_fused_loss", False) is True  # what the Trainer reads (peft forwards getattr)
     # the patched MLP calls the LoRA-wrapped projections
     mlp = pat.get_base_model().model.layers[0].mlp

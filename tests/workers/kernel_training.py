@@ -30,6 +30,22 @@ GLOBAL_BATCH = 4
 STEPS = int(os.environ.get("KT_STEPS", "4"))
 
 
+def _count_fused_lora() -> list:
+    """Counts the fused LoRA updates (kernels.lora_delta) from here on: [n]."""
+    from unsloth_dist.kernels import lora as L
+
+    n = [0]
+    real = L._LoraDelta.__dict__.get("_real_apply") or L._LoraDelta.apply
+    L._LoraDelta._real_apply = real
+
+    def counted(*args):
+        n[0] += 1
+        return real(*args)
+
+    L._LoraDelta.apply = staticmethod(counted)
+    return n
+
+
 def run(backend: str, variant: str, out_dir: str) -> None:
     parts = variant.split("-")
     kind, tie, lora = parts[0], parts[1] == "tied", "lora" in parts[2:]
@@ -40,7 +56,9 @@ def run(backend: str, variant: str, out_dir: str) -> None:
     report = None
     if kind == "patched":
         report = patch_model(model)
-        assert report.ops == ["rms_norm", "rope", "swiglu", "fused_cross_entropy"], str(report)
+        want = ["rms_norm", "rope", "swiglu", "fused_cross_entropy"] + (["lora"] if lora else [])
+        assert report.ops == want, str(report)
+    lora_calls = _count_fused_lora()
     keys = list(model.state_dict())
     args = {
         "output_dir": os.path.join(out_dir, f"{backend}-{variant}"),
@@ -74,7 +92,7 @@ def run(backend: str, variant: str, out_dir: str) -> None:
             {"losses": result.losses, "grad_norms": result.grad_norms, "eval_loss": eval_loss,
              "state_dict": sd, "keys_before": keys, "world_size": trainer.world_size,
              "backend": trainer.backend.name, "report": str(report) if report else None,
-             "triton_launches": dict(LAUNCHES)},
+             "triton_launches": dict(LAUNCHES), "fused_lora_calls": lora_calls[0]},
             os.path.join(out_dir, f"{backend}-{variant}.pt"),
         )
 

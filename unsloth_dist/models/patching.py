@@ -46,6 +46,14 @@ How each op is patched, and why:
   in training mode -> the HF mean loss (or sum / ``num_items_in_batch``), computed fused, with
   ``logits=None``; labels in eval mode -> HF's own forward (logits and loss).
 
+* **LoRA** (peft's LoRA ``Linear`` and bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` wrappers): the
+  instance ``forward`` calls the base layer, then adds ``scaling * lora_B(lora_A(x))`` into its
+  output in one GEMM (:func:`~unsloth_dist.kernels.lora_delta`) instead of peft's scale-and-add
+  passes over the output. It runs peft's own forward whenever that path is not plain LoRA: adapters
+  disabled or merged, several active adapters, mixed-batch ``adapter_names``, DoRA and other
+  variants, LoRA bias, dropout in training, autocast or mixed dtypes, and DeepSpeed ZeRO-3
+  partitioned adapter weights (those are gathered only by calling the adapter modules).
+
 ``kernels=False`` patches nothing.
 """
 from __future__ import annotations
@@ -62,10 +70,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unsloth_dist.kernels import apply_rope, fused_linear_cross_entropy, glu, rms_norm
+from unsloth_dist.kernels import apply_rope, fused_linear_cross_entropy, glu, lora_delta, rms_norm
 
 IGNORE_INDEX = -100
-OPS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy")
+OPS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "lora")
 
 
 @dataclass(frozen=True)
@@ -191,6 +199,55 @@ def _rms_eps_attr(module: nn.Module) -> Optional[str]:
         if isinstance(getattr(module, a, None), float):
             return a
     return None
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def _lora_fast_adapter(self, x: torch.Tensor, kwargs: dict) -> Optional[str]:
+    """The one active adapter when the plain-LoRA fast path applies to this call, else None."""
+    if kwargs or self.disable_adapters or self.merged:
+        return None
+    active = [n for n in self.active_adapters if n in self.lora_A]  # peft skips the others too
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(self, "lora_variant", {}) or self.use_dora.get(name, False):
+        return None
+    a, b = self.lora_A[name], self.lora_B[name]
+    if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear) or a.bias is not None or b.bias is not None:
+        return None
+    if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+        return None
+    wa, wb = a.weight, b.weight
+    if hasattr(wa, "ds_id") or hasattr(wb, "ds_id"):  # ZeRO-3: gathered only by calling the modules
+        return None
+    if wa.dtype != x.dtype or wb.dtype != x.dtype or torch.is_autocast_enabled(x.device.type):
+        return None
+    if wa.device != x.device or wa.dim() != 2 or wb.dim() != 2:
+        return None
+    return name
+
+
+def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    name = _lora_fast_adapter(self, x, kwargs) if not args else None
+    if name is not None:
+        out = self.base_layer(x)
+        if out.dtype == x.dtype and out.is_contiguous() and out._base is None:
+            return lora_delta(out, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        # an unexpected base output: finish the plain way on the computed result
+        return out + self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+def _is_peft_lora_linear(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft not installed: nothing to patch
+        return False
+    return (isinstance(module, LoraLayer) and hasattr(module, "base_layer") and hasattr(module, "lora_A")
+            and type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt")
+            and type(module).__module__.startswith("peft.tuners.lora"))
 
 
 # --------------------------------------------------------------------------- MLP
@@ -365,7 +422,7 @@ def _output_class(causal_lm: nn.Module):
 
 
 def patch_model(model: nn.Module, kernels: bool = True, rms_norm: bool = True, rope: bool = True,
-                swiglu: bool = True, fused_cross_entropy: bool = True) -> PatchReport:
+                swiglu: bool = True, fused_cross_entropy: bool = True, lora: bool = True) -> PatchReport:
     """Swap the kernel-backed implementations into `model`'s modules (this instance only; see the
     module docstring). Call it before wrapping the model for a backend (DDP / FSDP / DeepSpeed);
     before or after peft's `get_peft_model`. Idempotent. Returns a :class:`PatchReport`."""
@@ -375,10 +432,22 @@ def patch_model(model: nn.Module, kernels: bool = True, rms_norm: bool = True, r
     report = PatchReport(model_class=type(causal).__name__, model_type=model_type, enabled=bool(kernels))
     if not kernels:
         return report
+    # LoRA: peft's layers, whatever the architecture around them
+    if lora:
+        found = False
+        for name, module in causal.named_modules():
+            if _is_peft_lora_linear(module):
+                found = True
+                if not _is_patched(module):
+                    _set_forward(module, _lora_forward, "lora")
+                report.add("lora", module, name)
+        if found:
+            report.details["lora"] = "update added in the GEMM epilogue (addmm_); peft's forward for other cases"
     spec = ARCHS.get(model_type)
     if spec is None:
-        for op in OPS:
+        for op in OPS[:-1]:
             report.skipped[op] = f"model_type {model_type!r} is not supported (supported: {', '.join(ARCHS)})"
+        causal._unsloth_report = report
         return report
     modeling = type(causal).__module__
     if not modeling.startswith("transformers."):
@@ -387,7 +456,8 @@ def patch_model(model: nn.Module, kernels: bool = True, rms_norm: bool = True, r
             if c.__module__.startswith("transformers.models."):
                 modeling = c.__module__
                 break
-    wanted = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu, "fused_cross_entropy": fused_cross_entropy}
+    wanted = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu, "fused_cross_entropy": fused_cross_entropy,
+              "lora": lora}
     for op, on in wanted.items():
         if not on:
             report.skipped[op] = "switched off"

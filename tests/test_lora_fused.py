@@ -1,0 +1,204 @@
+"""The fused LoRA update (`kernels.lora_delta`, patched into peft's LoRA linears by `patch_model`):
+exact against peft's arithmetic, taken on the plain-LoRA path, and never taken where peft's own
+forward does something else (dropout, disabled / merged / several adapters, DoRA, autocast)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from unsloth_dist.kernels import lora as L
+from unsloth_dist.kernels import lora_delta, lora_delta_reference
+from unsloth_dist.models.patching import patch_model, unpatch_model
+
+
+def test_lora_delta_gradcheck_against_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+
+    def fused(x, a, b, w):
+        return lora_delta(nn.functional.linear(x, w), x, a, b, 0.7)
+
+    def ref(x, a, b, w):
+        return lora_delta_reference(nn.functional.linear(x, w), x, a, b, 0.7)
+
+    torch.testing.assert_close(fused(x, a, b, w), ref(x, a, b, w), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(fused, (x, a, b, w))
+    g = torch.randn(2, 5, 6, dtype=torch.float64)
+    got = torch.autograd.grad(fused(x, a, b, w), (x, a, b, w), g)
+    want = torch.autograd.grad(ref(x, a, b, w), (x, a, b, w), g)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_delta_bf16_close_to_peft_rounding():
+    """bf16: the scaling is applied inside the GEMM (fp32 accumulate), peft scales the bf16 product;
+    the difference is bf16 rounding."""
+    torch.manual_seed(1)
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    a, b = torch.randn(4, 32, dtype=torch.bfloat16) * 0.2, torch.randn(48, 4, dtype=torch.bfloat16) * 0.2
+    base = torch.randn(64, 48, dtype=torch.bfloat16)
+    got = lora_delta(base.clone(), x, a, b, 2.0).float()
+    want = (base.float() + (x.float() @ a.float().t() @ b.float().t()) * 2.0)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+class _Count:
+    def __init__(self, monkeypatch):
+        self.n = 0
+        real = L._LoraDelta.apply
+
+        def counted(*args):
+            self.n += 1
+            return real(*args)
+
+        monkeypatch.setattr(L._LoraDelta, "apply", staticmethod(counted))
+
+
+def _tiny_peft(dropout=0.0, **lora_kw):
+    from peft import LoraConfig, get_peft_model
+    from tiny import tiny_llama
+
+    model = tiny_llama(seed=0, vocab=64, hidden=32, layers=2)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                  target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+                                                  **lora_kw))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return peft_model
+
+
+def _fwd_bwd(model, ids):
+    for p in model.parameters():
+        p.grad = None
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads
+
+
+def _compare(ref, pat, ids, rtol=1e-5, atol=1e-6):
+    lr, gr = _fwd_bwd(ref, ids)
+    lp, gp = _fwd_bwd(pat, ids)
+    torch.testing.assert_close(lp, lr, rtol=rtol, atol=atol)
+    assert gr.keys() == gp.keys() and gr
+    for n in gr:
+        torch.testing.assert_close(gp[n], gr[n], rtol=rtol, atol=atol, msg=lambda m, n=n: f"grad {n}: {m}")
+
+
+def test_patched_lora_takes_the_fused_path_and_matches_peft(monkeypatch):
+    ref = _tiny_peft()
+    pat = copy.deepcopy(ref)
+    report = patch_model(pat, rms_norm=False, rope=False, swiglu=False, fused_cross_entropy=False)
+    assert report.ops == ["lora"] and report.count("lora") == 8, str(report)
+    count = _Count(monkeypatch)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    ref.train(), pat.train()
+    _compare(ref, pat, ids)
+    assert count.n == 8  # every LoRA linear, once
+    unpatch_model(pat)
+    count.n = 0
+    _compare(ref, pat, ids)
+    assert count.n == 0
+
+
+def test_fused_lora_under_gradient_checkpointing(monkeypatch):
+    ref = _tiny_peft()
+    pat = copy.deepcopy(ref)
+    patch_model(pat)
+    for m in (ref, pat):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    count = _Count(monkeypatch)
+    _compare(ref, pat, torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4)))
+    assert count.n == 16  # forward + recompute
+
+
+@pytest.mark.parametrize("case", ["dropout", "disabled", "merged", "two-adapters", "dora", "autocast", "lora-bias"])
+def test_peft_forward_runs_where_the_fused_path_does_not_apply(case, monkeypatch):
+    from peft import LoraConfig
+
+    kw = {"use_dora": True} if case == "dora" else {"lora_bias": True} if case == "lora-bias" else {}
+    ref = _tiny_peft(dropout=0.3 if case == "dropout" else 0.0, **kw)
+    if case == "two-adapters":
+        ref.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+        ref.base_model.set_adapter(["default", "second"])
+    pat = copy.deepcopy(ref)
+    patch_model(pat)
+    count = _Count(monkeypatch)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    ref.train(), pat.train()
+    if case == "dropout":
+        torch.manual_seed(9)
+        lr, gr = _fwd_bwd(ref, ids)
+        torch.manual_seed(9)
+        lp, gp = _fwd_bwd(pat, ids)
+        torch.testing.assert_close(lp, lr)
+        ref.eval(), pat.eval()  # dropout is off in eval: the fused path applies there
+        with torch.no_grad():
+            torch.testing.assert_close(pat(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+        assert count.n == 8
+        return
+    if case == "disabled":  # base only (frozen: no gradients)
+        with ref.disable_adapter(), pat.disable_adapter():
+            with torch.no_grad():
+                torch.testing.assert_close(pat(input_ids=ids).logits, ref(input_ids=ids).logits)
+    elif case == "merged":  # adapters folded into the base weights
+        for m in (ref, pat):
+            m.base_model.merge_adapter()
+        with torch.no_grad():
+            torch.testing.assert_close(pat(input_ids=ids).logits, ref(input_ids=ids).logits)
+    elif case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _compare(ref, pat, ids, rtol=1e-2, atol=1e-3)
+    else:
+        _compare(ref, pat, ids)
+    # two adapters: the layers with only `default` (v, gate, down) are plain LoRA and fused
+    assert count.n == (6 if case == "two-adapters" else 0)
+
+
+def test_fused_lora_on_a_4bit_base(monkeypatch):
+    """QLoRA: peft's bitsandbytes Linear4bit wrapper, base NF4 on CPU, bf16 compute."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96, bias=False)
+    q = bnb.nn.Linear4bit(64, 96, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                          quant_storage=torch.bfloat16)
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                 quant_storage=torch.bfloat16, module=q)
+    q = q.to("cpu")
+    wrapper = nn.Sequential(q)
+    wrapper.is_loaded_in_4bit = True  # what peft reads to pick its bitsandbytes LoRA wrapper
+    ref = get_peft_model(wrapper, LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    for n, p in ref.named_parameters():
+        if "lora_" in n:
+            with torch.no_grad():
+                p.data = p.data.to(torch.bfloat16).normal_(0, 0.1)
+    layer = ref.base_model.model[0]
+    assert type(layer).__name__ == "Linear4bit" and type(layer).__module__.startswith("peft"), type(layer)
+    pat = copy.deepcopy(ref)
+    assert patch_model(pat).count("lora") == 1
+    count = _Count(monkeypatch)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    ref.train(), pat.train()
+    outs, grads = [], []
+    for m in (ref, pat):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.float().square().sum().backward()
+        outs.append(y.detach().float())
+        grads.append([xi.grad.float()] + [p.grad.float() for n, p in m.named_parameters() if "lora_" in n])
+    assert count.n == 1
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
+    for u, v in zip(grads[1], grads[0]):  # bf16 rounding in another order: compare by norm
+        assert ((u - v).norm() / v.norm()).item() < 2e-2
