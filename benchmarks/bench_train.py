@@ -163,9 +163,9 @@ def random_batches(n: int, micro: int, seq: int, vocab: int, seed: int):
     return [torch.randint(0, vocab, (micro, seq), generator=g) for _ in range(n)]
 
 
-def _fused_adamw(args) -> bool:
-    """--fused-adamw applies where there are fp32 masters: ours, single / ddp, precision bf16."""
-    return bool(args.fused_adamw) and args.impl == "ours" and args.backend in ("single", "ddp") and args.precision == "bf16"
+def _fused_adamw(args):
+    """fused_master_adamw for ours: None (auto: on for single / ddp under bf16 on a GPU), True or False."""
+    return {"auto": None, "on": True, "off": False}[args.fused_adamw]
 
 
 def _backend_set(args) -> dict:
@@ -245,6 +245,13 @@ def run_ours(args, wl, device, world) -> dict:
 
         model = add_lora(model, r=16, lora_alpha=16, target_modules=LORA_TARGETS)
     report = patch_model(model, kernels=not args.no_kernels)
+    if args.no_fused_lora:  # add_lora patched the LoRA linears: give them peft's forward back
+        from unsloth_dist.models.patching import _clear_forward
+
+        for m in model.modules():
+            if m.__dict__.get("_unsloth_patch") == "lora":
+                _clear_forward(m)
+        report.patched.pop("lora", None)
     _reset_peak(device)  # the peak is training's: building / quantizing the random model is not counted
     steps = args.warmup + args.steps
     vocab = wl["shape"]["vocab_size"]
@@ -272,7 +279,8 @@ def run_ours(args, wl, device, world) -> dict:
     t0 = time.perf_counter()
     result = trainer.train()
     step_s = [b - a for a, b in zip([t0] + times[:-1], times)][args.warmup:]
-    return {"step_s": step_s, "losses": result.losses, "n_matmul": n_matmul, "patched": list(report.ops)}
+    return {"step_s": step_s, "losses": result.losses, "n_matmul": n_matmul, "patched": list(report.ops),
+            "fused_master_adamw": bool(getattr(trainer.backend, "_fused_adamw", False))}
 
 
 # --------------------------------------------------------------------------- baselines
@@ -403,8 +411,9 @@ def run_case(args) -> int:
     record = {"workload": args.workload, "impl": args.impl, "backend": args.backend, "world_size": world,
               "reduce_dtype": args.reduce_dtype if args.impl == "ours" else None,
               "backend_set": _backend_set(args) if args.impl == "ours" and args.backend != "single" else None,
-              "fused_master_adamw": _fused_adamw(args),
+              "fused_master_adamw": None,  # ours: what the backend ran (filled in below)
               "ckpt_layers": args.ckpt_layers if args.impl == "ours" else None,
+              "fused_lora": (not args.no_fused_lora) if args.impl == "ours" and wl["lora"] else None,
               "seq": args.seq, "micro_batch": args.micro, "precision": args.precision,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     try:
@@ -435,6 +444,7 @@ def run_case(args) -> int:
         )
         if "patched" in r:
             record["kernels"] = r["patched"]
+            record["fused_master_adamw"] = r["fused_master_adamw"]
     if rank == 0:
         line = json.dumps(record)
         print("BENCH_RESULT " + line, flush=True)
@@ -496,8 +506,9 @@ def run_matrix(args) -> int:
                     cmd += [flag, str(v)]
             if args.no_kernels:
                 cmd.append("--no-kernels")
-            if args.fused_adamw:
-                cmd.append("--fused-adamw")
+            cmd += ["--fused-adamw", args.fused_adamw]
+            if args.no_fused_lora:
+                cmd.append("--no-fused-lora")
             if args.ckpt_layers is not None:
                 cmd += ["--ckpt-layers", str(args.ckpt_layers)]
             cmd += ["--reduce-dtype", args.reduce_dtype]
@@ -602,8 +613,11 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-layers", type=int, default=None,
                    help="ours, workloads with activation checkpointing (lora-8b, qlora-8b): checkpoint only the "
                         "first K decoder layers (gradient_checkpointing_layers)")
-    p.add_argument("--fused-adamw", action="store_true",
-                   help="ours, single / ddp under bf16: fused_master_adamw (clip + AdamW on the fp32 masters + bf16 copy in one kernel)")
+    p.add_argument("--no-fused-lora", action="store_true",
+                   help="ours, LoRA workloads: peft's LoRA forward instead of the fused update (kernels.lora_delta)")
+    p.add_argument("--fused-adamw", default="auto", choices=["auto", "on", "off"],
+                   help="ours: fused_master_adamw (clip + AdamW on the fp32 masters + bf16 copy in one kernel); "
+                        "auto leaves it unset (on for single / ddp under bf16 on a GPU)")
     p.add_argument("--reduce-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="ours: backend.reduce_dtype of ddp / fsdp / zero (the baselines keep their own defaults)")
     p.add_argument("--backend-set", action="append", default=[], metavar="KEY=VALUE",

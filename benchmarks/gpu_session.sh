@@ -4,7 +4,8 @@
 # train: env TRAIN_WORKLOAD (full-1b), TRAIN_GPUS (1), TRAIN_BACKENDS, TRAIN_IMPLS, TRAIN_STEPS, TRAIN_WARMUP, TRAIN_TAG,
 #        TRAIN_TIMEOUT, TRAIN_PROFILE, TRAIN_REDUCE (ours: backend.reduce_dtype),
 #        TRAIN_SET (ours: space-separated backend fields, e.g. "forward_prefetch=1 backward_prefetch=2"),
-#        TRAIN_FUSED_ADAMW=1 (ours, single / ddp: fused_master_adamw), TRAIN_CKPT_LAYERS=K (ours: checkpoint the first K layers)
+#        TRAIN_FUSED_ADAMW=auto|on|off (ours, single / ddp: fused_master_adamw; default auto = on on a GPU), TRAIN_CKPT_LAYERS=K (ours: checkpoint the first K layers),
+#        TRAIN_NO_FUSED_LORA=1 (ours: peft's LoRA forward instead of kernels.lora_delta)
 # Needs the wheels of .whl/ (pydantic, DeepSpeed sdist, bitsandbytes, liger-kernel, pytest-timeout, ...).
 # Logs and JSON go to $OUT (the device tool brings that folder back).
 set -u
@@ -13,11 +14,15 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TORCH_CUDA_ARCH_LIST=9.0
 export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site .whl/deepspeed-*.tar.gz > "$OUT/install_deepspeed.log" 2>&1 || echo "deepspeed install failed"
+# a second invocation in the same command (other TRAIN_* settings) skips the installs
+if [ ! -e /tmp/site/.gpu_session_installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site .whl/deepspeed-*.tar.gz > "$OUT/install_deepspeed.log" 2>&1 || echo "deepspeed install failed"
+  fi
+  python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . > "$OUT/install.log" 2>&1 || { echo "project install failed"; tail "$OUT/install.log"; exit 1; }
+  touch /tmp/site/.gpu_session_installed
 fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . > "$OUT/install.log" 2>&1 || { echo "project install failed"; tail "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)"
 # tests run from a copy: in the repository root `unsloth_dist` would shadow the installed package
@@ -37,7 +42,7 @@ for part in "$@"; do
     models) (cd /tmp/t && TAILN=25 step gpu_models 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_models.py) ;;
     examples) (cd /tmp/t && TAILN=15 step gpu_examples 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_examples.py) ;;
     equivalence) (cd /tmp/t && step gpu_equivalence 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_equivalence.py) ;;
-    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ${TRAIN_REDUCE:+--reduce-dtype $TRAIN_REDUCE} $(for kv in ${TRAIN_SET:-}; do printf -- "--backend-set %s " "$kv"; done) ${TRAIN_FUSED_ADAMW:+--fused-adamw} ${TRAIN_CKPT_LAYERS:+--ckpt-layers $TRAIN_CKPT_LAYERS} ;;
+    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ${TRAIN_REDUCE:+--reduce-dtype $TRAIN_REDUCE} $(for kv in ${TRAIN_SET:-}; do printf -- "--backend-set %s " "$kv"; done) ${TRAIN_FUSED_ADAMW:+--fused-adamw $TRAIN_FUSED_ADAMW} ${TRAIN_CKPT_LAYERS:+--ckpt-layers $TRAIN_CKPT_LAYERS} ${TRAIN_NO_FUSED_LORA:+--no-fused-lora} ;;
     *) echo "unknown part $part" ;;
   esac
 done

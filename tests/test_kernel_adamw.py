@@ -160,3 +160,39 @@ def test_fused_master_adamw_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="fused_master_adamw.*no GPU"):
         Trainer(tiny_llama(seed=0, vocab=128, hidden=64, layers=1), [{"input_ids": [1, 2, 3]}],
                 args={"output_dir": "/tmp/never", "max_steps": 1, "precision": "bf16", "fused_master_adamw": True})
+
+
+def test_unset_fused_master_adamw_is_on_only_where_it_runs_on_a_gpu(tmp_path):
+    """Unset (the default) picks the kernel only for CUDA parameters: on CPU, even with Triton's
+    interpreter available, torch's AdamW runs; fsdp / zero / fp32 configs stay valid."""
+    from unsloth_dist.config import load_config
+
+    assert load_config({"max_steps": 1}).fused_master_adamw is None
+    for ok in ({"backend": "fsdp"}, {"backend": "zero2"}, {"precision": "fp32"}, {"precision": "bf16-mixed"}):
+        load_config({"max_steps": 1, "precision": "bf16", **ok})
+    result, masters, launches = _train(None, tmp_path)
+    assert launches == 0 and len(result.losses) == 5
+
+
+def test_unset_fused_master_adamw_picks_the_kernel_for_cuda_params(monkeypatch):
+    """The choice itself: with parameters reported on CUDA, unset means the kernel, false means torch;
+    an optimizer the kernel cannot run falls back to torch when unset and is refused when true."""
+    import unsloth_dist.backends.base as B
+    from unsloth_dist.config import ConfigError, load_config
+
+    class FakeBackend(B.LocalOptimizerMixin):
+        def __init__(self, fused, factory=lambda groups: torch.optim.AdamW(groups, lr=1e-3)):
+            self.cfg = load_config({"max_steps": 1, "precision": "bf16", "fused_master_adamw": fused})
+            self.device = torch.device("cpu")
+            self.scaler = None
+            self._build_optimizer(torch.nn.Linear(4, 4).to(torch.bfloat16), factory)
+
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert FakeBackend(None)._fused_adamw is True
+    assert FakeBackend(False)._fused_adamw is False
+    sgd = lambda groups: torch.optim.SGD(groups, lr=1e-3)  # noqa: E731
+    assert FakeBackend(None, sgd)._fused_adamw is False
+    with pytest.raises(ConfigError, match="fused_master_adamw: true cannot run here: the optimizer is SGD"):
+        FakeBackend(True, sgd)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: False))
+    assert FakeBackend(None)._fused_adamw is False

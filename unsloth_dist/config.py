@@ -521,13 +521,15 @@ class TrainConfig(_Strict):
         "from the first; the others keep their activations (no recompute for them: faster, at the activation "
         "memory of each such layer). Unset: every layer. More than the model has is an error.",
     )
-    fused_master_adamw: bool = Field(
-        False,
+    fused_master_adamw: Optional[bool] = Field(
+        None,
         description="single / ddp under `precision: bf16`: run gradient clipping, AdamW on the fp32 master "
         "weights and the copy back into the bf16 weights as one Triton kernel per parameter that reads the "
         "bf16 gradient directly (about 30 instead of 52 bytes of memory traffic per parameter, and no fp32 "
-        "gradient copy). Same arithmetic as torch.optim.AdamW; the optimizer state and checkpoints are "
-        "unchanged. Needs a GPU with Triton; elsewhere, and for other backends or precisions, it is an error.",
+        "gradient copy; 1.09x tokens/s at the 1B shape on one H200). Same arithmetic as torch.optim.AdamW; "
+        "the optimizer state and checkpoints are unchanged. Unset: on wherever it can run (a CUDA GPU, "
+        "backend single / ddp, precision bf16, a plain torch.optim.AdamW), off elsewhere. true: required "
+        "(an error where it cannot run). false: torch's AdamW on fp32 copies of the gradients.",
     )
     dataloader_num_workers: int = Field(
         0, ge=0, description="Worker processes per rank that collate batches (0: in the training process)."
@@ -612,11 +614,11 @@ class TrainConfig(_Strict):
                 "gradient_checkpointing_layers is set but gradient_checkpointing is false: set "
                 "gradient_checkpointing: true, or leave gradient_checkpointing_layers unset"
             )
-        if self.fused_master_adamw and (self.backend.name not in ("single", "ddp", "auto") or self.precision != "bf16"):
+        if self.fused_master_adamw is True and (self.backend.name not in ("single", "ddp", "auto") or self.precision != "bf16"):
             raise ValueError(
                 f"fused_master_adamw: true needs backend single or ddp with precision bf16 (got backend "
                 f"{self.backend.name!r}, precision {self.precision!r}): it updates the fp32 master copies those "
-                "backends keep for bf16 weights; fsdp and zero update their own fp32 shards. Set it to false"
+                "backends keep for bf16 weights; fsdp and zero update their own fp32 shards. Leave it unset or set it to false"
             )
         if self.precision == "fp16-mixed" and self.backend.name == "fsdp":
             raise ValueError(

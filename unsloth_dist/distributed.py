@@ -163,10 +163,10 @@ def check_runtime(cfg: TrainConfig, backend, env: LaunchEnv) -> None:
             )
         from unsloth_dist.kernels._utils import interpret_mode
 
-        if cfg.fused_master_adamw and not interpret_mode():
+        if cfg.fused_master_adamw is True and not interpret_mode():
             raise ConfigError(
                 "fused_master_adamw: true runs a Triton kernel and this run has no GPU (on CPU only Triton's "
-                "interpreter, TRITON_INTERPRET=1, can run it, for tests); set fused_master_adamw: false"
+                "interpreter, TRITON_INTERPRET=1, can run it, for tests); leave fused_master_adamw unset (off on CPU)"
             )
         if isinstance(backend, FSDPConfig) and backend.cpu_offload:
             raise ConfigError("backend.cpu_offload: there is no GPU to offload from on this CPU-only run; set cpu_offload: false")

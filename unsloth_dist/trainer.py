@@ -112,10 +112,10 @@ class Trainer:
         backend_cfg = D.resolve_backend(cfg.backend, self.env)
         D.check_runtime(cfg, backend_cfg, self.env)
         checkpoint.validate_resume_config(cfg, backend_cfg.name, self.env.world_size)
-        if cfg.fused_master_adamw and backend_cfg.name not in ("single", "ddp"):
+        if cfg.fused_master_adamw is True and backend_cfg.name not in ("single", "ddp"):
             raise ConfigError(
                 f"fused_master_adamw: true needs backend single or ddp (backend auto chose {backend_cfg.name!r} "
-                "for this launch); set fused_master_adamw: false or pick backend single / ddp"
+                "for this launch); leave fused_master_adamw unset, or pick backend single / ddp"
             )
         if cfg.nan_policy == "skip" and backend_cfg.name.startswith("zero"):
             raise ConfigError(
