@@ -452,11 +452,9 @@ def run_case(args) -> int:
             with open(args.result_file, "a") as f:
                 f.write(line + "\n")
     if world > 1:
-        import torch.distributed as dist
+        from unsloth_dist.distributed import shutdown
 
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        shutdown()  # gc (models / DDP reducers in cycles), barrier, every group destroyed before exit
     return 0 if record.get("status") in ("ok", "oom") else 1
 
 
@@ -531,8 +529,13 @@ def run_matrix(args) -> int:
                          and "errors.html" not in ln and "Warning" not in ln][-6:]
                 tail = "\n".join(cause + lines[-8:])
                 rec = {"workload": args.workload, "impl": impl, "backend": backend, "world_size": gpus,
-                       "status": "failed", "error": tail[-1500:]}
-                print(tail, flush=True)
+                       "status": "failed", "error": tail[-1500:], "exit_code": proc.returncode}
+                if got:  # rank 0 wrote its result, then a rank failed (e.g. at exit): keep what was measured
+                    rec["measured"] = got[-1]
+                log = Path(str(args.out) + f".{impl}_{backend}_x{gpus}.log")
+                log.write_text(f"$ {' '.join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+                rec["log"] = str(log)
+                print(tail + f"\n(full output: {log})", flush=True)
             else:
                 rec = got[-1]
             rec["wall_s"] = round(time.time() - t0, 1)

@@ -94,4 +94,8 @@ def _cuda() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    from unsloth_dist.distributed import shutdown
+
+    shutdown()  # after main(): the trainer and models are gone; the ranks end together, groups destroyed
+    sys.exit(rc)

@@ -20,7 +20,9 @@ def _run(tmp_path, *extra):
     cmd = [sys.executable, str(BENCH), "--workload", "tiny", "--gpus", "2", "--steps", "2", "--warmup", "1",
            "--precision", "fp32", "--strict", "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if proc.returncode != 0:  # the failed cases' full output (bench_train writes it next to --out)
+        logs = "".join(f"\n=== {p.name}\n{p.read_text()[-6000:]}" for p in sorted(tmp_path.glob("train.json.*.log")))
+        pytest.fail(proc.stdout[-3000:] + proc.stderr[-3000:] + logs)
     return json.loads(out.read_text())
 
 
