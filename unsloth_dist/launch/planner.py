@@ -36,7 +36,8 @@ checked by tests/test_planner.py against the tensors autograd actually saves):
                                                  weight (2 B/param), held until backward
     outside the layers: 12.5h (fp32) / 8.25h (bf16) / 10.5h (bf16-mixed) + 4V (fp32 log-softmax of
     the loss) + 20 per token; gradient checkpointing keeps only each layer's input (4h, or 2h
-    under bf16) and recomputes one layer at a time during backward.
+    under bf16) and recomputes one layer at a time during backward; with only the first K layers
+    checkpointed (gradient_checkpointing_layers) the other L - K keep their full activations.
 Transients: at the start of backward two fp32 [tokens, V] buffers (the loss gradients); at the
 optimizer step torch's foreach AdamW allocates one fp32 temporary the size of the (local) Adam
 state, and precision bf16 on single / ddp also makes fp32 copies of the grads for the master step.
@@ -213,6 +214,7 @@ class Estimate:
     allocated: float  # peak, like torch.cuda.max_memory_allocated
     reserved: float  # + fragmentation + CUDA context: what must fit
     parts: dict[str, float] = field(default_factory=dict)
+    checkpoint_layers: Optional[int] = None  # with gradient checkpointing: the first K layers (None: all)
 
     def gib(self) -> dict[str, Any]:
         d = asdict(self)
@@ -222,23 +224,21 @@ class Estimate:
         return d
 
 
-def activation_bytes(m: ModelShape, precision: str, tokens: int, checkpointing: bool) -> tuple[float, float]:
-    """(saved activations, autocast weight copies) in bytes for `tokens` tokens on one GPU."""
+def activation_bytes(m: ModelShape, precision: str, tokens: int, checkpointing: bool,
+                     checkpoint_layers: Optional[int] = None) -> tuple[float, float]:
+    """(saved activations, autocast weight copies) in bytes for `tokens` tokens on one GPU.
+    `checkpoint_layers`: with checkpointing, how many layers (the first ones) are checkpointed
+    (None: all)."""
     h, I, kv, nh, V = m.hidden, m.intermediate, m.kv_dim, m.heads, m.vocab
     small = 4 * (nh + 2)
     per_layer = {"fp32": 32 * h + 16 * I + 8 * kv, "bf16": 20 * h + 8 * I + 4 * kv,
                  "bf16-mixed": 30 * h + 8 * I + 4 * kv}[precision] + small
     outside = {"fp32": 12.5 * h, "bf16": 8.25 * h, "bf16-mixed": 10.5 * h}[precision] + 4 * V + 20
     resid = 2 * h if precision == "bf16" else 4 * h
-    copies = 0.0
-    if checkpointing:
-        acts = tokens * (m.layers * resid + per_layer + outside)  # inputs + one recomputed layer
-        if precision == "bf16-mixed":
-            copies = 2.0 * (m.layer_matmul_params + m.vocab * m.hidden)
-    else:
-        acts = tokens * (m.layers * per_layer + outside)
-        if precision == "bf16-mixed":
-            copies = 2.0 * (m.layers * m.layer_matmul_params + m.vocab * m.hidden)
+    k = (m.layers if checkpoint_layers is None else min(checkpoint_layers, m.layers)) if checkpointing else 0
+    kept = m.layers - k + (1 if k else 0)  # un-checkpointed layers, + the one being recomputed
+    acts = tokens * (k * resid + kept * per_layer + outside)
+    copies = 2.0 * (kept * m.layer_matmul_params + m.vocab * m.hidden) if precision == "bf16-mixed" else 0.0
     return float(acts), copies
 
 
@@ -253,10 +253,12 @@ def estimate(
     lora: bool = False,
     lora_r: int = 16,
     gradient_checkpointing: bool = False,
+    checkpoint_layers: Optional[int] = None,
     zero: Optional[ZeroConfig] = None,
 ) -> Estimate:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r}: the planner knows {', '.join(PRECISIONS)}")
+    _check_checkpoint_layers(m, gradient_checkpointing, checkpoint_layers)
     N = 1 if variant.backend == "single" else gpus
     P = float(m.params)
     T = float(m.lora_params(lora_r)) if lora else P
@@ -308,7 +310,7 @@ def estimate(
         persistent_grads = True
 
     tokens = micro_batch * seq
-    acts, copies = activation_bytes(m, precision, tokens, gradient_checkpointing)
+    acts, copies = activation_bytes(m, precision, tokens, gradient_checkpointing, checkpoint_layers)
     parts["activations"] = acts
     parts["autocast_copies"] = copies
     loss_tmp = 8.0 * tokens * m.vocab
@@ -324,7 +326,17 @@ def estimate(
         optimizer=parts["master"] + parts["adam"], activations=acts + copies,
         transient=max(backward - acts - copies, step - parts["grads"]) + extra,
         allocated=allocated, reserved=reserved, parts=parts,
+        checkpoint_layers=checkpoint_layers if gradient_checkpointing else None,
     )
+
+
+def _check_checkpoint_layers(m: ModelShape, checkpointing: bool, k: Optional[int]) -> None:
+    if k is None:
+        return
+    if not checkpointing:
+        raise ConfigError("--checkpoint-layers needs --gradient-checkpointing (it says how many layers are checkpointed)")
+    if not 0 <= k <= m.layers:
+        raise ConfigError(f"--checkpoint-layers {k}: {m.name} has {m.layers} decoder layers; use 0..{m.layers}")
 
 
 def max_micro_batch(m: ModelShape, variant: BackendVariant, precision: str, gpu_memory_gib: float,
@@ -354,7 +366,7 @@ class Plan:
 
 def plan(m: ModelShape, gpus: int, gpu_memory_gib: float = 80.0, *, precisions: tuple[str, ...] = PRECISIONS,
          micro_batch: Optional[int] = None, seq: int = 2048, lora: bool = False, lora_r: int = 16,
-         gradient_checkpointing: bool = False) -> Plan:
+         gradient_checkpointing: bool = False, checkpoint_layers: Optional[int] = None) -> Plan:
     if gpus < 1:
         raise ConfigError(f"--gpus {gpus}: must be at least 1")
     if gpu_memory_gib <= 0:
@@ -365,7 +377,9 @@ def plan(m: ModelShape, gpus: int, gpu_memory_gib: float = 80.0, *, precisions: 
         variants = [v for v in VARIANTS if v.backend == "single" or v.offload_optimizer]
     else:
         variants = [v for v in VARIANTS if v.backend != "single"]
-    kw = dict(gpus=gpus, seq=seq, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing)
+    _check_checkpoint_layers(m, gradient_checkpointing, checkpoint_layers)
+    kw = dict(gpus=gpus, seq=seq, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
+              checkpoint_layers=checkpoint_layers)
     rows, fits = [], {}
     for p in precisions:
         for v in variants:
