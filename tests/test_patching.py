@@ -371,15 +371,16 @@ print("INTERPRETER CASE OK")
 
 def run_interpreter_case():
     """Patched tiny Gemma 2 (all four kernels incl. GeGLU, (1+w) norms, soft-capped CE) and a
-    LoRA Llama with gradient checkpointing, through the Triton kernels in the interpreter, vs
-    the unpatched models: losses and gradients."""
+    LoRA Llama and a LoRA Qwen3 (q_norm / k_norm right before RoPE) with gradient checkpointing,
+    through the Triton kernels in the interpreter, vs the unpatched models: losses and gradients,
+    and the checkpointed forward runs each norm once (nothing recomputed inside the forward)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    for arch, lora in (("gemma2", False), ("llama", True)):
+    for arch, lora in (("gemma2", False), ("llama", True), ("qwen3", True)):
         base = make_model(arch, tie=arch == "gemma2")
         ref, pat = copy.deepcopy(base), copy.deepcopy(base)
         if lora:
             ref, pat = add_lora(ref), add_lora(pat)
-        patch_model(pat)
+        report = patch_model(pat)
         for m in (ref, pat):
             if lora:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -391,7 +392,9 @@ def run_interpreter_case():
             torch.testing.assert_close(pat(input_ids=ids, position_ids=pos).logits,
                                        ref(input_ids=ids, position_ids=pos).logits, rtol=1e-5, atol=1e-5)
         want = token_loss_sum(ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits, labels)
+        norms_before = K.LAUNCHES["rmsnorm_fwd"]
         got = pat(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels, loss_reduction="sum").loss
+        assert K.LAUNCHES["rmsnorm_fwd"] - norms_before == report.count("rms_norm"), f"{arch}: norms re-run in forward"
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         want.backward()
         got.backward()
