@@ -123,16 +123,22 @@ def _train(fused: bool, tmp_path, backend="single", resume=None, **extra):
     return result, masters, LAUNCHES["master_adamw"] - before
 
 
-def test_trainer_with_fused_master_adamw_trains_like_torch_adamw(tmp_path):
-    plain, plain_masters, n_plain = _train(False, tmp_path)
-    fused, fused_masters, n_fused = _train(True, tmp_path)
+@pytest.mark.parametrize("gas", [1, 2])
+def test_trainer_with_fused_master_adamw_trains_like_torch_adamw(tmp_path, gas):
+    plain, plain_masters, n_plain = _train(False, tmp_path, gradient_accumulation_steps=gas)
+    fused, fused_masters, n_fused = _train(True, tmp_path, gradient_accumulation_steps=gas)
     assert n_plain == 0 and n_fused >= 5 * len(fused_masters) - 2  # every trainable tensor, every step
-    # same data, same start: same losses and grad norms (clipped at 0.5 in most steps), same weights
-    assert fused.losses == pytest.approx(plain.losses, rel=1e-4)
-    assert fused.grad_norms == pytest.approx(plain.grad_norms, rel=1e-4)
+    # same data, same start: same losses and grad norms (clipped at 0.5 in most steps), same weights.
+    # gas 1 is bit-identical here; with gas 2 the norm of the accumulated bf16 gradients, summed in
+    # another order than clip_grad_norm_ over their fp32 copies, differs by ~1e-6 from step 2 on and
+    # bf16 weight rounding carries that to ~1e-4; the first step of each is still exact
+    tol, mtol = (1e-4, 1e-5) if gas == 1 else (1e-3, 5e-3)
+    assert fused.losses == pytest.approx(plain.losses, rel=tol)
+    assert fused.grad_norms == pytest.approx(plain.grad_norms, rel=tol)
+    assert fused.losses[:2] == pytest.approx(plain.losses[:2], rel=1e-6)
     assert plain.losses[-1] < plain.losses[0]
     for a, b in zip(fused_masters, plain_masters):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=mtol)
 
 
 def test_fused_master_adamw_checkpoint_resume_goes_on_like_the_uninterrupted_run(tmp_path):
