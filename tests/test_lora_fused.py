@@ -1,6 +1,6 @@
 """The fused LoRA update (`kernels.lora_delta`, patched into peft's LoRA linears by `patch_model`):
-exact against peft's arithmetic, taken on the plain-LoRA path, and never taken where peft's own
-forward does something else (dropout, disabled / merged / several adapters, DoRA, autocast)."""
+exact against peft's arithmetic (dropout included), taken on the plain-LoRA path, and never taken
+where peft's own forward does something else (disabled / merged / several adapters, DoRA, autocast)."""
 from __future__ import annotations
 
 import copy
@@ -122,12 +122,34 @@ def test_fused_lora_under_gradient_checkpointing(monkeypatch):
     assert count.n == 16  # forward + recompute
 
 
-@pytest.mark.parametrize("case", ["dropout", "disabled", "merged", "two-adapters", "dora", "autocast", "lora-bias"])
+def test_fused_lora_with_dropout_matches_peft_under_the_same_seed(monkeypatch):
+    """LoRA dropout in training: the fused path applies it to the adapter input after the base
+    layer, as peft does, so the same seed draws the same masks: same loss, same gradients."""
+    ref = _tiny_peft(dropout=0.3)
+    pat = copy.deepcopy(ref)
+    patch_model(pat)
+    count = _Count(monkeypatch)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    ref.train(), pat.train()
+    torch.manual_seed(9)
+    lr, gr = _fwd_bwd(ref, ids)
+    torch.manual_seed(9)
+    lp, gp = _fwd_bwd(pat, ids)
+    assert count.n == 8
+    torch.testing.assert_close(lp, lr, rtol=1e-5, atol=1e-6)
+    for n in gr:
+        torch.testing.assert_close(gp[n], gr[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"grad {n}: {m}")
+    torch.manual_seed(10)  # another seed, other masks: the loss changes (dropout really applied)
+    l2, _ = _fwd_bwd(pat, ids)
+    assert not torch.equal(l2, lp)
+
+
+@pytest.mark.parametrize("case", ["disabled", "merged", "two-adapters", "dora", "autocast", "lora-bias"])
 def test_peft_forward_runs_where_the_fused_path_does_not_apply(case, monkeypatch):
     from peft import LoraConfig
 
     kw = {"use_dora": True} if case == "dora" else {"lora_bias": True} if case == "lora-bias" else {}
-    ref = _tiny_peft(dropout=0.3 if case == "dropout" else 0.0, **kw)
+    ref = _tiny_peft(**kw)
     if case == "two-adapters":
         ref.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
         ref.base_model.set_adapter(["default", "second"])
@@ -136,17 +158,6 @@ def test_peft_forward_runs_where_the_fused_path_does_not_apply(case, monkeypatch
     count = _Count(monkeypatch)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
     ref.train(), pat.train()
-    if case == "dropout":
-        torch.manual_seed(9)
-        lr, gr = _fwd_bwd(ref, ids)
-        torch.manual_seed(9)
-        lp, gp = _fwd_bwd(pat, ids)
-        torch.testing.assert_close(lp, lr)
-        ref.eval(), pat.eval()  # dropout is off in eval: the fused path applies there
-        with torch.no_grad():
-            torch.testing.assert_close(pat(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
-        assert count.n == 8
-        return
     if case == "disabled":  # base only (frozen: no gradients)
         with ref.disable_adapter(), pat.disable_adapter():
             with torch.no_grad():

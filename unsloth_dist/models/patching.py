@@ -49,10 +49,11 @@ How each op is patched, and why:
 * **LoRA** (peft's LoRA ``Linear`` and bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` wrappers): the
   instance ``forward`` calls the base layer, then adds ``scaling * lora_B(lora_A(x))`` into its
   output in one GEMM (:func:`~unsloth_dist.kernels.lora_delta`) instead of peft's scale-and-add
-  passes over the output. It runs peft's own forward whenever that path is not plain LoRA: adapters
-  disabled or merged, several active adapters, mixed-batch ``adapter_names``, DoRA and other
-  variants, LoRA bias, dropout in training, autocast or mixed dtypes, and DeepSpeed ZeRO-3
-  partitioned adapter weights (those are gathered only by calling the adapter modules).
+  passes over the output (LoRA dropout, when set, is applied to the adapter's input as peft does).
+  It runs peft's own forward whenever that path is not plain LoRA: adapters disabled or merged,
+  several active adapters, mixed-batch ``adapter_names``, DoRA and other variants, LoRA bias,
+  autocast or mixed dtypes, and DeepSpeed ZeRO-3 partitioned adapter weights (those are gathered
+  only by calling the adapter modules).
 
 ``kernels=False`` patches nothing.
 """
@@ -217,8 +218,6 @@ def _lora_fast_adapter(self, x: torch.Tensor, kwargs: dict) -> Optional[str]:
     a, b = self.lora_A[name], self.lora_B[name]
     if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear) or a.bias is not None or b.bias is not None:
         return None
-    if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
-        return None
     wa, wb = a.weight, b.weight
     if hasattr(wa, "ds_id") or hasattr(wb, "ds_id"):  # ZeRO-3: gathered only by calling the modules
         return None
@@ -233,10 +232,11 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _lora_fast_adapter(self, x, kwargs) if not args else None
     if name is not None:
         out = self.base_layer(x)
+        xd = self.lora_dropout[name](x)  # after the base layer, as peft does (the same dropout masks)
         if out.dtype == x.dtype and out.is_contiguous() and out._base is None:
-            return lora_delta(out, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+            return lora_delta(out, xd, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
         # an unexpected base output: finish the plain way on the computed result
-        return out + self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+        return out + self.lora_B[name](self.lora_A[name](xd)) * self.scaling[name]
     return type(self).forward(self, x, *args, **kwargs)
 
 
