@@ -80,3 +80,6 @@ if __name__ == "__main__":
         for v in variants:
             print(f"=== {backend} {v}", flush=True)
             run(backend, v, out_dir)
+    from unsloth_dist.distributed import shutdown
+
+    shutdown()  # the ranks end together; the groups are destroyed before the interpreter exits

@@ -108,3 +108,6 @@ if __name__ == "__main__":
         backend, out_dir, *variants = sys.argv[1:]
         for v in variants:
             run(backend, v, out_dir)
+    from unsloth_dist.distributed import shutdown
+
+    shutdown()  # the ranks end together; the groups are destroyed before the interpreter exits

@@ -106,3 +106,6 @@ if __name__ == "__main__":
         generate(*rest)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+    from unsloth_dist.distributed import shutdown
+
+    shutdown()  # the ranks end together; the groups are destroyed before the interpreter exits

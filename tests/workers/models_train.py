@@ -61,3 +61,6 @@ if __name__ == "__main__":
     model_dir, out_dir, *backends = sys.argv[1:]
     for b in backends:
         run(model_dir, out_dir, b)
+    from unsloth_dist.distributed import shutdown
+
+    shutdown()  # the ranks end together; the groups are destroyed before the interpreter exits

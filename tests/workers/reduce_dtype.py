@@ -98,3 +98,6 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    from unsloth_dist.distributed import shutdown
+
+    shutdown()  # the ranks end together; the groups are destroyed before the interpreter exits
