@@ -213,3 +213,22 @@ def test_fused_lora_on_a_4bit_base(monkeypatch):
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
     for u, v in zip(grads[1], grads[0]):  # bf16 rounding in another order: compare by norm
         assert ((u - v).norm() / v.norm()).item() < 2e-2
+
+
+def test_fused_lora_in_inference_mode_and_generate(monkeypatch):
+    """Inference through the patched adapters: torch.inference_mode forward and greedy generate give
+    what peft gives, through the fused update."""
+    ref = _tiny_peft()
+    pat = copy.deepcopy(ref)
+    patch_model(pat)
+    ref.eval(), pat.eval()
+    count = _Count(monkeypatch)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        torch.testing.assert_close(pat(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    assert count.n == 8
+    mask = torch.ones_like(ids[:, :4])
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(pat.generate(input_ids=ids[:, :4], attention_mask=mask, **kw),
+                       ref.generate(input_ids=ids[:, :4], attention_mask=mask, **kw))
+    assert count.n > 8
