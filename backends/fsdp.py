@@ -81,8 +81,10 @@ class FSDPBackend(Backend):
         kwargs = dict(mesh=self._mesh(), mp_policy=mp, offload_policy=offload)
         reshard = self.bcfg.resolved_reshard_after_forward
         layers = decoder_layers(model)
-        for layer in layers:
-            fully_shard(layer, reshard_after_forward=reshard, **kwargs)
+        for i, layer in enumerate(layers):
+            # the last layer's backward comes right after the loss: keep its parameters gathered
+            # instead of freeing them at the end of its forward and gathering them again at once
+            fully_shard(layer, reshard_after_forward=reshard and i < len(layers) - 1, **kwargs)
         self._set_prefetch(layers)
         # the root keeps its parameters (embeddings, final norm, head) unsharded after forward:
         # backward needs them first

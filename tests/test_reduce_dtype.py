@@ -48,6 +48,9 @@ def test_reduce_dtype_reaches_each_engine_on_two_ranks(tmp_path, deepspeed_cpu_o
     assert pre["22"]["backward"] == [[], [0], [1, 0]], pre["22"]["backward"]
     assert pre["01"]["forward"] == [[], [], []] and pre["01"]["backward"] == [[], [], []]
     assert pre["22"]["losses"] == pytest.approx(pre["01"]["losses"], rel=1e-6)
+    # full sharding frees each layer's gathered parameters after its forward, except the last layer's
+    # (its backward follows the loss at once)
+    assert pre["01"]["reshard"] == [True, True, False], pre["01"]["reshard"]
     assert pre["01"]["losses"][-1] < pre["01"]["losses"][0]
     for key, r in rec.items():
         assert r["cpu_group_is_world"], key  # gloo default group: the counters use it directly

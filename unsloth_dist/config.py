@@ -136,8 +136,8 @@ class FSDPConfig(_Strict):
     reshard_after_forward: Optional[bool] = Field(
         None,
         description="Free each decoder layer's gathered parameters after its forward (re-gathered for "
-        "backward). Unset: derived from `sharding` (true for full/hybrid, false for grad_op/none); "
-        "true together with grad_op/none is rejected.",
+        "backward; the last layer, whose backward follows at once, keeps them). Unset: derived from "
+        "`sharding` (true for full/hybrid, false for grad_op/none); true together with grad_op/none is rejected.",
     )
     cpu_offload: bool = Field(
         False,

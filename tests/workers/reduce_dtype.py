@@ -70,7 +70,8 @@ def main(out: str) -> None:
         runs[f"{fwd}{bwd}"] = {
             "losses": result.losses,
             "forward": [idx(getattr(s, "_states_to_forward_prefetch", None)) for s in states],
-            "backward": [idx(getattr(s, "_states_to_backward_prefetch", None)) for s in states]}
+            "backward": [idx(getattr(s, "_states_to_backward_prefetch", None)) for s in states],
+            "reshard": [s._fsdp_param_group.post_forward_mesh_info is not None for s in states]}
     records["prefetch"] = runs
     # fused_master_adamw under DDP (Triton's interpreter: the launch sets TRITON_INTERPRET=1): the
     # all-reduced bf16 gradients (bucket views) go straight into the kernel; same run as ddp-fp32
