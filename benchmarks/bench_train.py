@@ -15,6 +15,7 @@ bf16 `MixedPrecisionPolicy`) or DeepSpeed ZeRO, each with and without Liger-Kern
 
 Workloads: full-1b (Llama-3.2-1B shape, full fine-tuning, seq 2048, micro-batch 4), lora-8b
 (Llama-3.1-8B shape, LoRA r=16 on all linear layers), qlora-8b (the same on a 4-bit NF4 base),
+lora-qwen3-8b (the same LoRA on the Qwen3-8B shape, q_norm / k_norm before RoPE),
 tiny / tiny-lora / tiny-qlora (a few-MB shape for the CPU test). Each case reports tokens/s per GPU (median of
 the timed steps, after warm-up), peak memory per GPU (max over ranks), MFU and the losses.
 """
@@ -38,6 +39,9 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0)
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False, rope_theta=1000000.0)
+TINY_QWEN3 = dict(TINY, head_dim=16)
 
 WORKLOADS = {
     "full-1b": dict(shape=LLAMA_1B, seq=2048, micro=4, lora=False, quant=False, ckpt=False),
@@ -46,6 +50,9 @@ WORKLOADS = {
     "tiny": dict(shape=TINY, seq=32, micro=2, lora=False, quant=False, ckpt=False),
     "tiny-lora": dict(shape=TINY, seq=32, micro=2, lora=True, quant=False, ckpt=True),
     "tiny-qlora": dict(shape=TINY, seq=32, micro=2, lora=True, quant=True, ckpt=True),
+    # Qwen3 (q_norm / k_norm before RoPE): the architecture the RoPE-under-checkpointing fix touched
+    "lora-qwen3-8b": dict(shape=QWEN3_8B, seq=2048, micro=4, lora=True, quant=False, ckpt=True, arch="qwen3"),
+    "tiny-qwen3-lora": dict(shape=TINY_QWEN3, seq=32, micro=2, lora=True, quant=False, ckpt=True, arch="qwen3"),
 }
 IMPLS = ["ours", "hf", "hf-liger"]
 BACKENDS = ["single", "ddp", "fsdp", "zero2", "zero3"]
@@ -84,17 +91,19 @@ def _sync(device) -> None:
 
 
 def build_model(wl: dict, device, dtype, seq: int, attn: str):
-    """The workload's Llama with random weights, built directly on `device` in `dtype`."""
+    """The workload's Llama (or Qwen3) with random weights, built directly on `device` in `dtype`."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers as T
 
-    cfg = LlamaConfig(**wl["shape"], max_position_embeddings=max(seq, 4096), attn_implementation=attn)
+    config_cls, model_cls = ((T.Qwen3Config, T.Qwen3ForCausalLM) if wl.get("arch") == "qwen3"
+                             else (T.LlamaConfig, T.LlamaForCausalLM))
+    cfg = config_cls(**wl["shape"], max_position_embeddings=max(seq, 4096), attn_implementation=attn)
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg)
+            model = model_cls(cfg)
     finally:
         torch.set_default_dtype(prev)
     return model
@@ -293,10 +302,10 @@ def run_hf(args, wl, device, world, liger: bool) -> dict:
     import torch.distributed as dist
 
     if liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        import liger_kernel.transformers.monkey_patch as LK
 
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
+        apply = LK.apply_liger_kernel_to_qwen3 if wl.get("arch") == "qwen3" else LK.apply_liger_kernel_to_llama
+        apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
     backend = args.backend
     cuda = device.type == "cuda"
     bf16 = args.precision != "fp32"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks for one device session, run from the repository root on the device machine:
 #   bash benchmarks/gpu_session.sh PART [PART ...]     PART = kernels | kbench | memory | models | examples | equivalence | train
-# train: env TRAIN_WORKLOAD (full-1b), TRAIN_GPUS (1), TRAIN_BACKENDS, TRAIN_IMPLS, TRAIN_STEPS, TRAIN_WARMUP, TRAIN_TAG,
+# train: env TRAIN_WORKLOAD (full-1b | lora-8b | qlora-8b | lora-qwen3-8b), TRAIN_GPUS (1), TRAIN_BACKENDS, TRAIN_IMPLS, TRAIN_STEPS, TRAIN_WARMUP, TRAIN_TAG,
 #        TRAIN_TIMEOUT, TRAIN_PROFILE, TRAIN_REDUCE (ours: backend.reduce_dtype),
 #        TRAIN_SET (ours: space-separated backend fields, e.g. "forward_prefetch=1 backward_prefetch=2"),
 #        TRAIN_FUSED_ADAMW=auto|on|off (ours, single / ddp: fused_master_adamw; default auto = on on a GPU), TRAIN_CKPT_LAYERS=K (ours: checkpoint the first K layers),

@@ -88,3 +88,16 @@ def test_bench_train_qlora_under_fsdp(tmp_path):
     assert B.matmul_params(model) == sum(p.numel() for n, p in B.build_model(
         B.WORKLOADS["tiny-qlora"], torch.device("meta"), torch.float32, 32, "sdpa").named_parameters()
         if "embed_tokens" not in n) + 512 * 64
+
+
+def test_bench_train_qwen3_lora_workload(tmp_path):
+    """The Qwen3-shaped LoRA workload (q_norm / k_norm before RoPE, under checkpointing) builds and
+    trains for ours (every kernel patched, the fused LoRA update) and transformers + peft, 2 ranks."""
+    res = _run(tmp_path, "--workload", "tiny-qwen3-lora", "--impls", "ours,hf", "--backends", "ddp")
+    recs = {r["impl"]: r for r in res["records"]}
+    for r in recs.values():
+        assert r["status"] == "ok" and r["world_size"] == 2, r
+    assert set(recs["ours"]["kernels"]) >= {"rms_norm", "rope", "swiglu", "fused_cross_entropy", "lora"}
+    assert recs["ours"]["fused_lora"] is True
+    for r in recs.values():  # a random model on random tokens: about ln(vocab 512)
+        assert abs(r["loss_first"] - 6.238) < 0.3, r
