@@ -155,19 +155,20 @@ class LocalOptimizerMixin:
         if self.cfg.precision == "fp16-mixed":
             self.scaler = torch.amp.GradScaler(self.device.type)
         self._fused_adamw = False
-        wanted = self.cfg.fused_master_adamw
-        if wanted is not False and self._master is not None:
+        wanted = self.cfg.fused_master_adamw  # None: wherever it can run on a GPU
+        if wanted is not False:
             from unsloth_dist.kernels import adamw as K
 
-            why = K.supports(self.optimizer, self._model_params, self._master)
-            # unset: on where it can run on a GPU (never Triton's CPU interpreter, which is for tests)
+            if self._master is None:
+                why = f"precision is {self.cfg.precision}, not bf16 (no fp32 master copies)"
+            else:
+                why = K.supports(self.optimizer, self._model_params, self._master)
+            # unset never picks Triton's CPU interpreter (it is there for tests)
             self._fused_adamw = why is None and (wanted is True or self._model_params[0].is_cuda)
-        else:
-            why = f"precision is {self.cfg.precision}, not bf16 (no fp32 master copies)"
-        if wanted is True and not self._fused_adamw:
-            from unsloth_dist.config import ConfigError
+            if wanted is True and not self._fused_adamw:
+                from unsloth_dist.config import ConfigError
 
-            raise ConfigError(f"fused_master_adamw: true cannot run here: {why}; leave fused_master_adamw unset or false")
+                raise ConfigError(f"fused_master_adamw: true cannot run here: {why}; leave fused_master_adamw unset or false")
         self._clip_coef: Optional[torch.Tensor] = None
 
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:

@@ -232,3 +232,28 @@ def test_fused_lora_in_inference_mode_and_generate(monkeypatch):
     assert torch.equal(pat.generate(input_ids=ids[:, :4], attention_mask=mask, **kw),
                        ref.generate(input_ids=ids[:, :4], attention_mask=mask, **kw))
     assert count.n > 8
+
+
+def test_fused_path_with_a_base_output_it_cannot_write_into(monkeypatch):
+    """A base layer returning a view (here a transposed copy seen transposed back) is not written
+    in place: the LoRA update is added out of place, same result as peft."""
+    ref = _tiny_peft()
+    pat = copy.deepcopy(ref)
+    patch_model(pat)
+    for m in (ref, pat):
+        q = m.base_model.model.model.layers[0].self_attn.q_proj
+        lin = q.base_layer
+
+        class ViewOut(nn.Module):
+            def __init__(self, lin):
+                super().__init__()
+                self.lin = lin
+
+            def forward(self, x):
+                return self.lin(x).transpose(-1, -2).contiguous().transpose(-1, -2)
+
+        q.base_layer = ViewOut(lin)
+    count = _Count(monkeypatch)
+    ref.train(), pat.train()
+    _compare(ref, pat, torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(7)))
+    assert count.n == 7  # 8 LoRA linears, one of them finished out of place
