@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 N_TOKENS, HIDDEN, INTER, VOCAB = 16384, 4096, 14336, 128256
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 IMPLS = ("unsloth_dist", "torch", "torch.compile", "liger")
-OPS = ("rmsnorm", "rope", "swiglu", "geglu", "fused_ce")
+OPS = ("rmsnorm", "rope", "swiglu", "geglu", "fused_ce", "lora")
 
 
 # --------------------------------------------------------------------------- cases
@@ -197,8 +197,37 @@ class _ChunkedReferenceCE(torch.autograd.Function):
         return dh * g, dW * g, None, None
 
 
+def case_lora(dev):
+    """A LoRA-adapted up_proj (r=16): the frozen base GEMM plus the low-rank update, the way peft
+    adds it (torch: scale and add passes) against ours (one addmm_ into the base output). The base
+    GEMM dominates both; Liger has no LoRA op."""
+    import torch.nn.functional as F
+
+    from unsloth_dist.kernels import lora_delta, lora_delta_reference
+
+    r, s = 16, 2.0
+    x0 = torch.randn(N_TOKENS, HIDDEN, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(INTER, HIDDEN, device=dev) * HIDDEN ** -0.5).bfloat16()  # frozen
+    a = (torch.randn(r, HIDDEN, device=dev) * HIDDEN ** -0.5).bfloat16().requires_grad_()
+    b = (torch.randn(INTER, r, device=dev) * 0.05).bfloat16().requires_grad_()
+
+    def prep():
+        return [x0.clone(), a, b]
+
+    def peft_like(x, a, b):
+        return lora_delta_reference(F.linear(x, w), x, a, b, s)
+
+    impls = {
+        "unsloth_dist": lambda x, a, b: lora_delta(F.linear(x, w), x, a, b, s),
+        "torch": peft_like,
+        "torch.compile": _compiled(peft_like),
+    }
+    ref = lambda x, a, b: lora_delta_reference(F.linear(x, w.float()), x, a, b, s)  # noqa: E731
+    return prep, impls, f"x [{N_TOKENS}, {HIDDEN}] bf16, frozen W [{INTER}, {HIDDEN}], LoRA r={r}", ref
+
+
 CASES = {"rmsnorm": case_rmsnorm, "rope": case_rope, "swiglu": case_swiglu, "geglu": case_geglu,
-         "fused_ce": case_fused_ce}
+         "fused_ce": case_fused_ce, "lora": case_lora}
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -362,6 +391,8 @@ def run(ops, impls, warmup, reps, log=print) -> list[dict]:
             log(f"[{op}] setup failed: {exc}")
             continue
         for name in impls:
+            if name not in table:  # no such implementation of this op (Liger has no LoRA op)
+                continue
             t0 = time.perf_counter()
             row = {"op": op, "impl": name, "shape": shape}
             try:
