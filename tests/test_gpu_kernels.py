@@ -265,3 +265,12 @@ def test_lora_delta_bf16_against_fp32(_gpu):
     close(dx, rdx, "lora d x")
     close(da, rda, "lora d A")
     close(db, rdb, "lora d B")
+    # the same through lora_linear (frozen base computed inside, saving nothing for it)
+    from unsloth_dist.kernels import lora_linear
+
+    out2 = lora_linear(x, w, None, a, b, s)
+    dx2, da2, db2 = torch.autograd.grad(out2, (x, a, b), g)
+    close(out2, ref, "lora_linear out")
+    close(dx2, rdx, "lora_linear d x")
+    close(da2, rda, "lora_linear d A")
+    close(db2, rdb, "lora_linear d B")

@@ -36,6 +36,31 @@ def test_lora_delta_gradcheck_against_autograd():
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
 
 
+def test_lora_linear_gradcheck_with_bias_and_dropped_adapter_input():
+    """lora_linear: frozen base (with bias) on x, the adapter on another input (dropout applied),
+    against autograd of the plain expression, float64."""
+    from unsloth_dist.kernels import lora_linear
+
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(2, 5, 8) > 0.3).double() / 0.7
+    a = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    w, bias = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+
+    def fused(x, a, b):
+        return lora_linear(x, w, bias, a, b, 0.7, x_lora=x * mask)
+
+    def ref(x, a, b):
+        return lora_delta_reference(nn.functional.linear(x, w, bias), x * mask, a, b, 0.7)
+
+    torch.testing.assert_close(fused(x, a, b), ref(x, a, b), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(fused, (x, a, b))
+    g = torch.randn(2, 5, 6, dtype=torch.float64)
+    for u, v in zip(torch.autograd.grad(fused(x, a, b), (x, a, b), g), torch.autograd.grad(ref(x, a, b), (x, a, b), g)):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
 def test_lora_delta_bf16_close_to_peft_rounding():
     """bf16: the scaling is applied inside the GEMM (fp32 accumulate), peft scales the bf16 product;
     the difference is bf16 rounding."""
@@ -49,15 +74,33 @@ def test_lora_delta_bf16_close_to_peft_rounding():
 
 
 class _Count:
+    """Counts fused LoRA updates, either path: `lora_linear` over a frozen nn.Linear base (n_linear,
+    with the base weights it ran on) or `lora_delta` after any other base (n_delta)."""
+
     def __init__(self, monkeypatch):
-        self.n = 0
-        real = L._LoraDelta.apply
+        self.n_linear = self.n_delta = 0
+        self.weights: list[torch.Tensor] = []
+        real_delta, real_linear = L._LoraDelta.apply, L._FrozenLinearLora.apply
 
-        def counted(*args):
-            self.n += 1
-            return real(*args)
+        def delta(*args):
+            self.n_delta += 1
+            return real_delta(*args)
 
-        monkeypatch.setattr(L._LoraDelta, "apply", staticmethod(counted))
+        def linear(*args):
+            self.n_linear += 1
+            self.weights.append(args[3])
+            return real_linear(*args)
+
+        monkeypatch.setattr(L._LoraDelta, "apply", staticmethod(delta))
+        monkeypatch.setattr(L._FrozenLinearLora, "apply", staticmethod(linear))
+
+    @property
+    def n(self) -> int:
+        return self.n_linear + self.n_delta
+
+    @n.setter
+    def n(self, value: int) -> None:
+        self.n_linear, self.n_delta = value, 0
 
 
 def _tiny_peft(dropout=0.0, **lora_kw):
@@ -119,7 +162,16 @@ def test_fused_lora_under_gradient_checkpointing(monkeypatch):
         m.train()
     count = _Count(monkeypatch)
     _compare(ref, pat, torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4)))
-    assert count.n == 16  # forward + recompute
+    # forward + recompute, except each layer's down_proj: its output only feeds the residual add, and
+    # everything its backward needs was saved before its base GEMM, so the recompute stops before it
+    per_weight = {}
+    for w in count.weights:
+        per_weight[id(w)] = per_weight.get(id(w), 0) + 1
+    for name, m in pat.named_modules():
+        if name.endswith(("q_proj", "v_proj", "gate_proj", "down_proj")) and hasattr(m, "base_layer"):
+            want = 1 if name.endswith("down_proj") else 2
+            assert per_weight.get(id(m.base_layer.weight)) == want, (name, per_weight.get(id(m.base_layer.weight)))
+    assert count.n == 14 and count.n_delta == 0
 
 
 def test_fused_lora_with_dropout_matches_peft_under_the_same_seed(monkeypatch):

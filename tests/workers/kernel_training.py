@@ -35,14 +35,15 @@ def _count_fused_lora() -> list:
     from unsloth_dist.kernels import lora as L
 
     n = [0]
-    real = L._LoraDelta.__dict__.get("_real_apply") or L._LoraDelta.apply
-    L._LoraDelta._real_apply = real
+    for fn in (L._LoraDelta, L._FrozenLinearLora):  # the update after any base / over a frozen nn.Linear
+        real = fn.__dict__.get("_real_apply") or fn.apply
+        fn._real_apply = real
 
-    def counted(*args):
-        n[0] += 1
-        return real(*args)
+        def counted(*args, real=real):
+            n[0] += 1
+            return real(*args)
 
-    L._LoraDelta.apply = staticmethod(counted)
+        fn.apply = staticmethod(counted)
     return n
 
 

@@ -11,6 +11,15 @@ tokens x r intermediate.
 
 The same arithmetic as peft (up to rounding: the scaling is applied to the product, not to its
 bf16-rounded output), tested against :func:`lora_delta_reference` and against peft's own forward.
+
+:func:`lora_linear` is the whole LoRA linear over a frozen ``nn.Linear`` base, split so that
+everything its backward needs from the activations is saved *before* the base GEMM runs:
+``xa = x @ A^T`` saves ``(x, A)``; the base GEMM with the update added saves nothing through
+autograd (the frozen weight and ``B`` are parameters, kept by reference; ``xa`` is tokens x r).
+Under non-reentrant activation checkpointing with early stop (torch's default, and what the
+Trainer enables), the recompute of a layer stops at its last saved tensor: the layer's last LoRA
+linear (``down_proj`` in Llama-style MLPs, whose output only feeds the residual add) then skips its
+base GEMM in the recompute, about a quarter of the layer's matmul work.
 """
 from __future__ import annotations
 
@@ -57,3 +66,54 @@ def lora_delta_reference(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b:
                          scaling: float) -> torch.Tensor:
     """What peft computes: ``out + (x @ a.T @ b.T) * scaling`` (out of place)."""
     return out + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * scaling
+
+
+class _LoraA(torch.autograd.Function):
+    """xa = x @ A^T (tokens x r), saving (x, A): the activations LoRA's backward needs."""
+
+    saves_output = False  # RoPE may rotate this output in place (kernels.rope._producer_forbids_in_place)
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor):
+        ctx.save_for_backward(x, a)
+        return x.reshape(-1, x.shape[-1]) @ a.t()
+
+    @staticmethod
+    def backward(ctx, g_xa: torch.Tensor):
+        x, a = ctx.saved_tensors
+        grad_x = (g_xa @ a).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_a = g_xa.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_a
+
+
+class _FrozenLinearLora(torch.autograd.Function):
+    """x @ W^T (+ bias) + scaling * xa @ B^T for a frozen W and bias; saves nothing through
+    autograd's saved-tensor machinery (W, B: parameters, by reference; xa: tokens x r, detached)."""
+
+    saves_output = False  # RoPE may rotate this output in place (kernels.rope._producer_forbids_in_place)
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+                bias, scaling: float):
+        out = torch.nn.functional.linear(x, w, bias)
+        out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
+        ctx.w, ctx.b, ctx.xa, ctx.scaling, ctx.x_shape = w, b, xa.detach(), scaling, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = (g2 @ ctx.w).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_xa = (g2 @ ctx.b).mul_(ctx.scaling) if ctx.needs_input_grad[1] else None
+        grad_b = torch.mm(g2.t(), ctx.xa).mul_(ctx.scaling) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_xa, grad_b, None, None, None
+
+
+def lora_linear(x: torch.Tensor, w: torch.Tensor, bias, a: torch.Tensor, b: torch.Tensor,
+                scaling: float, x_lora=None) -> torch.Tensor:
+    """``F.linear(x, w, bias) + scaling * (x_lora @ a.T) @ b.T`` for a frozen `w` / `bias` (no
+    gradient for them), saving only what LoRA's backward needs, before the base GEMM (see the
+    module docstring). `x_lora`: the adapter's input (LoRA dropout applied), default `x`. One dtype."""
+    xa = _LoraA.apply(x if x_lora is None else x_lora, a)
+    return _FrozenLinearLora.apply(x, xa, b, w, bias, float(scaling))
+

@@ -47,9 +47,12 @@ How each op is patched, and why:
   ``logits=None``; labels in eval mode -> HF's own forward (logits and loss).
 
 * **LoRA** (peft's LoRA ``Linear`` and bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` wrappers): the
-  instance ``forward`` calls the base layer, then adds ``scaling * lora_B(lora_A(x))`` into its
-  output in one GEMM (:func:`~unsloth_dist.kernels.lora_delta`) instead of peft's scale-and-add
-  passes over the output (LoRA dropout, when set, is applied to the adapter's input as peft does).
+  instance ``forward`` adds ``scaling * lora_B(lora_A(x))`` into the base output in one GEMM
+  instead of peft's scale-and-add passes over the output (LoRA dropout, when set, is applied to the
+  adapter's input as peft does). Over a frozen ``nn.Linear`` base it computes the base GEMM itself
+  (:func:`~unsloth_dist.kernels.lora_linear`), saving what the backward needs before that GEMM, so
+  a checkpointed layer's recompute stops before its last projection (``down_proj``); over other
+  bases (4-bit / 8-bit) it calls the base layer and adds in place (:func:`~unsloth_dist.kernels.lora_delta`).
   It runs peft's own forward whenever that path is not plain LoRA: adapters disabled or merged,
   several active adapters, mixed-batch ``adapter_names``, DoRA and other variants, LoRA bias,
   autocast or mixed dtypes, and DeepSpeed ZeRO-3 partitioned adapter weights (those are gathered
@@ -71,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unsloth_dist.kernels import apply_rope, fused_linear_cross_entropy, glu, lora_delta, rms_norm
+from unsloth_dist.kernels import apply_rope, fused_linear_cross_entropy, glu, lora_delta, lora_linear, rms_norm
 
 IGNORE_INDEX = -100
 OPS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "lora")
@@ -230,6 +233,11 @@ def _lora_fast_adapter(self, x: torch.Tensor, kwargs: dict) -> Optional[str]:
 
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _lora_fast_adapter(self, x, kwargs) if not args else None
+    if name is not None and _frozen_plain_linear(self.base_layer, x):
+        base = self.base_layer
+        xd = self.lora_dropout[name](x)  # dropout is the only use of the RNG here: peft's masks
+        return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                           self.scaling[name], x_lora=xd)
     if name is not None:
         out = self.base_layer(x)
         xd = self.lora_dropout[name](x)  # after the base layer, as peft does (the same dropout masks)
@@ -238,6 +246,16 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # an unexpected base output: finish the plain way on the computed result
         return out + self.lora_B[name](self.lora_A[name](xd)) * self.scaling[name]
     return type(self).forward(self, x, *args, **kwargs)
+
+
+def _frozen_plain_linear(base: nn.Module, x: torch.Tensor) -> bool:
+    """A torch nn.Linear whose weight (and bias) take no gradient, in x's dtype and device: the
+    base `lora_linear` computes itself (saving nothing for it)."""
+    if type(base) is not nn.Linear or "forward" in base.__dict__ or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    w, bias = base.weight, base.bias
+    return (not w.requires_grad and w.dtype == x.dtype and w.device == x.device
+            and (bias is None or (not bias.requires_grad and bias.dtype == x.dtype)))
 
 
 def _is_peft_lora_linear(module: nn.Module) -> bool:
