@@ -559,7 +559,7 @@ def test_rope_after_a_custom_function_under_checkpointing_does_not_recompute_in_
         qo, ko = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return torch.nn.functional.scaled_dot_product_attention(qo, ko, v, is_causal=True, enable_gqa=True)
 
-    real = L._LoraDelta.forward
+    real = L._AddLoraUpdate.forward
 
     def counted_lora(ctx, *args):
         calls["n"] += 1
@@ -574,7 +574,7 @@ def test_rope_after_a_custom_function_under_checkpointing_does_not_recompute_in_
         calls["n"] += 1
         return K.rms_norm(t, w, eps)
 
-    L._LoraDelta.forward = staticmethod(counted_lora)
+    L._AddLoraUpdate.forward = staticmethod(counted_lora)
     try:
         out = checkpoint(block, x, v, ours, norm, L.lora_delta, use_reentrant=False)
         assert calls["n"] == 2, f"{producer}: the producer ran {calls['n']} times in the forward (recomputed there)"
@@ -583,7 +583,7 @@ def test_rope_after_a_custom_function_under_checkpointing_does_not_recompute_in_
         got = torch.autograd.grad(out, leaves, g, allow_unused=True)
         assert calls["n"] == 4  # and once more each in the backward's recompute
     finally:
-        L._LoraDelta.forward = staticmethod(real)
+        L._AddLoraUpdate.forward = staticmethod(real)
     assert calls["in_place"] == (producer != "foreign")
     want = torch.autograd.grad(block(x, v, K.rope_reference, lambda t, w, e: K.rms_norm_reference(t, w, e),
                                      L.lora_delta_reference), leaves, g, allow_unused=True)

@@ -80,7 +80,7 @@ class _Count:
     def __init__(self, monkeypatch):
         self.n_linear = self.n_delta = 0
         self.weights: list[torch.Tensor] = []
-        real_delta, real_linear = L._LoraDelta.apply, L._FrozenLinearLora.apply
+        real_delta, real_linear = L._AddLoraUpdate.apply, L._FrozenLinearLora.apply
 
         def delta(*args):
             self.n_delta += 1
@@ -91,7 +91,7 @@ class _Count:
             self.weights.append(args[3])
             return real_linear(*args)
 
-        monkeypatch.setattr(L._LoraDelta, "apply", staticmethod(delta))
+        monkeypatch.setattr(L._AddLoraUpdate, "apply", staticmethod(delta))
         monkeypatch.setattr(L._FrozenLinearLora, "apply", staticmethod(linear))
 
     @property

@@ -35,7 +35,7 @@ def _count_fused_lora() -> list:
     from unsloth_dist.kernels import lora as L
 
     n = [0]
-    for fn in (L._LoraDelta, L._FrozenLinearLora):  # the update after any base / over a frozen nn.Linear
+    for fn in (L._AddLoraUpdate, L._FrozenLinearLora):  # the update after any base / over a frozen nn.Linear
         real = fn.__dict__.get("_real_apply") or fn.apply
         fn._real_apply = real
 

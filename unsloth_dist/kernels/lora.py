@@ -26,48 +26,6 @@ from __future__ import annotations
 import torch
 
 
-class _LoraDelta(torch.autograd.Function):
-    saves_output = False  # RoPE may rotate this output in place (kernels.rope._producer_forbids_in_place)
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float):
-        x2 = x.reshape(-1, x.shape[-1])
-        xa = x2 @ a.t()  # tokens x r
-        out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
-        ctx.mark_dirty(out)
-        ctx.save_for_backward(x, xa, a, b)
-        ctx.scaling = scaling
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, xa, a, b = ctx.saved_tensors
-        s = ctx.scaling
-        g2 = grad.reshape(-1, grad.shape[-1])
-        g_xa = (g2 @ b).mul_(s)  # tokens x r: the only scaled tensor
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[1]:
-            grad_x = (g_xa @ a).view(x.shape)
-        if ctx.needs_input_grad[2]:
-            grad_a = g_xa.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[3]:
-            grad_b = torch.mm(g2.t(), xa).mul_(s)
-        return grad, grad_x, grad_a, grad_b, None
-
-
-def lora_delta(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``out + scaling * (x @ a.T) @ b.T``, written into `out` (which must not be needed by anything
-    else: it is the fresh output of the base layer). `x` [..., in], `a` [r, in], `b` [out, r], all
-    one dtype; `out` [..., out] contiguous in that dtype. Returns `out`."""
-    return _LoraDelta.apply(out, x, a, b, float(scaling))
-
-
-def lora_delta_reference(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                         scaling: float) -> torch.Tensor:
-    """What peft computes: ``out + (x @ a.T @ b.T) * scaling`` (out of place)."""
-    return out + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * scaling
-
-
 class _LoraA(torch.autograd.Function):
     """xa = x @ A^T (tokens x r), saving (x, A): the activations LoRA's backward needs."""
 
@@ -84,6 +42,32 @@ class _LoraA(torch.autograd.Function):
         grad_x = (g_xa @ a).view(x.shape) if ctx.needs_input_grad[0] else None
         grad_a = g_xa.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         return grad_x, grad_a
+
+
+def _update_grads(ctx, g2: torch.Tensor):
+    """Gradients of ``scaling * xa @ B^T`` w.r.t. xa and B from the output gradient [tokens, out]
+    (`ctx.b`, `ctx.xa`, `ctx.scaling` kept by the forward); inputs 1 and 2 of both Functions below."""
+    grad_xa = (g2 @ ctx.b).mul_(ctx.scaling) if ctx.needs_input_grad[1] else None  # tokens x r: the only scaled tensor
+    grad_b = torch.mm(g2.t(), ctx.xa).mul_(ctx.scaling) if ctx.needs_input_grad[2] else None
+    return grad_xa, grad_b
+
+
+class _AddLoraUpdate(torch.autograd.Function):
+    """out += scaling * xa @ B^T, in place in the base layer's fresh output (cuBLAS epilogue);
+    saves nothing through autograd (B: a parameter, by reference; xa: tokens x r, detached)."""
+
+    saves_output = False  # RoPE may rotate this output in place (kernels.rope._producer_forbids_in_place)
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: float):
+        out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
+        ctx.mark_dirty(out)
+        ctx.b, ctx.xa, ctx.scaling = b, xa.detach(), scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad, *_update_grads(ctx, grad.reshape(-1, grad.shape[-1])), None)
 
 
 class _FrozenLinearLora(torch.autograd.Function):
@@ -104,9 +88,7 @@ class _FrozenLinearLora(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = (g2 @ ctx.w).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_xa = (g2 @ ctx.b).mul_(ctx.scaling) if ctx.needs_input_grad[1] else None
-        grad_b = torch.mm(g2.t(), ctx.xa).mul_(ctx.scaling) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_xa, grad_b, None, None, None
+        return (grad_x, *_update_grads(ctx, g2), None, None, None)
 
 
 def lora_linear(x: torch.Tensor, w: torch.Tensor, bias, a: torch.Tensor, b: torch.Tensor,
@@ -117,3 +99,15 @@ def lora_linear(x: torch.Tensor, w: torch.Tensor, bias, a: torch.Tensor, b: torc
     xa = _LoraA.apply(x if x_lora is None else x_lora, a)
     return _FrozenLinearLora.apply(x, xa, b, w, bias, float(scaling))
 
+
+def lora_delta(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``out + scaling * (x @ a.T) @ b.T``, written into `out` (which must not be needed by anything
+    else: it is the fresh output of the base layer). `x` [..., in], `a` [r, in], `b` [out, r], all
+    one dtype; `out` [..., out] contiguous in that dtype. Returns `out`."""
+    return _AddLoraUpdate.apply(out, _LoraA.apply(x, a), b, float(scaling))
+
+
+def lora_delta_reference(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         scaling: float) -> torch.Tensor:
+    """What peft computes: ``out + (x @ a.T @ b.T) * scaling`` (out of place)."""
+    return out + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * scaling
