@@ -446,7 +446,7 @@ def run_case(args) -> int:
         tokens = args.micro * args.seq
         fpt = flops_per_token(wl, r["n_matmul"], args.seq)
         record.update(
-            status="ok", steps_timed=len(r["step_s"]), step_s_median=med,
+            status="ok", steps_timed=len(r["step_s"]), step_s_median=med, step_s=[round(x, 5) for x in r["step_s"]],
             step_s_iqr=_iqr(r["step_s"]), tokens_per_s_per_gpu=tokens / med, peak_mem_gib=peak,
             mfu=(tokens / med) * fpt / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
             loss_first=r["losses"][0], loss_last=r["losses"][-1], n_matmul_params=r["n_matmul"],
