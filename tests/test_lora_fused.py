@@ -309,3 +309,64 @@ def test_fused_path_with_a_base_output_it_cannot_write_into(monkeypatch):
     ref.train(), pat.train()
     _compare(ref, pat, torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(7)))
     assert count.n == 7  # 8 LoRA linears, one of them finished out of place
+
+
+def _tiny_qlora(dropout=0.0):
+    """A tiny bf16 Llama whose decoder linears are bitsandbytes NF4 Linear4bit (quantized on CPU),
+    with peft LoRA on q / v / gate / down: peft's Linear4bit wrappers."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from tiny import tiny_llama
+
+    model = tiny_llama(seed=0, vocab=64, hidden=64, layers=2).to(torch.bfloat16)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for cname, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      quant_type="nf4", quant_storage=torch.bfloat16)
+                q.weight = bnb.nn.Params4bit(child.weight.data.float().clone(), requires_grad=False, quant_type="nf4",
+                                             quant_storage=torch.bfloat16, module=q)
+                setattr(parent, cname, q.to("cpu"))
+    model.is_loaded_in_4bit = True
+    torch.manual_seed(1)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                          target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.to(torch.bfloat16).normal_(0, 0.05)
+    return pm
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_qlora_recompute_stops_before_down_proj_4bit_base(dropout):
+    """QLoRA under non-reentrant checkpointing: the adapter's x @ A^T is saved before the 4-bit base
+    runs, so each layer's recompute stops before down_proj's base (dequantize + matmul); the other
+    bases run twice. Loss and LoRA gradients as peft's (same dropout masks under the same seed)."""
+    ref = _tiny_qlora(dropout)
+    assert type(ref.base_model.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    pat = copy.deepcopy(ref)
+    assert patch_model(pat, rms_norm=False, rope=False, swiglu=False, fused_cross_entropy=False).count("lora") == 8
+    calls: dict[str, int] = {}
+    for name, m in pat.named_modules():
+        if name.endswith(".base_layer"):
+            m.register_forward_hook(lambda mod, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    results = []
+    for m in (ref, pat):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+        torch.manual_seed(7)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}))
+    (lr, gr), (lp, gp) = results
+    torch.testing.assert_close(lp, lr, rtol=1e-2, atol=1e-2)
+    assert gr.keys() == gp.keys() and len(gr) == 16
+    for n in gr:  # bf16 rounding in another order: compare by norm
+        assert ((gp[n] - gr[n]).norm() / gr[n].norm()).item() < 3e-2, n
+    assert len(calls) == 8
+    for name, n in calls.items():
+        assert n == (1 if ".down_proj." in name else 2), (name, n, calls)

@@ -7,7 +7,7 @@ from .cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
-from .lora import lora_delta, lora_delta_reference, lora_linear
+from .lora import lora_add, lora_delta, lora_delta_reference, lora_linear, lora_xa
 from .rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 from .rope import RoPEFunction, apply_rope, rope_reference
 from .swiglu import GLUFunction, geglu, glu, glu_reference, swiglu
@@ -15,7 +15,7 @@ from .swiglu import GLUFunction, geglu, glu, glu_reference, swiglu
 __all__ = [
     "LAUNCHES", "interpret_mode", "poison_outputs", "use_triton",
     "FusedLinearCrossEntropyFunction", "fused_linear_cross_entropy", "fused_linear_cross_entropy_reference",
-    "lora_delta", "lora_delta_reference", "lora_linear",
+    "lora_add", "lora_delta", "lora_delta_reference", "lora_linear", "lora_xa",
     "RMSNormFunction", "rms_norm", "rms_norm_reference",
     "RoPEFunction", "apply_rope", "rope_reference",
     "GLUFunction", "geglu", "glu", "glu_reference", "swiglu",

@@ -19,7 +19,9 @@ autograd (the frozen weight and ``B`` are parameters, kept by reference; ``xa`` 
 Under non-reentrant activation checkpointing with early stop (torch's default, and what the
 Trainer enables), the recompute of a layer stops at its last saved tensor: the layer's last LoRA
 linear (``down_proj`` in Llama-style MLPs, whose output only feeds the residual add) then skips its
-base GEMM in the recompute, about a quarter of the layer's matmul work.
+base GEMM in the recompute, about a quarter of the layer's matmul work. Over a base layer that is
+not a plain frozen ``nn.Linear`` (QLoRA's bitsandbytes 4-bit layer) the same order is kept by
+calling :func:`lora_xa` before the base layer and :func:`lora_add` after it.
 """
 from __future__ import annotations
 
@@ -100,11 +102,27 @@ def lora_linear(x: torch.Tensor, w: torch.Tensor, bias, a: torch.Tensor, b: torc
     return _FrozenLinearLora.apply(x, xa, b, w, bias, float(scaling))
 
 
+def lora_xa(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The adapter's first product ``x @ a.T`` as [tokens, r], saving ``(x, a)`` for the backward.
+    Call it *before* the base layer (then :func:`lora_add`): with a base that saves no activation
+    itself (bitsandbytes' 4-bit / 8-bit matmuls keep only their frozen weight), everything the
+    LoRA linear's backward needs is then saved before the base runs, so a checkpointed layer's
+    recompute stops before its last projection's base, as with :func:`lora_linear`."""
+    return _LoraA.apply(x, a)
+
+
+def lora_add(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``out + scaling * xa @ b.T`` written into `out` (the fresh output of the base layer, needed
+    by nothing else; [..., out] contiguous, `xa`'s dtype); `xa` from :func:`lora_xa`. Returns `out`."""
+    return _AddLoraUpdate.apply(out, xa, b, float(scaling))
+
+
 def lora_delta(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``out + scaling * (x @ a.T) @ b.T``, written into `out` (which must not be needed by anything
     else: it is the fresh output of the base layer). `x` [..., in], `a` [r, in], `b` [out, r], all
-    one dtype; `out` [..., out] contiguous in that dtype. Returns `out`."""
-    return _AddLoraUpdate.apply(out, _LoraA.apply(x, a), b, float(scaling))
+    one dtype; `out` [..., out] contiguous in that dtype. Returns `out`. (``lora_add(out,
+    lora_xa(x, a), b, scaling)``; a caller that can run ``lora_xa`` before the base layer should.)"""
+    return lora_add(out, lora_xa(x, a), b, scaling)
 
 
 def lora_delta_reference(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

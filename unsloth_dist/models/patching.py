@@ -52,7 +52,9 @@ How each op is patched, and why:
   adapter's input as peft does). Over a frozen ``nn.Linear`` base it computes the base GEMM itself
   (:func:`~unsloth_dist.kernels.lora_linear`), saving what the backward needs before that GEMM, so
   a checkpointed layer's recompute stops before its last projection (``down_proj``); over other
-  bases (4-bit / 8-bit) it calls the base layer and adds in place (:func:`~unsloth_dist.kernels.lora_delta`).
+  bases (4-bit / 8-bit) it computes the adapter's ``x @ A^T`` first (:func:`~unsloth_dist.kernels.lora_xa`),
+  then calls the base layer and adds in place (:func:`~unsloth_dist.kernels.lora_add`): bitsandbytes'
+  matmuls save no activation, so the recompute skips ``down_proj``'s 4-bit base the same way.
   It runs peft's own forward whenever that path is not plain LoRA: adapters disabled or merged,
   several active adapters, mixed-batch ``adapter_names``, DoRA and other variants, LoRA bias,
   autocast or mixed dtypes, and DeepSpeed ZeRO-3 partitioned adapter weights (those are gathered
@@ -74,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unsloth_dist.kernels import apply_rope, fused_linear_cross_entropy, glu, lora_delta, lora_linear, rms_norm
+from unsloth_dist.kernels import apply_rope, fused_linear_cross_entropy, glu, lora_add, lora_linear, lora_xa, rms_norm
 
 IGNORE_INDEX = -100
 OPS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "lora")
@@ -239,12 +241,18 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                            self.scaling[name], x_lora=xd)
     if name is not None:
+        # the adapter's x @ A^T first, so that (x, A) are saved before the base layer runs (bitsandbytes'
+        # 4-/8-bit matmuls save no activation): a checkpointed layer's recompute then stops before its
+        # down_proj's base, as with lora_linear. peft draws the dropout mask after the base layer; the
+        # bases taken here draw no random numbers, so the masks are the same.
+        xd = self.lora_dropout[name](x)
+        xa = lora_xa(xd, self.lora_A[name].weight)
         out = self.base_layer(x)
-        xd = self.lora_dropout[name](x)  # after the base layer, as peft does (the same dropout masks)
+        b = self.lora_B[name].weight
         if out.dtype == x.dtype and out.is_contiguous() and out._base is None:
-            return lora_delta(out, xd, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
-        # an unexpected base output: finish the plain way on the computed result
-        return out + self.lora_B[name](self.lora_A[name](xd)) * self.scaling[name]
+            return lora_add(out, xa, b, self.scaling[name])
+        # an unexpected base output: finish out of place on the computed result
+        return out + (torch.nn.functional.linear(xa, b) * self.scaling[name]).view(out.shape)
     return type(self).forward(self, x, *args, **kwargs)
 
 
