@@ -281,6 +281,7 @@ def run_ours(args, wl, device, world) -> dict:
         "output_dir": out_dir, "precision": args.precision, "per_device_train_batch_size": args.micro,
         "max_steps": steps, "learning_rate": 1e-5, "gradient_checkpointing": wl["ckpt"], "disable_tqdm": True,
         "logging_steps": 10**6, "save_on_sigterm": False, "seed": 0, "max_grad_norm": 1.0,
+        "shuffle": False,  # the rows in order: rank r's step s is batch s * world + r, as the baselines read them
         "fused_master_adamw": _fused_adamw(args),
         **({"gradient_checkpointing_layers": args.ckpt_layers} if wl["ckpt"] and args.ckpt_layers is not None else {}),
     })
@@ -399,7 +400,13 @@ def run_hf(args, wl, device, world, liger: bool) -> dict:
         times.append(now - t)
         t = now
         prof.at_step(len(times) - 1)
-    return {"step_s": times[args.warmup:], "losses": [float(v) for v in losses], "n_matmul": n_matmul}
+    # the global loss of each step, as ours reports it (after timing: no extra collective in the loop);
+    # every rank's batch has the same token count, so the mean of the ranks' means is the token mean
+    loss_t = torch.stack(losses).float()
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(loss_t)
+        loss_t /= world
+    return {"step_s": times[args.warmup:], "losses": loss_t.tolist(), "n_matmul": n_matmul}
 
 
 # --------------------------------------------------------------------------- one case
@@ -449,7 +456,8 @@ def run_case(args) -> int:
             status="ok", steps_timed=len(r["step_s"]), step_s_median=med, step_s=[round(x, 5) for x in r["step_s"]],
             step_s_iqr=_iqr(r["step_s"]), tokens_per_s_per_gpu=tokens / med, peak_mem_gib=peak,
             mfu=(tokens / med) * fpt / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
-            loss_first=r["losses"][0], loss_last=r["losses"][-1], n_matmul_params=r["n_matmul"],
+            loss_first=r["losses"][0], loss_last=r["losses"][-1], losses=[round(x, 6) for x in r["losses"]],
+            n_matmul_params=r["n_matmul"],
         )
         if "patched" in r:
             record["kernels"] = r["patched"]

@@ -37,6 +37,12 @@ def test_bench_train_matrix_runs(tmp_path):
         # random tokens over a 512-token vocabulary: the loss starts near ln(512)
         assert abs(r["loss_first"] - 6.238) < 0.3, (key, r["loss_first"])
     assert set(recs[("ours", "single")]["kernels"]) >= {"rms_norm", "rope", "swiglu", "fused_cross_entropy"}
+    # the same batches in the same order (ours with shuffle: false; the baseline's loss averaged over
+    # ranks): in fp32 the two implementations train along the same loss curve, step by step
+    for backend in ("single", "fsdp"):
+        ours, hf = recs[("ours", backend)]["losses"], recs[("hf", backend)]["losses"]
+        assert len(ours) == len(hf) == 3 and ours != [ours[0]] * 3, (ours, hf)
+        assert all(abs(a - b) < 2e-4 * abs(b) for a, b in zip(ours, hf)), (backend, ours, hf)
     # --backend-set reaches ours' multi-rank backend config (YAML value: the int 1), not the baselines
     assert recs[("ours", "fsdp")]["backend_set"] == {"forward_prefetch": 1}
     assert recs[("hf", "fsdp")]["backend_set"] is None and recs[("ours", "single")]["backend_set"] is None

@@ -82,3 +82,31 @@ def test_trainer_builds_the_data_section_of_its_config(tmp_path):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     with pytest.raises(ConfigError, match="tokenizer"):
         Trainer(tiny_llama(seed=0, vocab=len(tok)), None, args=args, backend="single")
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_shuffle_false_reads_the_dataset_in_order(tmp_path, shuffle):
+    """`shuffle: false`: the Trainer's batches are the rows in the dataset's order, every epoch;
+    `shuffle: true` (the default): each epoch is a permutation, not that order."""
+    import torch
+
+    from unsloth_dist import Trainer
+
+    rows = [{"input_ids": [i + 1] * 4} for i in range(12)]  # row i is recognisable by its token
+    trainer = Trainer(tiny_llama(seed=0, vocab=32), rows, backend="single",
+                      args={"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 3, "max_steps": 8,
+                            "precision": "fp32", "disable_tqdm": True, "seed": 0, "shuffle": shuffle})
+    seen: list[int] = []
+    real = trainer._forward_loss_sum
+
+    def record(batch):
+        seen.extend(int(r[0]) - 1 for r in batch["input_ids"])
+        return real(batch)
+
+    trainer._forward_loss_sum = record
+    trainer.train()
+    assert len(seen) == 24  # 8 steps x 3 rows: two epochs of 12
+    assert (seen == list(range(12)) * 2) is (not shuffle)
+    if shuffle:
+        assert sorted(seen[:12]) == list(range(12)) and seen[:12] != seen[12:]  # a new permutation per epoch
+        assert torch.equal(torch.tensor(seen[:12]), torch.randperm(12, generator=torch.Generator().manual_seed(0)))

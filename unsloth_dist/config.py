@@ -508,6 +508,12 @@ class TrainConfig(_Strict):
         description="Seeds torch and the order of the data: the sequence of global batches depends only on "
         "seed and global batch size, never on the world size or backend.",
     )
+    shuffle: bool = Field(
+        True,
+        description="Shuffle the training samples: each epoch is a permutation drawn from seed + epoch. false: "
+        "every epoch reads the samples in the dataset's own order (a curriculum, or to feed exactly the "
+        "batches another loop reads in order).",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute each decoder layer's activations in backward instead of storing them: much "

@@ -148,7 +148,8 @@ class Trainer:
             check_sample(ds[0], 0, name)
         if train_dataset is not None:
             # checks the dataset can fill one global batch at this world size
-            self.sampler = GlobalBatchSampler(len(train_dataset), cfg.global_batch(self.env.world_size), cfg.seed)
+            self.sampler = GlobalBatchSampler(len(train_dataset), cfg.global_batch(self.env.world_size), cfg.seed,
+                                              shuffle=cfg.shuffle)
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.tokenizer = tokenizer
