@@ -274,3 +274,14 @@ def test_lora_delta_bf16_against_fp32(_gpu):
     close(dx2, rdx, "lora_linear d x")
     close(da2, rda, "lora_linear d A")
     close(db2, rdb, "lora_linear d B")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_qlora_fused_path_on_gpu(_gpu, dropout):
+    """The QLoRA fused path (x @ A^T before bitsandbytes' CUDA 4-bit base, then the in-place update)
+    against peft on a GPU, under activation checkpointing: loss and LoRA gradients, and each layer's
+    down_proj base run once (the recompute stops before it), the other bases twice."""
+    pytest.importorskip("bitsandbytes")
+    from test_lora_fused import test_qlora_recompute_stops_before_down_proj_4bit_base as check
+
+    check(dropout, device="cuda", hidden=512)

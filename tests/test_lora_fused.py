@@ -311,14 +311,14 @@ def test_fused_path_with_a_base_output_it_cannot_write_into(monkeypatch):
     assert count.n == 7  # 8 LoRA linears, one of them finished out of place
 
 
-def _tiny_qlora(dropout=0.0):
-    """A tiny bf16 Llama whose decoder linears are bitsandbytes NF4 Linear4bit (quantized on CPU),
+def _tiny_qlora(dropout=0.0, device="cpu", hidden=64):
+    """A tiny bf16 Llama whose decoder linears are bitsandbytes NF4 Linear4bit (quantized on `device`),
     with peft LoRA on q / v / gate / down: peft's Linear4bit wrappers."""
     bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
     from tiny import tiny_llama
 
-    model = tiny_llama(seed=0, vocab=64, hidden=64, layers=2).to(torch.bfloat16)
+    model = tiny_llama(seed=0, vocab=64, hidden=hidden, layers=2).to(device=device, dtype=torch.bfloat16)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for cname, child in list(parent.named_children()):
@@ -328,7 +328,7 @@ def _tiny_qlora(dropout=0.0):
                                       quant_type="nf4", quant_storage=torch.bfloat16)
                 q.weight = bnb.nn.Params4bit(child.weight.data.float().clone(), requires_grad=False, quant_type="nf4",
                                              quant_storage=torch.bfloat16, module=q)
-                setattr(parent, cname, q.to("cpu"))
+                setattr(parent, cname, q.to(device))
     model.is_loaded_in_4bit = True
     torch.manual_seed(1)
     pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
@@ -336,16 +336,17 @@ def _tiny_qlora(dropout=0.0):
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:
-                p.data = p.data.to(torch.bfloat16).normal_(0, 0.05)
+                p.data = p.data.to(device=device, dtype=torch.bfloat16).normal_(0, 0.05)
     return pm
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_qlora_recompute_stops_before_down_proj_4bit_base(dropout):
+def test_qlora_recompute_stops_before_down_proj_4bit_base(dropout, device="cpu", hidden=64):
     """QLoRA under non-reentrant checkpointing: the adapter's x @ A^T is saved before the 4-bit base
     runs, so each layer's recompute stops before down_proj's base (dequantize + matmul); the other
-    bases run twice. Loss and LoRA gradients as peft's (same dropout masks under the same seed)."""
-    ref = _tiny_qlora(dropout)
+    bases run twice. Loss and LoRA gradients as peft's (same dropout masks under the same seed).
+    tests/test_gpu_kernels.py runs the same on a GPU (bitsandbytes' CUDA 4-bit path)."""
+    ref = _tiny_qlora(dropout, device, hidden)
     assert type(ref.base_model.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     pat = copy.deepcopy(ref)
     assert patch_model(pat, rms_norm=False, rope=False, swiglu=False, fused_cross_entropy=False).count("lora") == 8
@@ -353,7 +354,7 @@ def test_qlora_recompute_stops_before_down_proj_4bit_base(dropout):
     for name, m in pat.named_modules():
         if name.endswith(".base_layer"):
             m.register_forward_hook(lambda mod, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4)).to(device)
     results = []
     for m in (ref, pat):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
