@@ -86,7 +86,13 @@ class FSDPBackend(Backend):
             # instead of freeing them at the end of its forward and gathering them again at once
             fully_shard(layer, reshard_after_forward=reshard and i < len(layers) - 1, **kwargs)
         self._set_prefetch(layers)
-        # the root keeps its parameters (embeddings, final norm, head) unsharded after forward:
+        embed = _untied_input_embeddings(model) if reshard else None
+        if embed is not None:
+            # an untied input embedding is used once, at the start of forward: its own group, freed
+            # after its forward (a frozen one, as under LoRA, is never gathered again; a trained one
+            # is gathered again for its backward, at the end). Tied, it stays with the head in the root.
+            fully_shard(embed, reshard_after_forward=True, **kwargs)
+        # the root keeps its parameters (final norm, head, tied embeddings) unsharded after forward:
         # backward needs them first
         fully_shard(model, reshard_after_forward=False, **kwargs)
         self.module = self.model = model
@@ -166,3 +172,18 @@ class FSDPBackend(Backend):
             optim_state_dict={"state": {n: optim[n] for n in wanted}, "param_groups": current["param_groups"]},
             options=StateDictOptions(full_state_dict=True, strict=False),
         )
+
+
+def _untied_input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    """The model's input embedding module when its weight is not also the output head's, else None."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    embed = get_in() if callable(get_in) else None
+    if not isinstance(embed, nn.Module) or embed is model or not list(embed.parameters(recurse=False)):
+        return None
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    head_params = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    if any(id(p) in head_params for p in embed.parameters()):
+        return None
+    return embed
+

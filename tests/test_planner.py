@@ -216,3 +216,19 @@ def test_plan_command_checkpoint_layers():
     assert rows[8]["ddp"]["activations"] > rows[None]["ddp"]["activations"]
     r = CliRunner().invoke(app, ["plan", "--model", "llama-3.1-8b", "--gpus", "2", "--checkpoint-layers", "4"])
     assert r.exit_code != 0 and "needs --gradient-checkpointing" in r.output
+
+
+def test_fsdp_keeps_one_vocabulary_matrix_whole():
+    """fsdp (sharding full) keeps the root whole through the step but frees an untied input embedding
+    after its forward (backends/fsdp.py): tied or untied, one vocab x hidden matrix stays unsharded;
+    grad_op keeps everything gathered, so there the untied model holds both."""
+    import dataclasses
+
+    untied = PRESETS["llama-3.1-8b"]
+    assert not untied.tie_embeddings
+    tied = dataclasses.replace(untied, tie_embeddings=True)
+    kw = dict(gpus=2, seq=2048, micro_batch=1, lora=True, gradient_checkpointing=True)
+    full = [estimate(m, V["fsdp"], "bf16", **kw).parts["unsharded"] for m in (tied, untied)]
+    assert full[0] == full[1]
+    grad_op = [estimate(m, V["fsdp(grad_op)"], "bf16", **kw).parts["unsharded"] for m in (tied, untied)]
+    assert grad_op[1] - grad_op[0] == 2 * untied.vocab * untied.hidden

@@ -59,10 +59,18 @@ def main(out: str) -> None:
                           args={"output_dir": os.path.join(os.path.dirname(out), f"fsdp-prefetch{fwd}{bwd}"),
                                 "per_device_train_batch_size": 2, "max_steps": 4, "learning_rate": 1e-3,
                                 "precision": "bf16", "seed": 3, "disable_tqdm": True, "max_grad_norm": 1.0})
-        result = trainer.train()
+        from torch.distributed.tensor import DTensor
+
         from unsloth_dist.backends.fsdp import decoder_layers
 
         layers = decoder_layers(trainer.backend.module)
+        embed = trainer.backend.module.get_input_embeddings()
+        # when the first layer starts, is the (untied) embedding back to its shard, and the head still whole?
+        sharded_at_layer0 = []
+        probe = layers[0].register_forward_pre_hook(lambda *_: sharded_at_layer0.append(
+            (isinstance(embed.weight, DTensor), isinstance(trainer.backend.module.lm_head.weight, DTensor))))
+        result = trainer.train()
+        probe.remove()
         states = [layer._get_fsdp_state() for layer in layers]
         # for each layer: the indices of the layers it prefetches (None: FSDP2's implicit default)
         def idx(lst):
@@ -71,7 +79,8 @@ def main(out: str) -> None:
             "losses": result.losses,
             "forward": [idx(getattr(s, "_states_to_forward_prefetch", None)) for s in states],
             "backward": [idx(getattr(s, "_states_to_backward_prefetch", None)) for s in states],
-            "reshard": [s._fsdp_param_group.post_forward_mesh_info is not None for s in states]}
+            "reshard": [s._fsdp_param_group.post_forward_mesh_info is not None for s in states],
+            "embed_sharded_at_layer0": [list(t) for t in sorted(set(sharded_at_layer0))]}
     records["prefetch"] = runs
     # fused_master_adamw under DDP (Triton's interpreter: the launch sets TRITON_INTERPRET=1): the
     # all-reduced bf16 gradients (bucket views) go straight into the kernel; same run as ddp-fp32

@@ -21,7 +21,7 @@ Partitioning:
                   reduction buckets of reduce_bucket_size elements (x2 with overlap_comm, stages 1-2).
     fsdp          FSDP2 keeps fp32 sharded parameters, grads and Adam: (4 + 4 + 8) / N, plus the
                   unsharded (bf16 under precision bf16, else fp32) parameters of the layers in flight:
-                  2 layers + the root (embeddings, head) with sharding full; all layers with grad_op.
+                  2 layers + the root (head, final norm; tied embeddings) with sharding full; all layers with grad_op.
     offload       zero *_offload_opt: master + Adam + fp32 grads live on the CPU;
                   zero3 offload_param: weights too; fsdp cpu_offload: sharded params, grads, Adam.
     LoRA          the frozen base weights are stored like weights above (partitioned by zero3 /
@@ -289,7 +289,10 @@ def estimate(
         if variant.sharding == "grad_op":
             unsharded = pb * (m.layers * layer + m.root_params)
         else:
-            unsharded = pb * (2 * layer + m.root_params)
+            # an untied input embedding is its own group, freed after its forward (backends/fsdp.py):
+            # the root kept whole through the step is the final norm and the head
+            embed_own_group = 0 if m.tie_embeddings else m.vocab * m.hidden
+            unsharded = pb * (2 * layer + m.root_params - embed_own_group)
         unsharded += 4 * 2 * (layer if not lora else m.lora_params(lora_r) / m.layers)  # unsharded grads in flight
         parts["unsharded"] = unsharded
         step_tmp = on_gpu * 4 * T / N
