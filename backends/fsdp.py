@@ -186,4 +186,3 @@ def _untied_input_embeddings(model: nn.Module) -> Optional[nn.Module]:
     if any(id(p) in head_params for p in embed.parameters()):
         return None
     return embed
-
