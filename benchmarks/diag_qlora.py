@@ -7,7 +7,7 @@ kernels.lora_xa + lora_add): the loss with lora_B = 0 (the base model alone: mus
 loss and LoRA gradients with random lora_B (relative to peft), a repeat of the same step (determinism),
 and how often each layer's 4-bit bases ran (xa-first: down_proj once, the others twice).
 
-    python benchmarks/diag_qlora.py [LAYERS] [cpu]
+    python benchmarks/diag_qlora.py [LAYERS] [cpu]     (on the device: bash benchmarks/gpu_session.sh qdiag)
 """
 import copy
 import sys
