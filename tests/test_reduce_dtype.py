@@ -26,6 +26,8 @@ def test_deepspeed_config_communication_dtype(reduce_dtype):
 
     cfg = load_config({"max_steps": 1, "backend": {"name": "zero3", "reduce_dtype": reduce_dtype}, "precision": "bf16"})
     assert deepspeed_config(cfg, cfg.backend, 2)["communication_data_type"] == reduce_dtype
+    # one rank: nothing is summed, the bf16 gradients pass as they are (no fp32 round trip per bucket)
+    assert deepspeed_config(cfg, cfg.backend, 1)["communication_data_type"] == "bf16"
 
 
 def test_reduce_dtype_reaches_each_engine_on_two_ranks(tmp_path, deepspeed_cpu_ops):
@@ -63,3 +65,15 @@ def test_reduce_dtype_reaches_each_engine_on_two_ranks(tmp_path, deepspeed_cpu_o
         a, b = rec[f"{backend}-fp32"]["losses"], rec[f"{backend}-bf16"]["losses"]
         assert a[0] == pytest.approx(b[0], rel=1e-6)  # before any reduction
         assert a == pytest.approx(b, rel=2e-2), backend
+
+
+def test_zero_on_one_rank_passes_bf16_gradients_through(tmp_path, deepspeed_cpu_ops):
+    """One rank, precision bf16: DeepSpeed gets communication_data_type bf16 (no fp32 round trip per
+    gradient bucket), and the run equals the one with fp32 forced in, loss and grad norm, bit for bit."""
+    out = tmp_path / "records.pt"
+    run_cmd(torchrun(1, "tests/workers/zero_one_rank.py", str(out)), timeout=600)
+    rec = torch.load(out)
+    assert rec["default"]["engine"] == "bf16" and rec["fp32"]["engine"] == "fp32"
+    assert rec["default"]["losses"] == rec["fp32"]["losses"]
+    assert rec["default"]["grad_norms"] == rec["fp32"]["grad_norms"]
+    assert rec["default"]["losses"][-1] < rec["default"]["losses"][0]

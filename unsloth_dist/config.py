@@ -270,7 +270,7 @@ class ZeroConfig(_Strict):
     )
     reduce_dtype: Literal["fp32", "bf16"] = Field(
         "fp32",
-        description="dtype of DeepSpeed's gradient reduction under `precision: bf16` (`communication_data_type`). `fp32`: exact sums, twice the traffic and a cast of every gradient bucket; `bf16` (DeepSpeed's own default for bf16): half the traffic, rounding in the sum.",
+        description="dtype of DeepSpeed's gradient reduction under `precision: bf16` (`communication_data_type`). `fp32`: exact sums, twice the traffic and a cast of every gradient bucket; `bf16` (DeepSpeed's own default for bf16): half the traffic, rounding in the sum. With one rank nothing is summed and the gradients are passed on in bf16 either way (the same values, no casts).",
     )
 
     @property

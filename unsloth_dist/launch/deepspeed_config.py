@@ -55,8 +55,9 @@ def deepspeed_config(cfg: TrainConfig, zero: ZeroConfig, world_size: int) -> dic
     }
     if cfg.precision == "bf16":
         # bf16 weights and compute, fp32 master weights / optimizer state; reductions in
-        # backend.reduce_dtype (fp32 by default)
-        ds["communication_data_type"] = zero.reduce_dtype
+        # backend.reduce_dtype (fp32 by default). With one rank nothing is summed: the bf16 gradients
+        # go through as they are (a cast to fp32 and back would be pure cost; the values are the same)
+        ds["communication_data_type"] = zero.reduce_dtype if world_size > 1 else "bf16"
     if zero.offload_optimizer == "cpu":
         # DeepSpeed's CPU Adam runs the offloaded step; it reads the hyper-parameters from here.
         ds["optimizer"] = {

@@ -1,0 +1,48 @@
+"""ZeRO-2 on ONE rank under precision bf16: the DeepSpeed config passes the bf16 gradients on as they
+are (communication_data_type bf16, nothing to sum), and training matches the fp32 round trip
+(backend.reduce_dtype fp32 forced into the config) bit for bit, with gradient accumulation.
+
+    torchrun --nproc_per_node 1 tests/workers/zero_one_rank.py OUT.pt
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tiny import ragged_dataset, tiny_llama  # noqa: E402
+
+import unsloth_dist.backends.deepspeed as ZB  # noqa: E402  (where the ZeRO backend takes its config builder from)
+from unsloth_dist import Trainer  # noqa: E402
+
+
+def run(out_dir: str) -> dict:
+    model = tiny_llama(seed=0, vocab=128, hidden=64, layers=2)
+    data = ragged_dataset(n=16, seed=5, vocab=128, max_len=16, min_len=6)
+    trainer = Trainer(model, data, backend={"name": "zero2"}, args={
+        "output_dir": out_dir, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+        "max_steps": 3, "learning_rate": 1e-3, "precision": "bf16", "seed": 3, "disable_tqdm": True,
+        "max_grad_norm": 1.0})
+    result = trainer.train()
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}[trainer.backend.engine.communication_data_type]
+    return {"engine": dtype, "losses": result.losses, "grad_norms": result.grad_norms}
+
+
+def main(out: str) -> None:
+    records = {"default": run(os.path.join(os.path.dirname(out), "default"))}
+    real = ZB.deepspeed_config
+
+    def fp32_comm(*args, **kwargs):
+        ds = real(*args, **kwargs)
+        ds["communication_data_type"] = "fp32"
+        return ds
+
+    ZB.deepspeed_config = fp32_comm
+    records["fp32"] = run(os.path.join(os.path.dirname(out), "fp32"))
+    torch.save(records, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
