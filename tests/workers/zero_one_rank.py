@@ -12,6 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from reduce_dtype import engine_reduce_dtype  # noqa: E402
 from tiny import ragged_dataset, tiny_llama  # noqa: E402
 
 import unsloth_dist.backends.deepspeed as ZB  # noqa: E402  (where the ZeRO backend takes its config builder from)
@@ -26,8 +27,7 @@ def run(out_dir: str) -> dict:
         "max_steps": 3, "learning_rate": 1e-3, "precision": "bf16", "seed": 3, "disable_tqdm": True,
         "max_grad_norm": 1.0})
     result = trainer.train()
-    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}[trainer.backend.engine.communication_data_type]
-    return {"engine": dtype, "losses": result.losses, "grad_norms": result.grad_norms}
+    return {"engine": engine_reduce_dtype(trainer), "losses": result.losses, "grad_norms": result.grad_norms}
 
 
 def main(out: str) -> None:
