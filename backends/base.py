@@ -46,6 +46,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+_PACKED_PARAMS = ("Params4bit", "Int8Params")  # bitsandbytes' packed weights: never cast
+
+
+def place_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move `model` to `device` and cast its floating parameters to `dtype`. Buffers keep their
+    dtype: `model.to(bfloat16)` would also round a rotary embedding's fp32 `inv_freq`, and the
+    bf16-rounded frequencies misplace far positions (cos off by up to 0.86 at position 2047 of a
+    Llama head), which transformers avoids by computing `inv_freq` in fp32 and DeepSpeed by casting
+    parameters only. Parameters stay the same objects (their `.data` is replaced)."""
+    model.to(device=device)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and type(p).__name__ not in _PACKED_PARAMS:
+            p.data = p.data.to(dtype)
+    return model
+
+
 def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -87,12 +103,13 @@ class Backend:
 
     def clip_gradients(self) -> Optional[torch.Tensor]:
         """Clip the gradients now and return the global grad norm before clipping as a 0-d tensor
-        (no host sync), for `step` to use; None where `step` clips itself (DeepSpeed)."""
+        (no host sync), for `step` to use; None where `step` clips itself (DeepSpeed): the Trainer
+        then steps before it reads the loss and takes the norm `step` returns."""
         return None
 
-    def step(self) -> "float | torch.Tensor":
+    def step(self) -> torch.Tensor:
         """Clip (unless `clip_gradients` already did), optimizer step, zero grad; returns the global
-        grad norm before clipping (a tensor where reading it would wait for the GPU)."""
+        grad norm before clipping as a 0-d tensor (not read: reading it would wait for the GPU)."""
         raise NotImplementedError
 
     def skip_step(self) -> None:

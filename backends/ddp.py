@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .base import Backend, LocalOptimizerMixin, OptimizerFactory, cpu_state_dict
+from .base import Backend, LocalOptimizerMixin, OptimizerFactory, cpu_state_dict, place_model
 
 
 def _fp32_allreduce_hook(process_group, bucket):
@@ -29,7 +29,7 @@ class DDPBackend(LocalOptimizerMixin, Backend):
     name = "ddp"
 
     def setup(self, model: nn.Module, optimizer_factory: OptimizerFactory) -> nn.Module:
-        model.to(device=self.device, dtype=self.model_dtype)
+        place_model(model, self.device, self.model_dtype)
         self.module = model
         b = self.bcfg
         self.model = DistributedDataParallel(

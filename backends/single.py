@@ -6,14 +6,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import Backend, LocalOptimizerMixin, OptimizerFactory, cpu_state_dict
+from .base import Backend, LocalOptimizerMixin, OptimizerFactory, cpu_state_dict, place_model
 
 
 class SingleBackend(LocalOptimizerMixin, Backend):
     name = "single"
 
     def setup(self, model: nn.Module, optimizer_factory: OptimizerFactory) -> nn.Module:
-        model.to(device=self.device, dtype=self.model_dtype)
+        place_model(model, self.device, self.model_dtype)
         self.module = self.model = model
         self._build_optimizer(model, optimizer_factory)
         return self.model

@@ -48,7 +48,10 @@ def main(out: str) -> None:
             result = trainer.train()
             records[f"{backend}-{reduce_dtype}"] = {
                 "engine": engine_reduce_dtype(trainer), "losses": result.losses, "grad_norms": result.grad_norms,
-                "cpu_group_is_world": D.cpu_group() is dist.group.WORLD}
+                "cpu_group_is_world": D.cpu_group() is dist.group.WORLD,
+                # bf16 parameters, but the rotary frequencies stay fp32 (a bf16 inv_freq misplaces positions)
+                "param_dtype": str(trainer.backend.module.model.layers[0].mlp.up_proj.weight.dtype),
+                "inv_freq_dtype": str(trainer.backend.module.model.rotary_emb.inv_freq.dtype)}
     # explicit FSDP2 prefetching (backend.forward_prefetch / backward_prefetch) changes only when
     # the all-gathers are issued: same run as fsdp-fp32, same losses
     model = tiny_llama(seed=0, vocab=128, hidden=64, layers=3)
