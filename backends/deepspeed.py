@@ -65,12 +65,15 @@ class ZeroBackend(Backend):
         if self._micro < self.cfg.gradient_accumulation_steps:
             self.engine.step()  # not a boundary: advances DeepSpeed's micro-step counter only
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
+        """DeepSpeed's step (it clips); returns its global grad norm as a 0-d tensor, not read here."""
         assert self.engine.is_gradient_accumulation_boundary(), "ZeRO step called off the accumulation boundary"
         self.engine.step()
         self._micro = 0
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if torch.is_tensor(norm):
+            return norm.detach().reshape(())
+        return torch.tensor(float("nan") if norm is None else float(norm), dtype=torch.float64)
 
     # checkpoints: DeepSpeed's own (partitioned optimizer states, one file set per rank)
     checkpoint_format = "deepspeed"

@@ -224,7 +224,8 @@ class ZeroConfig(_Strict):
     overlap_comm: bool = Field(
         True,
         description="Overlap gradient reduction with backward computation. Faster; at stages 1-2 it "
-        "doubles the reduction buffers (2 x reduce_bucket_size elements).",
+        "doubles the reduction buffers (2 x reduce_bucket_size elements). Stages 1-2 on one rank run "
+        "without it (nothing is reduced, and the overlapping path waits for the GPU at every bucket).",
     )
     contiguous_gradients: bool = Field(
         True,
@@ -494,8 +495,11 @@ class TrainConfig(_Strict):
     # a step whose global loss is NaN/inf: stop (raise, naming the step) or skip (no update)
     nan_policy: Literal["stop", "skip"] = Field(
         "stop",
-        description="What a step whose global loss is NaN or inf does: `stop` raises, naming the step; "
-        "`skip` makes no update for that step (logged as skipped) and goes on.",
+        description="What a step whose global loss or gradient norm is NaN or inf does (the gradient norm "
+        "is not checked under fp16-mixed, whose loss scaler skips such steps itself): `stop` raises, naming "
+        "the step; `skip` makes no update for that step (logged as skipped) and goes on. The zero backends "
+        "take `stop` only, and see the gradient norm after DeepSpeed's step: the run stops there, saved "
+        "checkpoints untouched.",
     )
     # save a checkpoint at the next step boundary on SIGTERM (preemption), then stop cleanly
     save_on_sigterm: bool = Field(

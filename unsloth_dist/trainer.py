@@ -320,24 +320,37 @@ class Trainer:
                 # clip now (no host sync), then read the loss and the grad norm together: one wait
                 # per step, and the clipping launches overlap the tail of the backward
                 norm_t = self.backend.clip_gradients()
-                if norm_t is not None:
-                    loss_v, norm_v = torch.stack([loss_t.to(norm_t.device), norm_t.double()]).tolist()
-                else:
-                    loss_v, norm_v = float(loss_t), None
+                stepped = False
+                if norm_t is None:
+                    # ZeRO: DeepSpeed clips inside its step and reports the norm from there. The step
+                    # is issued before the read, so its host work overlaps the end of the backward;
+                    # ZeRO takes nan_policy stop only, and a non-finite loss or norm stops the run at
+                    # this step either way (saved checkpoints untouched)
+                    norm_t = self.backend.step()
+                    stepped = True
+                loss_v, norm_v = torch.stack([loss_t.to(norm_t.device).double(), norm_t.double()]).tolist()
                 global_loss = loss_v / norm
-                if math.isfinite(global_loss):
-                    stepped = self.backend.step()
-                    grad_norm = norm_v if norm_v is not None else float(stepped)
-                elif c.nan_policy == "skip":
+                # a non-finite loss, or (without fp16's loss scaler, which skips overflowing steps
+                # itself) a non-finite gradient norm, stops or skips the step (nan_policy)
+                what = None
+                if not math.isfinite(global_loss):
+                    what = f"the loss is {global_loss}"
+                elif c.precision != "fp16-mixed" and not math.isfinite(norm_v):
+                    what = f"the gradient norm is {norm_v}"
+                if what is None:
+                    if not stepped:
+                        self.backend.step()
+                    grad_norm = norm_v
+                elif c.nan_policy == "skip" and not stepped:
                     self.backend.skip_step()
                     grad_norm = float("nan")
                     self._log({"step": step + 1, "skipped": True, "loss": global_loss})
                     if self.rank == 0:
-                        logger.warning("step %d: loss is %s; step skipped (nan_policy: skip)", step + 1, global_loss)
+                        logger.warning("step %d: %s; step skipped (nan_policy: skip)", step + 1, what)
                 else:
                     raise FloatingPointError(
-                        f"step {step + 1}: the loss is {global_loss}; training stopped (nan_policy: stop). Lower the "
-                        "learning_rate, check the data of this step, or set nan_policy: skip"
+                        f"step {step + 1}: {what}; training stopped (nan_policy: stop). Lower the learning_rate, "
+                        "check the data of this step, or set nan_policy: skip"
                     )
                 self.lr_scheduler.step()
                 self.global_step = step + 1

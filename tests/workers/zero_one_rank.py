@@ -1,6 +1,9 @@
 """ZeRO-2 on ONE rank under precision bf16: the DeepSpeed config passes the bf16 gradients on as they
 are (communication_data_type bf16, nothing to sum), and training matches the fp32 round trip
-(backend.reduce_dtype fp32 forced into the config) bit for bit, with gradient accumulation.
+(backend.reduce_dtype fp32 forced into the config) bit for bit, with gradient accumulation. It
+also turns overlap_comm off (nothing to overlap on one rank), and DeepSpeed's per-gradient inf/NaN
+scan off (nan_policy stop, the only policy ZeRO takes: the Trainer stops on a non-finite grad norm
+itself). A gradient made inf at step 2 (finite loss) checks that the run stops there.
 
     torchrun --nproc_per_node 1 tests/workers/zero_one_rank.py OUT.pt
 """
@@ -27,7 +30,36 @@ def run(out_dir: str) -> dict:
         "max_steps": 3, "learning_rate": 1e-3, "precision": "bf16", "seed": 3, "disable_tqdm": True,
         "max_grad_norm": 1.0})
     result = trainer.train()
-    return {"engine": engine_reduce_dtype(trainer), "losses": result.losses, "grad_norms": result.grad_norms}
+    zopt = trainer.backend.engine.optimizer
+    return {"engine": engine_reduce_dtype(trainer), "losses": result.losses, "grad_norms": result.grad_norms,
+            "overlap_comm": zopt.overlap_comm, "check_grad_overflow": zopt.check_grad_overflow}
+
+
+def run_inf_grad(out_dir: str) -> dict:
+    """Step 2's gradient of one weight is inf (the loss stays finite): the steps that ended, the error."""
+    model = tiny_llama(seed=0, vocab=128, hidden=64, layers=2)
+    data = ragged_dataset(n=16, seed=5, vocab=128, max_len=16, min_len=6)
+    calls = [0]
+
+    def poison(g):
+        calls[0] += 1
+        return g * float("inf") if calls[0] == 2 else g
+
+    model.model.layers[0].mlp.up_proj.weight.register_hook(poison)
+    ended = []
+
+    class Ended:
+        def on_step_end(self, trainer, step, loss):
+            ended.append(step)
+
+    trainer = Trainer(model, data, backend={"name": "zero2"}, callbacks=[Ended()], args={
+        "output_dir": out_dir, "per_device_train_batch_size": 2, "max_steps": 3, "learning_rate": 1e-3,
+        "precision": "bf16", "seed": 3, "disable_tqdm": True, "max_grad_norm": 1.0})
+    try:
+        trainer.train()
+    except FloatingPointError as exc:
+        return {"error": str(exc), "steps": ended}
+    return {"error": None, "steps": ended}
 
 
 def main(out: str) -> None:
@@ -39,6 +71,8 @@ def main(out: str) -> None:
         ds["communication_data_type"] = "fp32"
         return ds
 
+    base = os.path.dirname(out)
+    records["inf-stop"] = run_inf_grad(os.path.join(base, "inf-stop"))
     ZB.deepspeed_config = fp32_comm
     records["fp32"] = run(os.path.join(os.path.dirname(out), "fp32"))
     torch.save(records, out)

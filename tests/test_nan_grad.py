@@ -1,0 +1,57 @@
+"""A finite loss with a non-finite gradient (one weight's gradient made inf at step 2): nan_policy
+stop raises before the update, naming the step and the gradient norm; skip leaves the weights as
+they were and goes on. (ZeRO, which reports its norm only from inside DeepSpeed's step, is covered
+by tests/workers/zero_one_rank.py.)"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+
+def _run(tmp_path, policy: str, backend="single"):
+    from tiny import ragged_dataset, tiny_llama
+    from unsloth_dist import Trainer
+
+    model = tiny_llama(seed=0, vocab=128, hidden=64, layers=1)
+    calls = [0]
+
+    def poison(g):
+        calls[0] += 1
+        return g * float("inf") if calls[0] == 2 else g
+
+    model.model.layers[0].mlp.up_proj.weight.register_hook(poison)
+    snaps = {}
+
+    class Snap:
+        def on_step_end(self, trainer, step, loss):
+            snaps[step] = {n: p.detach().clone() for n, p in trainer.backend.module.named_parameters()}
+
+    trainer = Trainer(model, ragged_dataset(n=16, seed=1, vocab=128, max_len=12, min_len=4), backend=backend,
+                      callbacks=[Snap()], args={
+                          "output_dir": str(tmp_path), "per_device_train_batch_size": 2, "max_steps": 3,
+                          "learning_rate": 1e-3, "disable_tqdm": True, "nan_policy": policy})
+    return trainer, snaps
+
+
+def test_inf_gradient_stops_before_the_update(tmp_path):
+    trainer, snaps = _run(tmp_path, "stop")
+    with pytest.raises(FloatingPointError, match=r"step 2: the gradient norm is inf.*nan_policy"):
+        trainer.train()
+    assert list(snaps) == [1]
+    for n, p in trainer.backend.module.named_parameters():
+        assert torch.equal(p, snaps[1][n]), n  # step 2 changed nothing
+
+
+def test_inf_gradient_is_skipped_under_skip(tmp_path):
+    trainer, snaps = _run(tmp_path, "skip")
+    result = trainer.train()
+    assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
+    assert math.isnan(result.grad_norms[1]) and math.isfinite(result.grad_norms[2])
+    assert all(torch.equal(snaps[1][n], snaps[2][n]) for n in snaps[1])  # step 2: no update
+    assert any(not torch.equal(snaps[2][n], snaps[3][n]) for n in snaps[2])  # step 3 trained
+    assert all(bool(torch.isfinite(t).all()) for t in snaps[3].values())
+    skipped = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "skipped" in line]
+    assert [r["step"] for r in skipped] == [2]
