@@ -561,6 +561,8 @@ def run_matrix(args) -> int:
             _write(args.out, records)  # after every case: a run cut short keeps what it measured
     table = _write(args.out, records)
     print(table)
+    for line in loss_warnings(records):
+        print(line, flush=True)
     failed = [r for r in records if r.get("status") == "failed"]
     return 1 if failed and args.strict else 0
 
@@ -590,6 +592,35 @@ def _fmt_row(r: dict) -> str:
             f"peak {r['peak_mem_gib']:.2f} GiB{mfu} loss {r['loss_first']:.3f}->{r['loss_last']:.3f}")
 
 
+# ours and a baseline read the same batches (ours with shuffle: false); at step 1 no update has happened
+# yet, so their losses differ only by forward numerics (bf16 rounding: ~1e-3 at the 1B shape, run 5)
+LOSS_GAP_WARN = 2e-3
+
+
+def loss_gap(r: dict, base: dict):
+    """(|Δ| at step 1, max |Δ| over the steps both ran) between two records' loss columns, or None."""
+    a, b = r.get("losses") or [], base.get("losses") or []
+    n = min(len(a), len(b))
+    if n == 0:
+        return None
+    diffs = [abs(x - y) for x, y in zip(a[:n], b[:n])]
+    return diffs[0], max(diffs)
+
+
+def loss_warnings(records: list[dict]) -> list[str]:
+    """A line for each (ours, baseline) pair of one backend whose step-1 losses differ by more than
+    LOSS_GAP_WARN: the two models did not compute the same function before any update."""
+    out = []
+    ok = [r for r in records if r.get("status") == "ok"]
+    for r in (r for r in ok if r["impl"] == "ours"):
+        for base in (b for b in ok if b["impl"] != "ours" and b["backend"] == r["backend"]):
+            d = loss_gap(r, base)
+            if d is not None and d[0] > LOSS_GAP_WARN:
+                out.append(f"WARNING loss: ours {r['backend']} differs from {base['impl']} by {d[0]:.2e} at step 1 "
+                           f"(before any update; > {LOSS_GAP_WARN:g}): check the forward's numerics")
+    return out
+
+
 def markdown_table(records: list[dict]) -> str:
     """Rows per backend: ours and each baseline, with ours' ratio to the best baseline of that backend."""
     lines = ["| backend | impl | GPUs | tokens/s/GPU | peak GiB | MFU | loss first→last | vs best baseline (speed, memory) |",
@@ -608,6 +639,9 @@ def markdown_table(records: list[dict]) -> str:
             if r["impl"] == "ours" and best is not None:
                 mem = r["peak_mem_gib"] / best["peak_mem_gib"] if best["peak_mem_gib"] == best["peak_mem_gib"] else float("nan")
                 ratio = f"{r['tokens_per_s_per_gpu'] / best['tokens_per_s_per_gpu']:.2f}x, {mem:.2f}x (vs {best['impl']})"
+                d = loss_gap(r, best)
+                if d is not None:
+                    ratio += f"; Δloss {d[0]:.1e} at step 1, max {d[1]:.1e}"
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "–"
             lines.append(
                 f"| {backend} | {r['impl']} | {r['world_size']} | {r['tokens_per_s_per_gpu']:.0f} | {r['peak_mem_gib']:.2f} "

@@ -48,6 +48,27 @@ def test_bench_train_matrix_runs(tmp_path):
     assert recs[("hf", "fsdp")]["backend_set"] is None and recs[("ours", "single")]["backend_set"] is None
     # the table compares ours with the baseline of the same backend
     assert "| fsdp | ours | 2 |" in res["table"] and "(vs hf)" in res["table"]
+    assert "Δloss" in res["table"]  # the loss columns' gap, step 1 and max, beside the ratio
+
+
+def test_bench_train_flags_loss_columns_that_differ_before_any_update():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench_train as B
+    finally:
+        sys.path.pop(0)
+
+    def rec(impl, backend, losses):
+        return {"impl": impl, "backend": backend, "world_size": 1, "status": "ok", "tokens_per_s_per_gpu": 1.0,
+                "peak_mem_gib": 1.0, "mfu": None, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses}
+
+    # run 5's single / ddp bf16 rotary buffer: 12.1716 vs 12.1759 at step 1; fsdp agreed within 7e-4
+    records = [rec("ours", "single", [12.1716, 12.1485]), rec("hf-liger", "single", [12.1759, 12.1498]),
+               rec("ours", "fsdp", [12.1753, 12.1497]), rec("hf-liger", "fsdp", [12.1760, 12.1500])]
+    warnings = B.loss_warnings(records)
+    assert len(warnings) == 1 and "ours single" in warnings[0] and "hf-liger" in warnings[0], warnings
+    assert B.loss_gap(records[0], records[1]) == pytest.approx((4.3e-3, 4.3e-3))
+    assert "Δloss 4.3e-03 at step 1, max 4.3e-03" in B.markdown_table(records)
 
 
 def test_bench_train_rejects_unknown_backend(tmp_path):
