@@ -44,6 +44,9 @@ def test_deepspeed_config_overlap_and_overflow_scan():
         assert two["bf16"] == {"enabled": True, "check_grad_overflow": False}
         off = load_config({"max_steps": 1, "backend": {"name": name, "overlap_comm": False}, "precision": "bf16"})
         assert deepspeed_config(off, off.backend, 2)["zero_optimization"]["overlap_comm"] is False
+        # an offloaded optimizer keeps it on one rank: it also overlaps the gradients' copy to the CPU
+        cpu = load_config({"max_steps": 1, "backend": {"name": name, "offload_optimizer": "cpu"}, "precision": "bf16"})
+        assert deepspeed_config(cpu, cpu.backend, 1)["zero_optimization"]["overlap_comm"] is True
 
 
 def test_reduce_dtype_reaches_each_engine_on_two_ranks(tmp_path, deepspeed_cpu_ops):

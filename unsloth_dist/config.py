@@ -225,7 +225,8 @@ class ZeroConfig(_Strict):
         True,
         description="Overlap gradient reduction with backward computation. Faster; at stages 1-2 it "
         "doubles the reduction buffers (2 x reduce_bucket_size elements). Stages 1-2 on one rank run "
-        "without it (nothing is reduced, and the overlapping path waits for the GPU at every bucket).",
+        "without it unless the optimizer is offloaded (nothing is reduced, and the overlapping path waits "
+        "for the GPU at every bucket).",
     )
     contiguous_gradients: bool = Field(
         True,

@@ -15,9 +15,11 @@ def deepspeed_config(cfg: TrainConfig, zero: ZeroConfig, world_size: int) -> dic
     zopt: dict[str, Any] = {
         "stage": zero.stage,
         # stages 1-2 on one rank: nothing to overlap, and DeepSpeed's overlapping path waits for the
-        # whole device before each bucket's reduction and at the end of backward (zero3 kept: no clear
-        # change measured at one rank, its step times spread too widely)
-        "overlap_comm": zero.overlap_comm and (world_size > 1 or zero.stage == 3),
+        # whole device before each bucket's reduction and at the end of backward. Kept for zero3 (no
+        # clear change measured at one rank, its step times spread too widely) and with the optimizer
+        # offloaded (there it also overlaps the gradients' copy to the CPU with backward)
+        "overlap_comm": zero.overlap_comm
+        and (world_size > 1 or zero.stage == 3 or zero.offload_optimizer == "cpu"),
         "contiguous_gradients": zero.contiguous_gradients,
         "reduce_bucket_size": zero.reduce_bucket_size,
     }
