@@ -46,7 +46,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-_PACKED_PARAMS = ("Params4bit", "Int8Params")  # bitsandbytes' packed weights: never cast
+PACKED_PARAMS = ("Params4bit", "Int8Params")  # bitsandbytes' packed weights: never cast
 
 
 def place_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -57,7 +57,7 @@ def place_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> n
     parameters only. Parameters stay the same objects (their `.data` is replaced)."""
     model.to(device=device)
     for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype and type(p).__name__ not in _PACKED_PARAMS:
+        if p.is_floating_point() and p.dtype != dtype and type(p).__name__ not in PACKED_PARAMS:
             p.data = p.data.to(dtype)
     return model
 

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from unsloth_dist.config import ConfigError
 
-from .base import Backend, OptimizerFactory, check_consolidated, dcp_load, dcp_save, param_groups
+from .base import PACKED_PARAMS, Backend, OptimizerFactory, check_consolidated, dcp_load, dcp_save, param_groups
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -64,7 +64,7 @@ class FSDPBackend(Backend):
             # trainable weights are the fp32 masters the optimizer updates; under precision bf16 a
             # frozen base (LoRA) keeps the dtype it was loaded in (bf16: half the memory of fp32),
             # since MixedPrecisionPolicy computes in bf16 either way; packed 4/8-bit weights stay packed
-            if type(p).__name__ in ("Params4bit", "Int8Params") or not p.is_floating_point():
+            if type(p).__name__ in PACKED_PARAMS or not p.is_floating_point():
                 continue
             if p.requires_grad or not bf16:
                 p.data = p.data.float()

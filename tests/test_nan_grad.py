@@ -12,17 +12,11 @@ import torch
 
 
 def _run(tmp_path, policy: str, backend="single"):
-    from tiny import ragged_dataset, tiny_llama
+    from tiny import poison_grad, ragged_dataset, tiny_llama
     from unsloth_dist import Trainer
 
     model = tiny_llama(seed=0, vocab=128, hidden=64, layers=1)
-    calls = [0]
-
-    def poison(g):
-        calls[0] += 1
-        return g * float("inf") if calls[0] == 2 else g
-
-    model.model.layers[0].mlp.up_proj.weight.register_hook(poison)
+    poison_grad(model.model.layers[0].mlp.up_proj.weight)
     snaps = {}
 
     class Snap:

@@ -50,3 +50,14 @@ def ragged_dataset(n: int = 32, seed: int = 0, vocab: int = 128, min_len: int = 
         labels = [-100] * masked + ids[masked:]
         data.append({"input_ids": ids, "labels": labels})
     return data
+
+
+def poison_grad(param, at_call: int = 2) -> None:
+    """Make `param`'s gradient inf on the `at_call`-th backward through it (the loss stays finite)."""
+    calls = [0]
+
+    def hook(g):
+        calls[0] += 1
+        return g * float("inf") if calls[0] == at_call else g
+
+    param.register_hook(hook)

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reduce_dtype import engine_reduce_dtype  # noqa: E402
-from tiny import ragged_dataset, tiny_llama  # noqa: E402
+from tiny import poison_grad, ragged_dataset, tiny_llama  # noqa: E402
 
 import unsloth_dist.backends.deepspeed as ZB  # noqa: E402  (where the ZeRO backend takes its config builder from)
 from unsloth_dist import Trainer  # noqa: E402
@@ -39,13 +39,7 @@ def run_inf_grad(out_dir: str) -> dict:
     """Step 2's gradient of one weight is inf (the loss stays finite): the steps that ended, the error."""
     model = tiny_llama(seed=0, vocab=128, hidden=64, layers=2)
     data = ragged_dataset(n=16, seed=5, vocab=128, max_len=16, min_len=6)
-    calls = [0]
-
-    def poison(g):
-        calls[0] += 1
-        return g * float("inf") if calls[0] == 2 else g
-
-    model.model.layers[0].mlp.up_proj.weight.register_hook(poison)
+    poison_grad(model.model.layers[0].mlp.up_proj.weight)
     ended = []
 
     class Ended:
