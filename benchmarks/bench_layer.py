@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import LLAMA_1B, LLAMA_8B, TINY  # noqa: E402
+from bench_train import LLAMA_1B, LLAMA_8B, TINY, build_model  # noqa: E402
 
 SHAPES = {"1b": LLAMA_1B, "8b": LLAMA_8B, "tiny": TINY}
 VARIANTS = ["hf", "hf-compile", "ours", "ours-compile", "liger", "liger-compile"]
@@ -34,7 +34,6 @@ VARIANTS = ["hf", "hf-compile", "ours", "ours-compile", "liger", "liger-compile"
 
 def run_variant(args) -> dict:
     import torch
-    import transformers as T
 
     variant = args.variant
     cuda = torch.cuda.is_available()
@@ -46,15 +45,8 @@ def run_variant(args) -> dict:
         LK.apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                        fused_linear_cross_entropy=True)
     shape = dict(SHAPES[args.shape], num_hidden_layers=args.layers, vocab_size=min(SHAPES[args.shape]["vocab_size"], 1024))
-    cfg = T.LlamaConfig(**shape, max_position_embeddings=max(args.seq, 4096), attn_implementation="sdpa")
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = T.LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    model = build_model({"shape": shape}, device, dtype, args.seq, "sdpa")
+    cfg = model.config
     kernels = []
     if variant.startswith("ours"):
         from unsloth_dist.models.patching import patch_model
