@@ -89,8 +89,10 @@ def resolve(spec: Any, output_dir: str) -> Optional[Path]:
     return path
 
 
-def check_compatible(meta: dict, *, backend_format: str, backend_name: str, world_size: int, global_batch: int) -> None:
-    """Refuse a resume that cannot continue the same run, before anything is loaded."""
+def check_compatible(meta: dict, *, backend_format: str, backend_name: str, world_size: int, global_batch: int,
+                     shuffle: bool, seed: int, num_samples: Optional[int] = None) -> None:
+    """Refuse a resume that cannot continue the same run, before anything is loaded.
+    `num_samples` (the training set's length) is checked when known (after the data is built)."""
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint format version {meta.get('format_version')} is not {FORMAT_VERSION}")
     if meta["global_batch_size"] != global_batch:
@@ -99,6 +101,27 @@ def check_compatible(meta: dict, *, backend_format: str, backend_name: str, worl
             f"uses {global_batch} (per_device_train_batch_size x gradient_accumulation_steps x world size); "
             "keep the global batch (change gradient_accumulation_steps when the world size changes) so the "
             "data order carries on where it stopped"
+        )
+    data = meta.get("data")  # (checkpoints written before it was recorded are not checked)
+    if data is None:
+        return
+    fresh = "or start a new run (leave resume_from_checkpoint unset) if the change is meant"
+    if data["shuffle"] != shuffle:
+        raise CheckpointError(
+            f"the checkpoint's run had shuffle: {str(data['shuffle']).lower()}, this run has shuffle: "
+            f"{str(shuffle).lower()}; the rest of the epoch would read other samples (some twice, some never). "
+            f"Keep shuffle: {str(data['shuffle']).lower()} to resume, {fresh}"
+        )
+    if shuffle and data["seed"] != seed:
+        raise CheckpointError(
+            f"the checkpoint's run shuffled the data with seed: {data['seed']}, this run has seed: {seed}; the rest "
+            f"of the epoch would read other samples (some twice, some never). Keep seed: {data['seed']} to resume, {fresh}"
+        )
+    if num_samples is not None and data["num_samples"] != num_samples:
+        raise CheckpointError(
+            f"the checkpoint's run trained on {data['num_samples']} samples, this run's training set has "
+            f"{num_samples}; the data order (and the epoch) would not carry on where it stopped. Resume with "
+            f"the same training data, {fresh}"
         )
 
 
@@ -191,15 +214,24 @@ def save(trainer, losses: list[float]) -> Path:
             "global_batch_size": cfg.global_batch(trainer.world_size),
             "precision": cfg.precision,
             "seed": cfg.seed,
+            # what fixes the data order: a resume must read the same samples in the same order
+            "data": {"num_samples": len(trainer.train_dataset), "shuffle": cfg.shuffle, "seed": cfg.seed},
             "losses": losses,
             "config": cfg.model_dump(mode="json"),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         _fsync_tree(tmp)
         _write_atomic(tmp / META, json.dumps(meta, indent=1))
-        if final.exists():  # the same step saved again (e.g. by a resumed run)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # the same step saved again (e.g. by a resumed run): the complete old
+            # copy is moved aside and deleted only once the new one is in place
+            old = out / f".{PREFIX}{step}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         _write_atomic(out / LATEST, final.name)
         _prune(out, cfg.save_total_limit, keep=final)
     D.barrier()
@@ -225,6 +257,9 @@ def load(trainer, path: Path) -> dict:
         backend_name=trainer.backend.name,
         world_size=trainer.world_size,
         global_batch=trainer.cfg.global_batch(trainer.world_size),
+        shuffle=trainer.cfg.shuffle,
+        seed=trainer.cfg.seed,
+        num_samples=len(trainer.train_dataset),
     )
     backend = trainer.backend
     if needs_conversion(meta, backend_format=backend.checkpoint_format, backend_name=backend.name,
@@ -259,7 +294,7 @@ def backend_format(backend_name: str) -> str:
     return "deepspeed" if backend_name.startswith("zero") else "dcp"
 
 
-def validate_resume_config(cfg, backend_name: str, world_size: int) -> None:
+def validate_resume_config(cfg, backend_name: str, world_size: int, num_samples: Optional[int] = None) -> None:
     """Checks on `resume_from_checkpoint` that can run before any process group exists."""
     spec = cfg.resume_from_checkpoint
     try:
@@ -272,6 +307,9 @@ def validate_resume_config(cfg, backend_name: str, world_size: int) -> None:
             backend_name=backend_name,
             world_size=world_size,
             global_batch=cfg.global_batch(world_size),
+            shuffle=cfg.shuffle,
+            seed=cfg.seed,
+            num_samples=num_samples,
         )
     except CheckpointError as exc:
         raise ConfigError(f"resume_from_checkpoint: {exc}") from None

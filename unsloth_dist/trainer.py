@@ -111,7 +111,6 @@ class Trainer:
             cfg = load_config(cfg, backend=wanted)
         backend_cfg = D.resolve_backend(cfg.backend, self.env)
         D.check_runtime(cfg, backend_cfg, self.env)
-        checkpoint.validate_resume_config(cfg, backend_cfg.name, self.env.world_size)
         if cfg.fused_master_adamw is True and backend_cfg.name not in ("single", "ddp"):
             raise ConfigError(
                 f"fused_master_adamw: true needs backend single or ddp (backend auto chose {backend_cfg.name!r} "
@@ -128,6 +127,13 @@ class Trainer:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._ckpt_off = _layers_without_checkpointing(model, cfg.gradient_checkpointing_layers)
+        if backend_cfg.name == "fsdp":  # a model FSDP cannot shard is refused before the process group
+            from unsloth_dist.backends.fsdp import decoder_layers
+
+            decoder_layers(model)
+        if cfg.data is not None and cfg.data.max_seq_length:
+            # (a bound, not a length: the samples may all be shorter, so a warning only)
+            _check_positions(model, cfg.data.max_seq_length, "data.max_seq_length", self.env.rank, exact=False)
         if train_dataset is None and cfg.data is not None:
             # the config's data section: tokenized once (rank 0; the others read the cache),
             # before any process group exists, so bad data stops the run here
@@ -146,6 +152,10 @@ class Trainer:
             if len(ds) == 0:
                 raise ValueError(f"{name} is empty")
             check_sample(ds[0], 0, name)
+            if isinstance(ds, (list, tuple)):  # in memory: every row, now rather than at its step
+                _check_rows(ds, name, model, self.env.rank)
+        checkpoint.validate_resume_config(cfg, backend_cfg.name, self.env.world_size,
+                                          num_samples=len(train_dataset) if train_dataset is not None else None)
         if train_dataset is not None:
             # checks the dataset can fill one global batch at this world size
             self.sampler = GlobalBatchSampler(len(train_dataset), cfg.global_batch(self.env.world_size), cfg.seed,
@@ -175,6 +185,7 @@ class Trainer:
         self.backend = make_backend(cfg, backend_cfg, self.env, self.device)
         self.model = self.backend.setup(model, self._make_optimizer)
         self.global_step = 0
+        self._saved_step: Optional[int] = None  # the step of the newest checkpoint this run wrote or resumed from
         self._loss_history: list[float] = []
         self.lr_scheduler = None
         self._metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
@@ -218,6 +229,9 @@ class Trainer:
             collate_fn=self.collator,
             num_workers=c.dataloader_num_workers,
             pin_memory=c.dataloader_pin_memory and self.device.type == "cuda",
+            # its own generator: creating the iterator would otherwise draw from the global RNG (the
+            # workers' base seed), after a resume restored it, and shift every later dropout mask
+            generator=torch.Generator().manual_seed(c.seed),
         )
 
     def _forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -252,7 +266,9 @@ class Trainer:
         """Write a complete checkpoint at the current step (call it on every rank)."""
         if self.lr_scheduler is None:
             self.lr_scheduler = self._make_scheduler(self.total_steps)
-        return checkpoint.save(self, self._loss_history)
+        path = checkpoint.save(self, self._loss_history)
+        self._saved_step = self.global_step
+        return path
 
     def train(self, resume_from_checkpoint: Any = None) -> TrainResult:
         """Train to `max_steps` (or the epochs asked for). `resume_from_checkpoint` ("latest" or
@@ -268,6 +284,7 @@ class Trainer:
         path = checkpoint.resolve(spec, c.output_dir)
         if path is not None:
             meta = checkpoint.load(self, path)
+            self._saved_step = self.global_step
             self._loss_history = list(meta.get("losses", []))[: self.global_step]
             self._log({"step": self.global_step, "resumed_from": str(path)})
             if self.rank == 0:
@@ -301,7 +318,8 @@ class Trainer:
                 D.all_reduce_sum(counts, group=self._cpu_group)
                 n_targets, n_tokens, n_stop = counts.tolist()
                 if n_stop > 0:
-                    self.save_checkpoint()
+                    if self._saved_step != self.global_step:  # (this step may have just been saved)
+                        self.save_checkpoint()
                     result.stopped_by_signal = True
                     break
                 norm = max(n_targets, 1.0)
@@ -474,6 +492,55 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+def _check_rows(ds: Sequence[dict], name: str, model: nn.Module, rank: int) -> None:
+    """Every row of an in-memory dataset: its shape (`check_sample`), token ids inside the model's
+    vocabulary (an id past it fails deep in the embedding, on a GPU as a device-side assert), and
+    its length against the model's positions."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    longest = 0
+    for i, row in enumerate(ds):
+        check_sample(row, i, name)
+        ids = row["input_ids"]
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        longest = max(longest, len(ids))
+        if vocab is not None:
+            bad = [t for t in ids if not 0 <= t < vocab]
+            labels = row.get("labels")
+            if not bad and labels is not None:
+                labels = labels.tolist() if torch.is_tensor(labels) else list(labels)
+                bad = [t for t in labels if t != -100 and not 0 <= t < vocab]
+            if bad:
+                raise ValueError(
+                    f"{name}[{i}] has token id {bad[0]}, outside the model's vocabulary of {vocab} (input "
+                    "embeddings); tokenize with the model's own tokenizer, or resize the embeddings after "
+                    "adding tokens (model.resize_token_embeddings(len(tokenizer)))"
+                )
+    _check_positions(model, longest, f"the longest {name} sample", rank)
+
+
+def _check_positions(model: nn.Module, length: int, what: str, rank: int, exact: bool = True) -> None:
+    """`length` tokens against the model's position limit: learned position embeddings cannot go
+    past it (an error when `length` is a real sample's); rotary ones can, untrained (a warning)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int) or length <= limit:
+        return
+    rotary = any(hasattr(config, a) for a in ("rope_theta", "rope_parameters", "rope_scaling"))
+    if not rotary and exact:
+        raise ConfigError(
+            f"{what} is {length} tokens, past the {limit} positions of {type(model).__name__}; truncate the "
+            "samples (data.max_seq_length) to at most that"
+        )
+    if rank == 0:
+        logger.warning(
+            "%s is %d tokens, past the model's %d positions: those positions were never trained (learned "
+            "position embeddings fail there); set data.max_seq_length to at most %d, or extend the context on "
+            "purpose (rope_scaling)",
+            what, length, limit, limit,
+        )
 
 
 def _layers_without_checkpointing(model: nn.Module, n_checkpointed: Optional[int]) -> list[nn.Module]:
