@@ -213,6 +213,13 @@ class LocalOptimizerMixin:
         self._pending_norm = torch.nn.utils.clip_grad_norm_(params, self._max_norm())
         return self._pending_norm
 
+    def skip_step(self) -> None:
+        super().skip_step()
+        if self.scaler is not None:
+            # clip_gradients unscaled this step (recording its inf / NaN): update() lowers the scale
+            # and ends the step, else the next unscale_ finds the optimizer already unscaled
+            self.scaler.update()
+
     def step(self) -> torch.Tensor:
         norm = self._pending_norm if self._pending_norm is not None else self.clip_gradients()
         self._pending_norm = None

@@ -14,7 +14,7 @@ from torch import nn
 
 from unsloth_dist.launch.deepspeed_config import deepspeed_config
 
-from .base import Backend, OptimizerFactory, param_groups
+from .base import Backend, OptimizerFactory, param_groups, place_model
 
 
 class ZeroBackend(Backend):
@@ -39,7 +39,12 @@ class ZeroBackend(Backend):
     def setup(self, model: nn.Module, optimizer_factory: OptimizerFactory) -> nn.Module:
         import deepspeed
 
-        model.to(device=self.device)
+        if self.cfg.precision in ("bf16", "fp16-mixed"):
+            model.to(device=self.device)  # DeepSpeed's bf16 / fp16 modes cast the parameters themselves
+        else:
+            # fp32 / bf16-mixed: DeepSpeed leaves the parameters as loaded (a bf16-loaded model would
+            # train in bf16); fp32 like the other backends, buffers untouched
+            place_model(model, self.device, self.model_dtype)
         groups = param_groups(model.named_parameters(), self.cfg.weight_decay)
         optimizer = None if "optimizer" in self.ds_config else optimizer_factory(groups)
         engine, ds_optimizer, _, _ = deepspeed.initialize(

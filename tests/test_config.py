@@ -742,3 +742,113 @@ def test_infinite_values_rejected():
         except ConfigError:
             continue
         raise AssertionError(f"{ov} was accepted")
+
+
+# --------------------------------------------------- lr_scheduler_kwargs checked against the schedule
+# A key the schedule function does not take used to pass validation and fail in Trainer.train()
+# (get_scheduler's TypeError, after the process group and the model were set up).
+
+
+def _sched(name: str, kwargs: dict | None = None) -> dict:
+    return {**BASE, "lr_scheduler_type": name, **({"lr_scheduler_kwargs": kwargs} if kwargs is not None else {})}
+
+
+def test_lr_scheduler_kwargs_typo_names_the_key_and_the_valid_ones():
+    message = _config_error(_sched("cosine", {"num_cyclez": 2}))
+    assert "lr_scheduler_kwargs.num_cyclez: not an argument of the cosine scheduler" in message
+    assert "did you mean 'num_cycles'?" in message and "it takes: num_cycles" in message
+    # through a YAML file / override as well (the path the CLI takes)
+    with pytest.raises(ConfigError, match=r"lr_scheduler_kwargs\.num_cyclez"):
+        load_config(BASE, overrides=["lr_scheduler_type=cosine_with_restarts", "lr_scheduler_kwargs.num_cyclez=2"])
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, fragment",
+    [
+        ("cosine", {"num_training_steps": 5}, "lr_scheduler_kwargs.num_training_steps: the Trainer sets it"),
+        ("linear", {"num_warmup_steps": 5}, "lr_scheduler_kwargs.num_warmup_steps: the Trainer sets it"),
+        ("cosine", {"last_epoch": 3}, "lr_scheduler_kwargs.last_epoch: the Trainer owns"),
+        ("linear", {"power": 2.0}, "not an argument of the linear scheduler; it takes none"),
+        ("constant", {"num_cycles": 2}, "not an argument of the constant scheduler; it takes none"),
+        ("constant_with_warmup", {"last_epoch": 0}, "lr_scheduler_kwargs.last_epoch"),
+        ("warmup_stable_decay", None, "the warmup_stable_decay scheduler needs num_decay_steps"),
+    ],
+)
+def test_lr_scheduler_kwargs_refused(name, kwargs, fragment):
+    assert fragment in _config_error(_sched(name, kwargs))
+
+
+ACCEPTED_SCHEDULES = [
+    ("linear", None),
+    ("cosine", {"num_cycles": 0.25}),
+    ("cosine_with_restarts", {"num_cycles": 2}),
+    ("polynomial", {"lr_end": 1e-6, "power": 2.0}),
+    ("constant", None),
+    ("constant_with_warmup", {}),
+    ("inverse_sqrt", {"timescale": 10}),
+    ("cosine_with_min_lr", {"min_lr_rate": 0.1}),
+    ("warmup_stable_decay", {"num_decay_steps": 3, "min_lr_ratio": 0.1}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", ACCEPTED_SCHEDULES, ids=[n for n, _ in ACCEPTED_SCHEDULES])
+def test_lr_scheduler_kwargs_accepted_ones_build(name, kwargs):
+    # what validation accepts is what get_scheduler, called as the Trainer calls it, builds
+    from transformers import get_scheduler
+
+    cfg = TrainConfig(**_sched(name, kwargs))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    get_scheduler(cfg.lr_scheduler_type, optimizer=opt, num_warmup_steps=1, num_training_steps=10,
+                  scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None)
+
+
+def test_lr_scheduler_kwargs_checked_on_assignment():
+    cfg = TrainConfig(**_sched("cosine"))
+    with pytest.raises(ConfigError, match=r"lr_scheduler_kwargs\.num_cyclez"):
+        cfg.lr_scheduler_kwargs = {"num_cyclez": 2}
+    assert cfg.lr_scheduler_kwargs == {}
+    with pytest.raises(ConfigError, match=r"lr_scheduler_kwargs\.num_cycles: not an argument of the linear"):
+        TrainConfig(**_sched("cosine", {"num_cycles": 2})).lr_scheduler_type = "linear"
+
+
+# --------------------------------------------------- overrides keep the text of string fields
+# `--set run_name=007` used to give '7' (YAML made it a number, coerce_numbers_to_str a string again).
+
+
+@pytest.mark.parametrize(
+    "override, path, expected",
+    [
+        ("run_name=007", ("run_name",), "007"),
+        ("run_name=1.10", ("run_name",), "1.10"),
+        ("output_dir=1e3", ("output_dir",), "1e3"),
+        ("output_dir=2024", ("output_dir",), "2024"),
+        ("resume_from_checkpoint=2024-01-01", ("resume_from_checkpoint",), "2024-01-01"),
+        ("run_name=true", ("run_name",), "true"),
+        ("run_name= 0x10 ", ("run_name",), "0x10"),
+        ("run_name='007'", ("run_name",), "007"),  # a quoted YAML string is unquoted
+        ("data.cache_dir=0.50", ("data", "cache_dir"), "0.50"),  # nested section
+        ("data.split=010", ("data", "split"), "010"),
+        ("data.fields.output=1e3", ("data", "fields", "output"), "1e3"),  # dict[str, str] values
+    ],
+)
+def test_override_of_string_field_keeps_the_text(override, path, expected):
+    value = load_config(BASE, overrides=[override])
+    for part in path:
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    assert value == expected
+
+
+def test_override_of_other_fields_still_parsed(tmp_path):
+    path = _write(tmp_path, "max_steps: 20\nresume_from_checkpoint: latest\nrun_name: x\n")
+    cfg = load_config(path, overrides=[
+        "seed=007", "learning_rate=1e-4", "num_train_epochs=1.10", "gradient_checkpointing=true",
+        "report_to=[tensorboard]", "backend=ddp", "backend.bucket_cap_mb=1e1", "data.eval_split=0.1",
+        "lr_scheduler_type=cosine_with_restarts", "lr_scheduler_kwargs.num_cycles=3",
+        "resume_from_checkpoint=null", "run_name=~",  # YAML null unsets an Optional[str]
+    ])
+    assert cfg.seed == 7 and cfg.learning_rate == 1e-4 and cfg.num_train_epochs == 1.1
+    assert cfg.gradient_checkpointing is True and cfg.report_to == ["tensorboard"]
+    assert isinstance(cfg.backend, DDPConfig) and cfg.backend.bucket_cap_mb == 10.0
+    assert cfg.data.eval_split == 0.1
+    assert cfg.lr_scheduler_kwargs == {"num_cycles": 3}
+    assert cfg.resume_from_checkpoint is None and cfg.run_name is None

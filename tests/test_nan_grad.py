@@ -49,3 +49,30 @@ def test_inf_gradient_is_skipped_under_skip(tmp_path):
     assert all(bool(torch.isfinite(t).all()) for t in snaps[3].values())
     skipped = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "skipped" in line]
     assert [r["step"] for r in skipped] == [2]
+
+
+def test_fp16_mixed_skip_lowers_the_loss_scale_and_goes_on(tmp_path, monkeypatch):
+    """fp16-mixed (single / ddp: GradScaler) with nan_policy skip: a NaN loss at step 2 is skipped, the
+    scaler ends that step (scale halved) and step 3 trains. fp16-mixed runs on GPUs only; the CPU
+    refusal is lifted here (GradScaler and fp16 autocast work on CPU)."""
+    import unsloth_dist.distributed as D
+    from tiny import ragged_dataset, tiny_llama
+    from unsloth_dist import Trainer
+
+    real = D.check_runtime
+    monkeypatch.setattr(D, "check_runtime", lambda cfg, b, env: real(cfg.model_copy(update={"precision": "bf16-mixed"}), b, env))
+    model = tiny_llama(seed=0, vocab=128, hidden=64, layers=1)
+    calls = [0]
+
+    def nan_at_step_2(mod, inp, out):
+        calls[0] += 1
+        return out * float("nan") if calls[0] == 2 else out
+
+    model.lm_head.register_forward_hook(nan_at_step_2)
+    trainer = Trainer(model, ragged_dataset(n=16, seed=1, vocab=128, max_len=12, min_len=4), backend="single", args={
+        "output_dir": str(tmp_path), "per_device_train_batch_size": 2, "max_steps": 3, "learning_rate": 1e-3,
+        "disable_tqdm": True, "precision": "fp16-mixed", "nan_policy": "skip"})
+    scale = trainer.backend.scaler.get_scale()
+    result = trainer.train()
+    assert math.isnan(result.losses[1]) and math.isfinite(result.losses[2]), result.losses
+    assert trainer.backend.scaler.get_scale() == scale / 2

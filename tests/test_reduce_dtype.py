@@ -106,3 +106,8 @@ def test_zero_on_one_rank_passes_bf16_gradients_through(tmp_path, deepspeed_cpu_
     stop = rec["inf-stop"]
     assert stop["error"] and "step 2" in stop["error"] and "gradient norm" in stop["error"], stop
     assert "nan_policy" in stop["error"] and stop["steps"] == [1], stop
+    # a bf16-loaded model under precision fp32: ZeRO trains fp32 parameters (DeepSpeed would have kept
+    # them bf16), so it follows single's run from the same weights
+    z, one = rec["bf16-loaded-fp32-zero2"], rec["bf16-loaded-fp32-single"]
+    assert z["param_dtypes"] == one["param_dtypes"] == ["torch.float32"], (z, one)
+    assert z["losses"] == pytest.approx(one["losses"], rel=1e-6, abs=1e-6)

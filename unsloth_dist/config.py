@@ -8,9 +8,11 @@ meaning is the same, and adds the distributed `backend` (a discriminated union k
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -43,8 +45,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    # numbers given for string fields (`--set output_dir=2024`) become strings; inf/nan never
-    # pass a size check
+    # numbers given for string fields (`output_dir: 2024` in a file, a keyword) become strings
+    # (`--set` overrides keep their text for string fields: apply_overrides); inf/nan never pass a
+    # size check
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, frozen=False, coerce_numbers_to_str=True, allow_inf_nan=False
     )
@@ -358,6 +361,61 @@ _SCHEDULERS = (
     "cosine_with_min_lr",
     "warmup_stable_decay",
 )
+# transformers' get_scheduler calls these with the optimizer (and warm-up) only: it drops
+# scheduler_specific_kwargs, so any key given for them would be silently ignored
+_SCHEDULERS_WITHOUT_KWARGS = ("constant", "constant_with_warmup")
+# schedules with an argument that has no default (get_wsd_schedule's num_decay_steps): checked even
+# when lr_scheduler_kwargs is empty (otherwise the check, and its import of transformers, is skipped)
+_SCHEDULERS_WITH_REQUIRED_KWARGS = ("warmup_stable_decay",)
+# arguments of the schedule functions that the Trainer sets: what to do instead
+_SCHEDULER_ARGS_OF_TRAINER = {
+    "optimizer": "the Trainer passes its own optimizer; remove it",
+    "num_warmup_steps": "the Trainer sets it from warmup_steps / warmup_ratio; set one of those instead",
+    "num_training_steps": "the Trainer sets it from max_steps / num_train_epochs; set one of those instead",
+    # a fresh optimizer refuses last_epoch >= 0 (KeyError 'initial_lr'); resume restores the position
+    "last_epoch": "the Trainer owns the schedule's position (resume_from_checkpoint restores it); remove it",
+}
+
+
+def _scheduler_kwargs_problems(name: str, kwargs: dict[str, Any]) -> list[str]:
+    """What is wrong with `lr_scheduler_kwargs` for the scheduler `name`, one line per problem, judged
+    from the signature of the function transformers' get_scheduler builds it with (nothing is built)."""
+    try:
+        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+        func = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+        params = inspect.signature(func).parameters
+    except (ImportError, KeyError, ValueError, TypeError):
+        return []  # no transformers, or a schedule it lacks: the Trainer reports that
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    if name in _SCHEDULERS_WITHOUT_KWARGS:
+        takes: list[str] = []
+    else:
+        takes = [
+            n for n, p in params.items()
+            if n not in _SCHEDULER_ARGS_OF_TRAINER and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+    listed = f"it takes: {', '.join(takes)}" if takes else "it takes none; remove lr_scheduler_kwargs"
+    problems = []
+    for key in kwargs:
+        if key in takes:
+            continue
+        field = f"lr_scheduler_kwargs.{key}"
+        if key in _SCHEDULER_ARGS_OF_TRAINER and key in params:
+            problems.append(f"{field}: {_SCHEDULER_ARGS_OF_TRAINER[key]}")
+            continue
+        close = difflib.get_close_matches(key, takes, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"{field}: not an argument of the {name} scheduler{hint}; {listed}")
+    missing = [n for n in takes if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        example = ", ".join(f"{n}: ..." for n in missing)
+        problems.append(
+            f"lr_scheduler_kwargs: the {name} scheduler needs {', '.join(missing)}; "
+            f"add it (lr_scheduler_kwargs: {{{example}}})"
+        )
+    return problems
 
 
 class TrainConfig(_Strict):
@@ -458,7 +516,10 @@ class TrainConfig(_Strict):
     lr_scheduler_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra keyword arguments of the schedule, e.g. `{num_cycles: 2}` for "
-        "cosine_with_restarts or `{min_lr_rate: 0.1}` for cosine_with_min_lr.",
+        "cosine_with_restarts or `{min_lr_rate: 0.1}` for cosine_with_min_lr. Checked against the arguments "
+        "of the transformers function that builds the schedule (an unknown key, or a missing required one "
+        "such as warmup_stable_decay's `num_decay_steps`, is an error); the Trainer sets `num_warmup_steps`, "
+        "`num_training_steps` and `last_epoch` itself, and `constant` / `constant_with_warmup` take none.",
     )
 
     logging_steps: int = Field(
@@ -607,6 +668,17 @@ class TrainConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _scheduler_kwargs(self) -> "TrainConfig":
+        # checked here rather than when the Trainer builds the schedule (a TypeError after the
+        # process group and the model are set up, naming no config field)
+        if not self.lr_scheduler_kwargs and self.lr_scheduler_type not in _SCHEDULERS_WITH_REQUIRED_KWARGS:
+            return self
+        problems = _scheduler_kwargs_problems(self.lr_scheduler_type, self.lr_scheduler_kwargs)
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _cross_field(self) -> "TrainConfig":
         if self.max_steps is None and self.num_train_epochs is None:
             raise ValueError(
@@ -721,7 +793,54 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str
 # --------------------------------------------------------------------------- loading
 
 
-def _parse_value(text: str) -> Any:
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def _strip_optional(annotation: Any) -> Any:
+    """`X` for `Optional[X]` / `X | None` / `Annotated[X, ...]`; anything else unchanged."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return _strip_optional(members[0])
+    return annotation
+
+
+def _allows_none(annotation: Any) -> bool:
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
+
+
+def _member_annotation(annotation: Any, key: str) -> Any:
+    """The annotation of `key` inside a field annotated `annotation` (a model's field, or the value
+    type of a `dict[str, X]`); None where it is not known."""
+    annotation = _strip_optional(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(key)
+        return field.annotation if field is not None else None
+    if get_origin(annotation) is dict and len(get_args(annotation)) == 2:
+        return get_args(annotation)[1]
+    return None
+
+
+def _parse_value(text: str, annotation: Any = None) -> Any:
+    """An override's value. For a field typed `str` / `Optional[str]` the text itself (stripped;
+    a quoted YAML string is unquoted; a YAML null unsets an Optional[str]), so that `007`, `1e3` or
+    `1.10` stay what was typed; for every other field (or an unknown one) the text parsed as YAML."""
+    if _strip_optional(annotation) is str:
+        text = text.strip()
+        if text in _YAML_NULLS and _allows_none(annotation):
+            return None
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                value = None
+            if isinstance(value, str):
+                return value
+        return text
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -735,7 +854,9 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Apply `key.sub=value` overrides (values parsed as YAML) to a plain config dict."""
+    """Apply `key.sub=value` overrides to a plain config dict. Values are parsed as YAML, except
+    for fields typed `str` / `Optional[str]` (found from the models along the dotted path), which
+    keep the text as given (`--set run_name=007` is '007', not 7)."""
     data = dict(data)
     for item in overrides:
         if "=" not in item:
@@ -744,14 +865,17 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise ConfigError(f"override {item!r} has an empty key")
-        value = _parse_value(raw)
         node = data
+        annotation: Any = TrainConfig  # of the section `node` is, followed along the path
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
+            annotation = _member_annotation(annotation, part)
             if part == "backend" and depth == 0:
                 child = _backend_to_dict(child if child is not None else "auto")
                 if isinstance(child, BaseModel):
                     child = _backend_to_dict(child)
+                # the backend section's fields are those of the class its name selects
+                annotation = _BACKEND_CLASSES.get(child.get("name")) if isinstance(child, dict) else None
             elif child is None:
                 child = {}
             elif not isinstance(child, dict):
@@ -759,7 +883,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             child = dict(child)
             node[part] = child
             node = child
-        node[parts[-1]] = value
+        node[parts[-1]] = _parse_value(raw, _member_annotation(annotation, parts[-1]))
     return data
 
 

@@ -3,7 +3,8 @@ are (communication_data_type bf16, nothing to sum), and training matches the fp3
 (backend.reduce_dtype fp32 forced into the config) bit for bit, with gradient accumulation. It
 also turns overlap_comm off (nothing to overlap on one rank), and DeepSpeed's per-gradient inf/NaN
 scan off (nan_policy stop, the only policy ZeRO takes: the Trainer stops on a non-finite grad norm
-itself). A gradient made inf at step 2 (finite loss) checks that the run stops there.
+itself). A gradient made inf at step 2 (finite loss) checks that the run stops there. And a
+bf16-loaded model under precision fp32 trains fp32 parameters, with single's losses.
 
     torchrun --nproc_per_node 1 tests/workers/zero_one_rank.py OUT.pt
 """
@@ -56,8 +57,28 @@ def run_inf_grad(out_dir: str) -> dict:
     return {"error": None, "steps": ended}
 
 
+def bf16_loaded(model):
+    """A model loaded in bf16 (from_pretrained(dtype=bf16)): bf16 parameters, fp32 rotary buffer."""
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def run_bf16_loaded_fp32(out_dir: str, backend: str) -> dict:
+    """precision fp32 on a bf16-loaded model: the parameters are trained in fp32 (as single does)."""
+    model = bf16_loaded(tiny_llama(seed=0, vocab=128, hidden=64, layers=2))
+    data = ragged_dataset(n=16, seed=5, vocab=128, max_len=16, min_len=6)
+    trainer = Trainer(model, data, backend={"name": backend}, args={
+        "output_dir": out_dir, "per_device_train_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3,
+        "precision": "fp32", "seed": 3, "disable_tqdm": True, "max_grad_norm": 1.0})
+    dtypes = sorted({str(p.dtype) for p in trainer.backend.module.parameters()})
+    return {"param_dtypes": dtypes, "losses": trainer.train().losses}
+
+
 def main(out: str) -> None:
     records = {"default": run(os.path.join(os.path.dirname(out), "default"))}
+    for backend in ("zero2", "single"):
+        records[f"bf16-loaded-fp32-{backend}"] = run_bf16_loaded_fp32(os.path.join(os.path.dirname(out), f"bl-{backend}"), backend)
     real = ZB.deepspeed_config
 
     def fp32_comm(*args, **kwargs):

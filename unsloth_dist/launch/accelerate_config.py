@@ -20,6 +20,9 @@ environment variables instead (accelerate 1.15, measured, see tests/test_acceler
                              ACCELERATE_DEEPSPEED_OFFLOAD_{OPTIMIZER,PARAM}_DEVICE,
                              ACCELERATE_DEEPSPEED_CONFIG_FILE (when deepspeed_config_file is used),
                              ACCELERATE_CONFIG_DS_FIELDS
+                             (with deepspeed_config_file only the last two and the default
+                             ACCELERATE_MIXED_PRECISION=no: stage, offload, accumulation, clipping
+                             and fp16 / bf16 are read from that JSON)
 
 `backend_from_accelerate_env` turns those into our backend config dict, and
 `check_accelerate_launch` rejects a launch that disagrees with the TrainConfig or with the
@@ -187,15 +190,27 @@ def backend_from_accelerate_env(env: Optional[Mapping[str, str]] = None) -> Opti
     return None
 
 
+def _deepspeed_config_file(env: Mapping[str, str]) -> tuple[Optional[str], dict[str, Any]]:
+    """accelerate's deepspeed_config_file (ACCELERATE_DEEPSPEED_CONFIG_FILE) and its contents, or
+    (None, {}) when the accelerate config has none (its deepspeed_config fields are then in the env)."""
+    ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not ds_file:
+        return None, {}
+    try:
+        ds = json.loads(Path(ds_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise AccelerateLaunchError(f"accelerate's deepspeed_config_file {ds_file!r} cannot be read as JSON: {exc}") from None
+    if not isinstance(ds, dict):
+        raise AccelerateLaunchError(
+            f"accelerate's deepspeed_config_file {ds_file!r} holds a JSON {type(ds).__name__}, not an object; "
+            "write a DeepSpeed config there (`unsloth-dist config deepspeed` writes one)"
+        )
+    return ds_file, ds
+
+
 def _zero_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     stage_raw = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    ds: dict[str, Any] = {}
-    if ds_file:
-        try:
-            ds = json.loads(Path(ds_file).read_text())
-        except (OSError, ValueError) as exc:
-            raise AccelerateLaunchError(f"accelerate's deepspeed_config_file {ds_file!r} cannot be read as JSON: {exc}") from None
+    _, ds = _deepspeed_config_file(env)
     zopt = ds.get("zero_optimization") or {}
     if stage_raw in (None, "") and "stage" in zopt:
         stage_raw = str(zopt["stage"])
@@ -291,7 +306,8 @@ def accelerate_config_path(environ: Optional[Mapping[str, str]] = None) -> Optio
 def check_accelerate_launch(cfg: TrainConfig, environ: Optional[Mapping[str, str]] = None) -> Optional[dict[str, Any]]:
     """Under `accelerate launch`: the backend dict accelerate asks for (None for DDP / not
     accelerate), after checking the launch agrees with `cfg` and with the config file's
-    process count. Raises AccelerateLaunchError naming the disagreement and the fix."""
+    process count (backend, accumulation, clipping and precision, from the env or accelerate's
+    deepspeed_config_file). Raises AccelerateLaunchError naming the disagreement and the fix."""
     env = os.environ if environ is None else environ
     is_accelerate = "ACCELERATE_MIXED_PRECISION" in env or _truthy(env.get("ACCELERATE_USE_FSDP")) or _truthy(
         env.get("ACCELERATE_USE_DEEPSPEED")
@@ -343,16 +359,114 @@ def check_accelerate_launch(cfg: TrainConfig, environ: Optional[Mapping[str, str
             f"config; use `unsloth-dist config accelerate --backend {b.name}` or backend: ddp / auto"
         )
     if _truthy(env.get("ACCELERATE_USE_DEEPSPEED")):
-        gas = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-        if gas not in (None, "", "auto") and int(float(gas)) != cfg.gradient_accumulation_steps:
-            raise AccelerateLaunchError(
-                f"the accelerate config has gradient_accumulation_steps {gas} but the TrainConfig has "
-                f"{cfg.gradient_accumulation_steps}; regenerate the accelerate config with --config for this recipe"
-            )
-        clip = env.get("ACCELERATE_GRADIENT_CLIPPING")
-        if clip not in (None, "", "auto", "none") and abs(float(clip) - cfg.max_grad_norm) > 1e-12:
-            raise AccelerateLaunchError(
-                f"the accelerate config has gradient_clipping {clip} but the TrainConfig has max_grad_norm "
-                f"{cfg.max_grad_norm}; regenerate the accelerate config with --config for this recipe"
-            )
+        regenerate = "regenerate the accelerate config with --config for this recipe"
+        _check_launch_number(cfg, "gradient_accumulation_steps", env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"),
+                             "the accelerate config", "gradient_accumulation_steps",
+                             "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", regenerate)
+        _check_launch_number(cfg, "max_grad_norm", env.get("ACCELERATE_GRADIENT_CLIPPING"),
+                             "the accelerate config", "gradient_clipping", "ACCELERATE_GRADIENT_CLIPPING", regenerate)
+        # with deepspeed_config_file, accelerate exports none of the two above: they are in the file
+        ds_path, ds = _deepspeed_config_file(env)
+        if ds_path is not None:
+            for key, field in (("gradient_accumulation_steps", "gradient_accumulation_steps"),
+                               ("gradient_clipping", "max_grad_norm")):
+                _check_launch_number(cfg, field, ds.get(key), _ds_source(ds_path), key, None,
+                                     f'set {key} to {getattr(cfg, field)} (or "auto") in that file, or set '
+                                     f"{field}: {ds.get(key)} in the TrainConfig")
+    else:
+        ds_path, ds = None, {}
+    _check_launch_precision(cfg, env, ds_path, ds)
     return wanted
+
+
+def _launch_number(raw: Any, where: str) -> Optional[float]:
+    """A number that accelerate's env or DeepSpeed file holds; None where it is unset or left to
+    the Trainer ("auto", which accelerate fills from the training arguments)."""
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "auto", "none")):
+        return None
+    if not isinstance(raw, bool):
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            pass
+    raise AccelerateLaunchError(f'{where} is {raw!r}, not a number; write a number or "auto"')
+
+
+def _ds_source(ds_path: str) -> str:
+    return f"the DeepSpeed config file {ds_path!r} (accelerate's deepspeed_config_file)"
+
+
+def _check_launch_number(
+    cfg: TrainConfig, field: str, raw: Any, source: str, key: str, var: Optional[str], fix: str
+) -> None:
+    """Raise when `source`'s `key` (exported as `var`) is a number other than the TrainConfig's `field`."""
+    via = f" ({var})" if var else ""
+    value = _launch_number(raw, f"{key} in {source}{via}")
+    want = getattr(cfg, field)
+    if value is not None and abs(value - want) > 1e-12:
+        raise AccelerateLaunchError(f"{source} has {key} {raw}{via} but the TrainConfig has {field} {want}; {fix}")
+
+
+def _ds_precision_flag(dtype: str, precision: str) -> set[bool]:
+    """The values a DeepSpeed config's `<dtype>.enabled` may take under TrainConfig `precision`:
+    what `unsloth-dist config deepspeed` writes (bf16 only for precision bf16, since bf16-mixed
+    autocasts over fp32 DeepSpeed weights; fp16 for fp16-mixed), and what accelerate writes for the
+    mixed_precision we map `precision` to (`<dtype>.enabled = mixed_precision == dtype`)."""
+    generated = precision == ("bf16" if dtype == "bf16" else "fp16-mixed")
+    return {generated, _MIXED_PRECISION[precision] == dtype}
+
+
+def _check_launch_precision(cfg: TrainConfig, env: Mapping[str, str], ds_path: Optional[str], ds: Mapping[str, Any]) -> None:
+    """accelerate's mixed_precision (ACCELERATE_MIXED_PRECISION) and the DeepSpeed file's
+    fp16 / bf16 switches must agree with cfg.precision (through `_MIXED_PRECISION`)."""
+    precision = cfg.precision
+    if ds_path is not None:
+        for dtype in ("fp16", "bf16"):
+            section = ds.get(dtype)
+            if section is None:
+                continue
+            where = _ds_source(ds_path)
+            raw = section.get("enabled") if isinstance(section, dict) else section
+            text = str(raw).strip().lower() if isinstance(raw, (str, bool)) else None
+            if raw is None or text == "auto":
+                continue  # left to the Trainer
+            if not isinstance(section, dict) or text not in ("true", "false"):
+                raise AccelerateLaunchError(
+                    f'{where} has {dtype}: {json.dumps(section)}; write {dtype}: {{"enabled": true | false | "auto"}}'
+                )
+            enabled = text == "true"
+            allowed = _ds_precision_flag(dtype, precision)
+            if enabled not in allowed:
+                fits = [p for p in _MIXED_PRECISION if enabled in _ds_precision_flag(dtype, p)]
+                raise AccelerateLaunchError(
+                    f"{where} has {dtype}.enabled {json.dumps(enabled)} but the TrainConfig has precision "
+                    f"{precision!r}; set {dtype}.enabled to {json.dumps(not enabled)} (or \"auto\") in that file, "
+                    f"or set precision: {' / '.join(fits)} in the TrainConfig"
+                )
+    raw_mp = env.get("ACCELERATE_MIXED_PRECISION")
+    mp = (raw_mp or "").strip().lower()
+    if not mp or mp == "no":
+        # "no" is what a bare `accelerate launch` (no config file) and a deepspeed_config_file launch
+        # export by default: not a request; the TrainConfig's precision (and the file's switches,
+        # checked above) decide. An explicit fp16 / bf16 must agree
+        return
+    var = f"ACCELERATE_MIXED_PRECISION={raw_mp}"
+    if mp == "fp8":
+        raise AccelerateLaunchError(
+            f"accelerate's mixed_precision is fp8 ({var}) but unsloth_dist has no fp8 training; set mixed_precision: "
+            f"{_MIXED_PRECISION[precision]} in the accelerate config (or --mixed_precision "
+            f"{_MIXED_PRECISION[precision]}) for the TrainConfig's precision {precision!r}"
+        )
+    fits = [p for p, m in _MIXED_PRECISION.items() if m == mp]
+    if not fits:
+        raise AccelerateLaunchError(
+            f"accelerate's mixed_precision {raw_mp!r} ({var}) is unknown; use no, fp16 or bf16"
+        )
+    if precision not in fits:
+        default = " (also accelerate's default when neither its config nor --mixed_precision sets one)" if mp == "no" else ""
+        raise AccelerateLaunchError(
+            f"accelerate's mixed_precision is {mp!r} ({var}{default}) but the TrainConfig has precision "
+            f"{precision!r}; set mixed_precision: {_MIXED_PRECISION[precision]} in the accelerate config (or launch "
+            f"with --mixed_precision {_MIXED_PRECISION[precision]}), or set precision: {' / '.join(fits)} in the "
+            f"TrainConfig; `unsloth-dist config accelerate --config RECIPE` writes a matching file"
+        )
