@@ -852,3 +852,11 @@ def test_override_of_other_fields_still_parsed(tmp_path):
     assert cfg.data.eval_split == 0.1
     assert cfg.lr_scheduler_kwargs == {"num_cycles": 3}
     assert cfg.resume_from_checkpoint is None and cfg.run_name is None
+
+
+def test_resume_from_checkpoint_true_means_latest():
+    # transformers' spelling in a YAML recipe: `resume_from_checkpoint: true`
+    from unsloth_dist.config import load_config
+
+    assert load_config({"max_steps": 1, "resume_from_checkpoint": True}).resume_from_checkpoint == "latest"
+    assert load_config({"max_steps": 1, "resume_from_checkpoint": False}).resume_from_checkpoint is None

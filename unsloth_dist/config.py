@@ -552,7 +552,8 @@ class TrainConfig(_Strict):
         None,
         description="`latest`: continue from the newest complete checkpoint in output_dir (a fresh start "
         "when there is none); or the path of a `checkpoint-N` directory, from any backend or world size. "
-        "The global batch must be the one the checkpoint was trained with.",
+        "The global batch must be the one the checkpoint was trained with, and so must what fixes the data order: "
+        "shuffle, the seed when shuffling, and the number of training samples.",
     )
     # a step whose global loss is NaN/inf: stop (raise, naming the step) or skip (no update)
     nan_policy: Literal["stop", "skip"] = Field(
@@ -653,6 +654,16 @@ class TrainConfig(_Strict):
             return []
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip() and v.strip() != "none"]
+        return value
+
+    @field_validator("resume_from_checkpoint", mode="before")
+    @classmethod
+    def _resume_bool(cls, value: Any) -> Any:
+        # transformers' spelling: `resume_from_checkpoint: true` is the newest checkpoint
+        if value is True:
+            return "latest"
+        if value is False:
+            return None
         return value
 
     @field_validator("backend", mode="before")
