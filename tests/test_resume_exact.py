@@ -109,3 +109,24 @@ def test_resume_with_another_seed_but_no_shuffle_is_accepted(tmp_path):
     res = Trainer(tiny_llama(), ragged_dataset(n=24), args=dict(args, seed=9, resume_from_checkpoint=str(out / "checkpoint-3")),
                   backend="single").train()
     assert res.losses == full.losses[3:]  # the order does not depend on the seed without shuffling
+
+
+def test_a_fresh_run_never_prunes_an_earlier_runs_checkpoints(tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "run"
+    Trainer(tiny_llama(), ragged_dataset(n=24), args=dict(ARGS, output_dir=str(out), max_steps=4, save_steps=2),
+            backend="single").train()  # an earlier run: checkpoint-2, checkpoint-4
+    with caplog.at_level(logging.WARNING, logger="unsloth_dist"):
+        Trainer(tiny_llama(), ragged_dataset(n=24), backend="single", args=dict(
+            ARGS, output_dir=str(out), max_steps=3, save_steps=1, save_total_limit=1)).train()  # not resumed
+    assert any("checkpoint(s) of an earlier run (newest checkpoint-4)" in r.getMessage() for r in caplog.records)
+    # the new run keeps one of its own (3); the earlier run's checkpoint-4 is not its to delete
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert (out / "latest").read_text().strip() == "checkpoint-3"
+    # a resume continues the same run: its own older checkpoints are pruned as before (its step 4
+    # replaces the earlier run's checkpoint-4, as the warning said)
+    Trainer(tiny_llama(), ragged_dataset(n=24), backend="single", args=dict(
+        ARGS, output_dir=str(out), max_steps=5, save_steps=1, save_total_limit=1,
+        resume_from_checkpoint=str(out / "checkpoint-3"))).train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5"]

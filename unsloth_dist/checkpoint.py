@@ -11,8 +11,8 @@ Layout of `<output_dir>`:
 
 A checkpoint is written into `.checkpoint-<step>.tmp/`, flushed to disk, and renamed into
 place only once every rank has finished; `latest` is replaced atomically after that, and old
-checkpoints are pruned (`save_total_limit`) only then. A save killed half-way leaves a `.tmp`
-directory that is never taken for a checkpoint.
+checkpoints of the same run (resumes included) are pruned (`save_total_limit`) only then. A save
+killed half-way leaves a `.tmp` directory that is never taken for a checkpoint.
 """
 from __future__ import annotations
 
@@ -214,6 +214,7 @@ def save(trainer, losses: list[float]) -> Path:
             "global_batch_size": cfg.global_batch(trainer.world_size),
             "precision": cfg.precision,
             "seed": cfg.seed,
+            "run_id": trainer.run_id,  # the run (kept across resumes) whose checkpoints save_total_limit prunes
             # what fixes the data order: a resume must read the same samples in the same order
             "data": {"num_samples": len(trainer.train_dataset), "shuffle": cfg.shuffle, "seed": cfg.seed},
             "losses": losses,
@@ -233,17 +234,19 @@ def save(trainer, losses: list[float]) -> Path:
         else:
             os.replace(tmp, final)
         _write_atomic(out / LATEST, final.name)
-        _prune(out, cfg.save_total_limit, keep=final)
+        _prune(out, cfg.save_total_limit, keep=final, run_id=trainer.run_id)
     D.barrier()
     if rank == 0:
         trainer._log({"step": step, "checkpoint": str(final), "save_s": time.perf_counter() - t0})
     return final
 
 
-def _prune(out: Path, limit: Optional[int], keep: Path) -> None:
+def _prune(out: Path, limit: Optional[int], keep: Path, run_id: str) -> None:
+    """Delete this run's oldest checkpoints beyond `limit`; another run's (an earlier one in the same
+    output_dir, not resumed) are never deleted."""
     if not limit:
         return
-    found = [p for _, p in list_checkpoints(out) if p != keep]
+    found = [p for _, p in list_checkpoints(out) if p != keep and read_meta(p).get("run_id") == run_id]
     for p in found[: max(0, len(found) - (limit - 1))]:
         shutil.rmtree(p, ignore_errors=True)
 

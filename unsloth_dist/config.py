@@ -543,8 +543,9 @@ class TrainConfig(_Strict):
     save_total_limit: Optional[int] = Field(
         None,
         gt=0,
-        description="Keep at most this many checkpoints in output_dir, deleting the oldest only after a "
-        "new one is complete. Needs save_steps. Unset: keep all.",
+        description="Keep at most this many of this run's checkpoints in output_dir (a resumed run is the "
+        "same run), deleting the oldest only after a new one is complete; checkpoints of an earlier run in "
+        "the same output_dir that this one does not resume are never deleted. Needs save_steps. Unset: keep all.",
     )
     # "latest" = the newest complete checkpoint in output_dir (a fresh start when there is none),
     # or the path of a checkpoint-* directory

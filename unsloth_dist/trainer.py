@@ -11,6 +11,7 @@ import logging
 import math
 import resource
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -185,6 +186,8 @@ class Trainer:
         self.backend = make_backend(cfg, backend_cfg, self.env, self.device)
         self.model = self.backend.setup(model, self._make_optimizer)
         self.global_step = 0
+        # names this run's checkpoints; a resume takes the checkpoint's (save_total_limit prunes the run's own only)
+        self.run_id = uuid.uuid4().hex
         self._saved_step: Optional[int] = None  # the step of the newest checkpoint this run wrote or resumed from
         self._loss_history: list[float] = []
         self.lr_scheduler = None
@@ -284,11 +287,22 @@ class Trainer:
         path = checkpoint.resolve(spec, c.output_dir)
         if path is not None:
             meta = checkpoint.load(self, path)
+            self.run_id = meta.get("run_id", self.run_id)
             self._saved_step = self.global_step
             self._loss_history = list(meta.get("losses", []))[: self.global_step]
             self._log({"step": self.global_step, "resumed_from": str(path)})
             if self.rank == 0:
                 logger.info("resumed from %s at step %d", path, self.global_step)
+        elif self.rank == 0 and c.save_steps:
+            earlier = checkpoint.list_checkpoints(Path(c.output_dir))
+            if earlier:
+                logger.warning(
+                    "output_dir %s holds %d checkpoint(s) of an earlier run (newest %s) and this run does not resume "
+                    "them (resume_from_checkpoint unset): they stay (save_total_limit prunes this run's own only), "
+                    "but one of the same step is replaced and 'latest' will name this run's newest; use "
+                    "resume_from_checkpoint: latest to continue that run, or another output_dir",
+                    c.output_dir, len(earlier), earlier[-1][1].name,
+                )
         result = TrainResult(losses=[], global_step=self.global_step, start_step=self.global_step)
         stop = _SigtermFlag(c.save_on_sigterm)
         failed = True
