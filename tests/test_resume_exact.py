@@ -130,3 +130,28 @@ def test_a_fresh_run_never_prunes_an_earlier_runs_checkpoints(tmp_path, caplog):
         ARGS, output_dir=str(out), max_steps=5, save_steps=1, save_total_limit=1,
         resume_from_checkpoint=str(out / "checkpoint-3"))).train()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5"]
+
+
+def _lora(r: int):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(tiny_llama(), LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+@pytest.mark.parametrize("other, says", [
+    (lambda: _lora(8), "other shape: 8 (e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight [4, 64] -> [8, 64])"),
+    (tiny_llama, "only in this model"),  # full fine-tuning from a LoRA run
+])
+def test_resume_into_a_model_that_trains_other_parameters_is_refused_before_start(tmp_path, other, says):
+    out = tmp_path / "run"
+    Trainer(_lora(4), ragged_dataset(n=24), args=dict(ARGS, output_dir=str(out), max_steps=2, save_steps=2),
+            backend="single").train()
+    with pytest.raises(ConfigError, match="resume_from_checkpoint: the checkpoint's run trained 8 parameter tensors") as err:
+        Trainer(other(), ragged_dataset(n=24), backend="single",
+                args=dict(ARGS, output_dir=str(out), resume_from_checkpoint="latest"))
+    assert says in str(err.value) and "same LoRA settings" in str(err.value)
+    assert not torch.distributed.is_initialized()
+    # the same settings resume
+    res = Trainer(_lora(4), ragged_dataset(n=24), backend="single",
+                  args=dict(ARGS, output_dir=str(out), max_steps=3, resume_from_checkpoint="latest")).train()
+    assert res.start_step == 2

@@ -125,6 +125,35 @@ def check_compatible(meta: dict, *, backend_format: str, backend_name: str, worl
         )
 
 
+def trainable_shapes(module) -> dict[str, list[int]]:
+    """{name: full shape} of the parameters that train (a ZeRO-3 partition reports its full shape)."""
+    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters() if p.requires_grad}
+
+
+def check_same_trainable(meta: dict, module) -> None:
+    """Refuse a resume into a model that trains other parameters than the checkpoint's run did (other
+    LoRA settings, LoRA against full fine-tuning, another model), naming the first differences."""
+    saved = meta.get("trainable")
+    if saved is None:  # (written before it was recorded)
+        return
+    now = trainable_shapes(module)
+    if now == saved:
+        return
+    missing = [n for n in saved if n not in now]
+    extra = [n for n in now if n not in saved]
+    reshaped = [f"{n} {saved[n]} -> {now[n]}" for n in saved if n in now and now[n] != saved[n]]
+    parts = []
+    for label, names in (("only in the checkpoint", missing), ("only in this model", extra), ("other shape", reshaped)):
+        if names:
+            parts.append(f"{label}: {len(names)} (e.g. {names[0]})")
+    raise CheckpointError(
+        f"the checkpoint's run trained {len(saved)} parameter tensors, this model trains {len(now)}; "
+        + "; ".join(parts)
+        + ". Resume with the same model and the same LoRA settings (r, target_modules, ...) or full "
+        "fine-tuning as before; to start from these weights with other settings, export them and begin a new run"
+    )
+
+
 def needs_conversion(meta: dict, *, backend_format: str, backend_name: str, world_size: int) -> bool:
     """Whether the backend cannot read the checkpoint natively: another format, or a DeepSpeed
     checkpoint of another stage or world size. DCP reshards natively across world sizes and
@@ -214,6 +243,8 @@ def save(trainer, losses: list[float]) -> Path:
             "global_batch_size": cfg.global_batch(trainer.world_size),
             "precision": cfg.precision,
             "seed": cfg.seed,
+            # what a resume must train again: the trainable parameters' names and full shapes
+            "trainable": trainable_shapes(trainer.backend.module),
             "run_id": trainer.run_id,  # the run (kept across resumes) whose checkpoints save_total_limit prunes
             # what fixes the data order: a resume must read the same samples in the same order
             "data": {"num_samples": len(trainer.train_dataset), "shuffle": cfg.shuffle, "seed": cfg.seed},
@@ -264,6 +295,7 @@ def load(trainer, path: Path) -> dict:
         seed=trainer.cfg.seed,
         num_samples=len(trainer.train_dataset),
     )
+    check_same_trainable(meta, trainer.backend.module)
     backend = trainer.backend
     if needs_conversion(meta, backend_format=backend.checkpoint_format, backend_name=backend.name,
                         world_size=trainer.world_size):
@@ -297,7 +329,8 @@ def backend_format(backend_name: str) -> str:
     return "deepspeed" if backend_name.startswith("zero") else "dcp"
 
 
-def validate_resume_config(cfg, backend_name: str, world_size: int, num_samples: Optional[int] = None) -> None:
+def validate_resume_config(cfg, backend_name: str, world_size: int, num_samples: Optional[int] = None,
+                           model=None) -> None:
     """Checks on `resume_from_checkpoint` that can run before any process group exists."""
     spec = cfg.resume_from_checkpoint
     try:
@@ -314,6 +347,8 @@ def validate_resume_config(cfg, backend_name: str, world_size: int, num_samples:
             seed=cfg.seed,
             num_samples=num_samples,
         )
+        if model is not None:
+            check_same_trainable(read_meta(path), model)
     except CheckpointError as exc:
         raise ConfigError(f"resume_from_checkpoint: {exc}") from None
 

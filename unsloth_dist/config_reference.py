@@ -70,7 +70,7 @@ STARTUP_CHECKS = [
     "ZeRO offload options are refused.",
     "`backend.sharding: hybrid` needs a world size that is a multiple of the processes per node.",
     "With CUDA: at most one process per visible GPU on each node.",
-    "`resume_from_checkpoint` refuses a checkpoint written with another global batch, `shuffle`, `seed` (when shuffling) or number of training samples.",
+    "`resume_from_checkpoint` refuses a checkpoint written with another global batch, `shuffle`, `seed` (when shuffling) or number of training samples, or by a run that trained other parameters (other LoRA settings, LoRA against full fine-tuning).",
 ]
 
 

@@ -156,7 +156,8 @@ class Trainer:
             if isinstance(ds, (list, tuple)):  # in memory: every row, now rather than at its step
                 _check_rows(ds, name, model, self.env.rank)
         checkpoint.validate_resume_config(cfg, backend_cfg.name, self.env.world_size,
-                                          num_samples=len(train_dataset) if train_dataset is not None else None)
+                                          num_samples=len(train_dataset) if train_dataset is not None else None,
+                                          model=model)
         if train_dataset is not None:
             # checks the dataset can fill one global batch at this world size
             self.sampler = GlobalBatchSampler(len(train_dataset), cfg.global_batch(self.env.world_size), cfg.seed,
