@@ -860,3 +860,11 @@ def test_resume_from_checkpoint_true_means_latest():
 
     assert load_config({"max_steps": 1, "resume_from_checkpoint": True}).resume_from_checkpoint == "latest"
     assert load_config({"max_steps": 1, "resume_from_checkpoint": False}).resume_from_checkpoint is None
+
+
+def test_world_size_without_rank_is_a_launch_error():
+    import unsloth_dist.distributed as D
+
+    raw = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(D.LaunchError, match="WORLD_SIZE=2 but RANK is not set"):
+        D.read_launch_env(raw)

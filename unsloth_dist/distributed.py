@@ -105,7 +105,7 @@ def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     if not 0 <= local_rank < max(local_world, 1):
         raise LaunchError(f"LOCAL_RANK={local_rank} is outside 0..{local_world - 1} (LOCAL_WORLD_SIZE={local_world})")
     if world > 1 and not force_single:
-        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not env.get(v)]
+        missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(v)]
         if missing:
             raise LaunchError(
                 f"WORLD_SIZE={world} but {', '.join(missing)} is not set; start the script with torchrun, "
