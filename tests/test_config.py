@@ -868,3 +868,13 @@ def test_world_size_without_rank_is_a_launch_error():
     raw = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     with pytest.raises(D.LaunchError, match="WORLD_SIZE=2 but RANK is not set"):
         D.read_launch_env(raw)
+
+
+def test_fp16_mixed_refused_when_auto_resolves_to_fsdp():
+    # backend: auto under an accelerate FSDP launch becomes fsdp after the config was validated
+    cfg = TrainConfig(**BASE, precision="fp16-mixed")
+    env = LaunchEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, launcher="accelerate", accelerate_mode="fsdp")
+    backend = D.resolve_backend(cfg.backend, env)
+    assert backend.name == "fsdp"
+    with pytest.raises(ConfigError, match="fp16-mixed is not supported with backend fsdp, which backend: auto chose"):
+        D.check_runtime(cfg, backend, env)

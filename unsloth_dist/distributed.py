@@ -153,6 +153,12 @@ def check_runtime(cfg: TrainConfig, backend, env: LaunchEnv) -> None:
     """Checks that depend on the machine and launch; they run before any process group."""
     cuda = torch.cuda.is_available()
     cfg.check_world_size(env.world_size)
+    if cfg.precision == "fp16-mixed" and isinstance(backend, FSDPConfig) and cfg.backend.name == "auto":
+        # (an explicit backend: fsdp is refused by the config itself; auto resolved it from the launch)
+        raise ConfigError(
+            "precision: fp16-mixed is not supported with backend fsdp, which backend: auto chose for this launch "
+            "(FSDP2 has no sharded fp16 loss scaler); use precision: bf16-mixed / bf16, or launch a zero backend"
+        )
     if cfg.dist_backend == "nccl" and not cuda:
         raise ConfigError("dist_backend: 'nccl' needs CUDA GPUs and none is visible; use dist_backend: gloo (or auto)")
     if not cuda:
