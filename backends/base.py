@@ -112,6 +112,11 @@ class Backend:
         grad norm before clipping as a 0-d tensor (not read: reading it would wait for the GPU)."""
         raise NotImplementedError
 
+    def step_applied(self) -> bool:
+        """Whether the last `step` updated the weights: False when an fp16 loss scaler found an
+        inf / NaN gradient and skipped it (the Trainer then holds the LR schedule, as transformers does)."""
+        return True
+
     def skip_step(self) -> None:
         """Drop this step's gradients without updating (nan_policy: skip)."""
         self._pending_norm = None
@@ -213,6 +218,11 @@ class LocalOptimizerMixin:
         self._pending_norm = torch.nn.utils.clip_grad_norm_(params, self._max_norm())
         return self._pending_norm
 
+    _step_applied = True
+
+    def step_applied(self) -> bool:
+        return self._step_applied
+
     def skip_step(self) -> None:
         super().skip_step()
         if self.scaler is not None:
@@ -232,8 +242,10 @@ class LocalOptimizerMixin:
                 p.grad = None
             return norm
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # (skips the update when unscale_ found an inf / NaN)
             self.scaler.update()
+            self._step_applied = self.scaler.get_scale() >= scale  # update() lowers the scale after a skip
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

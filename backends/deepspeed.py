@@ -80,6 +80,9 @@ class ZeroBackend(Backend):
             return norm.detach().reshape(())
         return torch.tensor(float("nan") if norm is None else float(norm), dtype=torch.float64)
 
+    def step_applied(self) -> bool:
+        return self.engine.was_step_applied()  # False after an fp16 overflow DeepSpeed skipped
+
     # checkpoints: DeepSpeed's own (partitioned optimizer states, one file set per rank)
     checkpoint_format = "deepspeed"
     _TAG = "zero"

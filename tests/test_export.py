@@ -99,3 +99,26 @@ def test_errors(tmp_path):
     pm = _lora(model)
     with pytest.raises(ValueError, match="adapter 'other'"):
         save_lora_adapter(pm, None, tmp_path / "a", adapter="other")
+
+
+@pytest.mark.slow
+def test_model_save_pretrained_after_multi_rank_training(tmp_path):
+    """The notebook line `model.save_pretrained(dir)` on every rank after ddp / fsdp / zero3 training
+    writes what the collective exporters write (fsdp / zero3 gather their shards first)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import run_cmd, torchrun
+
+    run_cmd(torchrun(2, "tests/workers/save_pretrained.py", str(tmp_path)), timeout=900)
+    records = json.loads((tmp_path / "records.json").read_text())
+    assert set(records) == {"ddp-lora", "fsdp-lora", "fsdp-full", "zero3-lora"}
+    for name in records:
+        fname = "model.safetensors" if name.endswith("full") else "adapter_model.safetensors"
+        got = load_file(str(tmp_path / name / "save_pretrained" / fname))
+        want = load_file(str(tmp_path / name / "reference" / fname))
+        assert set(got) == set(want) and got, name
+        for k in want:
+            assert got[k].shape == want[k].shape and got[k].numel() > 0, (name, k, got[k].shape)
+            assert torch.equal(got[k], want[k]), (name, k)

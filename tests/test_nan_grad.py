@@ -76,3 +76,28 @@ def test_fp16_mixed_skip_lowers_the_loss_scale_and_goes_on(tmp_path, monkeypatch
     result = trainer.train()
     assert math.isnan(result.losses[1]) and math.isfinite(result.losses[2]), result.losses
     assert trainer.backend.scaler.get_scale() == scale / 2
+
+
+def test_fp16_overflow_skipped_by_the_scaler_holds_the_lr_schedule(tmp_path, monkeypatch):
+    """fp16-mixed: an inf gradient (finite loss) at step 2 makes GradScaler skip that update; the LR
+    schedule does not advance for it (as transformers does), and the metrics say so."""
+    import unsloth_dist.distributed as D
+    from tiny import poison_grad, ragged_dataset, tiny_llama
+    from unsloth_dist import Trainer
+
+    real = D.check_runtime
+    monkeypatch.setattr(D, "check_runtime", lambda cfg, b, env: real(cfg.model_copy(update={"precision": "bf16-mixed"}), b, env))
+    model = tiny_llama(seed=0, vocab=128, hidden=64, layers=1)
+    poison_grad(model.model.layers[0].mlp.up_proj.weight)
+    trainer = Trainer(model, ragged_dataset(n=16, seed=1, vocab=128, max_len=12, min_len=4), backend="single", args={
+        "output_dir": str(tmp_path), "per_device_train_batch_size": 2, "max_steps": 4, "learning_rate": 1e-3,
+        "warmup_steps": 4, "logging_steps": 1, "disable_tqdm": True, "precision": "fp16-mixed"})
+    scale = trainer.backend.scaler.get_scale()
+    result = trainer.train()
+    assert all(math.isfinite(x) for x in result.losses)
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs if "lr" in r]
+    # warmup 1/4, 2/4 of 1e-3 ...: step 2's update was skipped, so step 2 logs the LR step 1 had
+    assert lrs == pytest.approx([2.5e-4, 2.5e-4, 5e-4, 7.5e-4]), lrs
+    assert [r["step"] for r in recs if r.get("overflow_skipped")] == [2]
+    assert trainer.backend.scaler.get_scale() == scale / 2

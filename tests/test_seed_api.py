@@ -141,3 +141,16 @@ def test_seed_snippet_under_torchrun(tmp_path, ):
     assert summary["precision"] == "fp32"  # an fp32 model on the CPU
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 5  # rank 0 logs alone
+
+
+def test_warmup_steps_below_one_is_a_ratio_and_embedding_lr_is_refused_by_name():
+    # transformers 5 spells a warmup ratio as a float warmup_steps < 1
+    cfg = UnslothTrainingArguments(max_steps=10, warmup_steps=0.1).to_train_config()
+    assert cfg.warmup_ratio == 0.1 and not cfg.warmup_steps
+    assert UnslothTrainingArguments(max_steps=10, warmup_steps=5.0).to_train_config().warmup_steps == 5
+    with pytest.raises(ConfigError, match="warmup_steps as a ratio and warmup_ratio"):
+        UnslothTrainingArguments(max_steps=10, warmup_steps=0.1, warmup_ratio=0.2)
+    # unsloth's continued-pretraining argument: refused by name, not as a typo of learning_rate
+    with pytest.raises(ConfigError, match="embedding_learning_rate .* is not supported") as err:
+        UnslothTrainingArguments(max_steps=10, embedding_learning_rate=5e-6)
+    assert "did you mean" not in str(err.value)

@@ -66,3 +66,19 @@ def test_fsdp_without_decoder_layers_is_refused_before_the_process_group(tmp_pat
     with pytest.raises(ConfigError, match="backend fsdp: found no decoder layers"):
         Trainer(Flat(), ragged_dataset(n=8), args=_args(tmp_path), backend="fsdp")
     assert not torch.distributed.is_initialized()
+
+
+def test_a_user_collator_without_labels_trains_on_the_input_ids(tmp_path):
+    """transformers' DataCollatorForSeq2Seq over samples without labels returns labels=None: the Trainer
+    takes the input ids (padding ignored), as its own collator does for such samples."""
+    data = [{"input_ids": r["input_ids"]} for r in ragged_dataset(n=8)]
+
+    def seq2seq_like(samples):
+        n = max(len(s["input_ids"]) for s in samples)
+        ids = torch.tensor([s["input_ids"] + [0] * (n - len(s["input_ids"])) for s in samples])
+        mask = torch.tensor([[1] * len(s["input_ids"]) + [0] * (n - len(s["input_ids"])) for s in samples])
+        return {"input_ids": ids, "attention_mask": mask, "labels": None}
+
+    ours = Trainer(tiny_llama(), data, args=_args(tmp_path / "a"), backend="single").train()
+    theirs = Trainer(tiny_llama(), data, args=_args(tmp_path / "b"), backend="single", data_collator=seq2seq_like).train()
+    assert theirs.losses == pytest.approx(ours.losses, rel=1e-6)

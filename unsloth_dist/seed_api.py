@@ -81,6 +81,13 @@ class UnslothTrainingArguments:
     gives the validated TrainConfig."""
 
     def __init__(self, output_dir: str = "outputs", **kwargs: Any) -> None:
+        if kwargs.get("embedding_learning_rate") is not None:
+            raise ConfigError(
+                "UnslothTrainingArguments: embedding_learning_rate (a separate learning rate for embed_tokens / "
+                "lm_head, for continued pretraining) is not supported: every trained parameter uses learning_rate. "
+                "Drop embedding_learning_rate, or train the embeddings in a separate run with their own learning_rate"
+            )
+        kwargs.pop("embedding_learning_rate", None)
         unknown = [k for k in kwargs if k not in _KNOWN]
         if unknown:
             lines = []
@@ -130,6 +137,19 @@ class UnslothTrainingArguments:
                     raise ConfigError(f"UnslothTrainingArguments: {k}={v} as a ratio of the run is not supported; "
                                       "give a number of steps")
                 out[k] = int(v)
+        ws = out.get("warmup_steps")
+        if isinstance(ws, float) and not ws.is_integer():
+            # transformers 5: a warmup_steps below 1 is a ratio of the run
+            if not 0 < ws < 1:
+                raise ConfigError(f"UnslothTrainingArguments: warmup_steps={ws}: give a number of steps, or a "
+                                  "ratio of the run in (0, 1)")
+            if out.get("warmup_ratio"):
+                raise ConfigError("UnslothTrainingArguments: warmup_steps as a ratio and warmup_ratio are both set; "
+                                  "give one")
+            out.pop("warmup_steps")
+            out["warmup_ratio"] = ws
+        elif isinstance(ws, float):
+            out["warmup_steps"] = int(ws)
         if out.get("warmup_steps") == 0 and "warmup_ratio" in out:
             out.pop("warmup_steps")
         if out.get("warmup_ratio") == 0.0 and out.get("warmup_steps"):

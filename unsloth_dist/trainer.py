@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from . import checkpoint
 from . import distributed as D
 from .config import ConfigError, load_config
-from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, check_sample, model_inputs, uses_varlen_attention
+from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, WithLabels, check_sample, model_inputs, uses_varlen_attention
 from .integrations import close_reporters, make_reporters
 
 logger = logging.getLogger("unsloth_dist")
@@ -166,7 +166,8 @@ class Trainer:
         self.eval_dataset = eval_dataset
         self.tokenizer = tokenizer
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        self.collator = data_collator or PadCollator(pad if pad is not None else 0, flatten_packed=uses_varlen_attention(model))
+        self.collator = (WithLabels(data_collator) if data_collator is not None
+                         else PadCollator(pad if pad is not None else 0, flatten_packed=uses_varlen_attention(model)))
         self.callbacks = list(callbacks or [])
 
         # ---- process group, then the backend
@@ -186,6 +187,9 @@ class Trainer:
 
         self.backend = make_backend(cfg, backend_cfg, self.env, self.device)
         self.model = self.backend.setup(model, self._make_optimizer)
+        from .models.export import install_save_pretrained
+
+        install_save_pretrained(self)  # model.save_pretrained(dir) right after multi-rank training
         self.global_step = 0
         # names this run's checkpoints; a resume takes the checkpoint's (save_total_limit prunes the run's own only)
         self.run_id = uuid.uuid4().hex
@@ -385,7 +389,11 @@ class Trainer:
                         f"step {step + 1}: {what}; training stopped (nan_policy: stop). Lower the learning_rate, "
                         "check the data of this step, or set nan_policy: skip"
                     )
-                self.lr_scheduler.step()
+                if what is None and not self.backend.step_applied():
+                    # an fp16 loss scaler skipped the update (overflow): the LR schedule waits for it
+                    self._log({"step": step + 1, "overflow_skipped": True})
+                else:
+                    self.lr_scheduler.step()
                 self.global_step = step + 1
                 result.losses.append(global_loss)
                 self._loss_history.append(global_loss)

@@ -1,8 +1,8 @@
-from .collate import IGNORE_INDEX, PadCollator, check_sample, is_packed, model_inputs, uses_varlen_attention
+from .collate import IGNORE_INDEX, PadCollator, WithLabels, check_sample, is_packed, model_inputs, uses_varlen_attention
 from .sampler import GlobalBatchSampler
 
 __all__ = [
-    "IGNORE_INDEX", "PadCollator", "GlobalBatchSampler", "check_sample", "is_packed", "model_inputs",
+    "IGNORE_INDEX", "PadCollator", "WithLabels", "GlobalBatchSampler", "check_sample", "is_packed", "model_inputs",
     "uses_varlen_attention",
     "DataConfig", "DataError", "DataReport", "TokenizedDataset", "build_datasets",
 ]

@@ -120,3 +120,28 @@ def model_inputs(batch: Mapping[str, Any], device: Any = None) -> dict[str, Any]
     else:
         out["attention_mask"] = move(batch["attention_mask"])
     return out
+
+
+class WithLabels:
+    """A user's collator whose batches may lack `labels` (e.g. transformers' DataCollatorForSeq2Seq
+    over samples without labels gives ``labels=None``): they become the input ids, with
+    attention-masked (padding) positions ignored -- what PadCollator does for such samples."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+
+    def __call__(self, samples):
+        batch = self.collator(samples)
+        if batch.get("labels") is None:
+            if "input_ids" not in batch:
+                raise ValueError(
+                    f"data_collator {type(self.collator).__name__} returned no input_ids (keys "
+                    f"{sorted(batch.keys())}); it must return input_ids (and labels / attention_mask)"
+                )
+            ids = torch.as_tensor(batch["input_ids"])
+            mask = batch.get("attention_mask")
+            labels = ids.clone()
+            if mask is not None:
+                labels[torch.as_tensor(mask) == 0] = IGNORE_INDEX
+            batch["labels"] = labels
+        return batch

@@ -193,3 +193,43 @@ def _write_safetensors(sd: dict[str, torch.Tensor], out: Path, max_shard_size: U
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
                  "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# --------------------------------------------------------------------------- model.save_pretrained
+
+
+def install_save_pretrained(trainer: Any) -> None:
+    """Make the notebook line ``model.save_pretrained(dir)`` right after multi-rank training (called by
+    the Trainer once the backend is set up; per instance):
+
+    * fsdp / zero3 (sharded weights): a collective -- call it on every rank, as a single-GPU script run
+      under a launcher does; the shards are gathered and rank 0 writes (a peft model: its adapter, as
+      :func:`save_lora_adapter`; another model: its full weights, as :func:`save_merged`, in their
+      dtype). peft's own save would write empty or unreadable tensors there.
+    * ddp / zero1 / zero2 (every rank holds the whole model): rank 0 writes, the other ranks return
+      (no collective, so a ``if rank == 0:`` guard still works; no two ranks write the same files).
+    A call with an explicit ``state_dict=`` goes to the model's own method unchanged."""
+    module = trainer.backend.module
+    module.__dict__.pop("save_pretrained", None)  # an earlier Trainer's (a later run on the same model)
+    method = getattr(type(module), "save_pretrained", None)
+    if method is None or trainer.world_size <= 1:
+        return
+    original = method.__get__(module)
+    sharded = trainer.backend.name in ("fsdp", "zero3")
+
+    def save_pretrained(save_directory, *args, state_dict=None, **kwargs):
+        if state_dict is not None:
+            return original(save_directory, *args, state_dict=state_dict, **kwargs)
+        if not sharded:
+            return original(save_directory, *args, **kwargs) if trainer.rank == 0 else None
+        if args or kwargs.get("selected_adapters") not in (None, ["default"]):
+            logger.warning("model.save_pretrained after %s training writes the default adapter / the weights "
+                           "only; other arguments are ignored", trainer.backend.name)
+        if is_peft_model(module):
+            save_lora_adapter(trainer, module, save_directory)
+        else:
+            dtypes = [p.dtype for p in module.parameters() if p.is_floating_point()]
+            save_merged(trainer, save_directory, dtype=dtypes[0] if dtypes and dtypes[0] in _EXPORT_DTYPES else torch.float32)
+        return None
+
+    module.save_pretrained = save_pretrained
