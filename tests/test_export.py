@@ -51,16 +51,54 @@ def test_merged_bf16_tied_embeddings_and_modules_to_save(tmp_path):
     torch.testing.assert_close(got32, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_merged_tied_model_with_lora_on_lm_head_keeps_the_merged_head(tmp_path):
+    """Tied embeddings, LoRA on lm_head: the merged head differs from the embeddings, so the export
+    unties them (re-tying on load would drop the head's update)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(make_model_dir(tmp_path / "tied", tie=True))
+    torch.manual_seed(0)
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        ref = pm.eval()(input_ids=IDS).logits
+    out = save_merged(pm, tmp_path / "merged", dtype=torch.float32)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(str(out)).eval()(input_ids=IDS).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_merging_a_lora_on_the_embeddings_is_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(make_model_dir(tmp_path / "m"))
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(NotImplementedError, match="embed_tokens: merging a LoRA on an embedding layer"):
+        save_merged(pm, tmp_path / "merged", dtype=torch.float32)
+    assert not (tmp_path / "merged").exists()
+    save_lora_adapter(pm, None, tmp_path / "adapter")  # the adapter itself exports
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_full_model_export_and_atomic_replace(tmp_path):
     from transformers import AutoModelForCausalLM
 
     base_dir = make_model_dir(tmp_path / "m")
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     out = tmp_path / "export"
-    out.mkdir()
-    (out / "stale.bin").write_text("old export")
+    (out / "checkpoint-5").mkdir(parents=True)  # the training output_dir (transformers' save_model() target)
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "model-00002-of-00002.safetensors").write_text("a previous, sharded export")
+    (out / "model.safetensors.index.json").write_text("{}")
     save_merged(model, out, dtype=torch.float32)
-    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    # the previous export's weights are gone (they would be loaded by its index); the run's files stay
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-5", "config.json", "generation_config.json",
+                                                     "metrics.jsonl", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(str(out))(input_ids=IDS).logits,

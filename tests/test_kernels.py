@@ -633,6 +633,25 @@ def test_glu_backward_reusing_activation_buffers(activation):
     close(dy, rdy, torch.float32, "dy")
 
 
+@needs_interp
+def test_second_backward_through_reusing_kernels_is_an_error():
+    """retain_graph=True: the GLU backward wrote its gradients over the saved activations, the fused
+    cross-entropy handed out the gradients it computed in forward; a second backward through either
+    raises instead of returning wrong gradients (or a TypeError)."""
+    with K.poison_outputs(False):
+        x = torch.randn(5, 16, requires_grad=True)
+        out = K.glu(x * 1.5, x - 0.25, "silu")
+        out.sum().backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="second backward through unsloth_dist's fused GLU"):
+            out.sum().backward()
+        h = torch.randn(6, 8, requires_grad=True)
+        w = torch.randn(33, 8, requires_grad=True)
+        loss = K.fused_linear_cross_entropy(h, w, torch.randint(0, 33, (6,)), reduction="sum")
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="second backward through unsloth_dist's fused linear cross-entropy"):
+            loss.backward()
+
+
 # --------------------------------------------------------------------------- fused linear cross-entropy
 
 CE_CASES = {

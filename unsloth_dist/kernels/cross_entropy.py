@@ -295,6 +295,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_count):
         if ctx.reduction != "none":
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "a second backward through unsloth_dist's fused linear cross-entropy (retain_graph=True): its "
+                    "gradients were computed in the forward and handed out once. Backward once per forward, or "
+                    "patch the model without it (patch_model(model, fused_cross_entropy=False))"
+                )
             grad_h, grad_w, grad_b = ctx.grads
             ctx.grads = None
             g = grad_loss.float()

@@ -109,10 +109,17 @@ class GLUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "a second backward through unsloth_dist's fused GLU (retain_graph=True): the first one wrote its "
+                "gradients over the saved activations, so this one would be wrong. Backward once per forward, or "
+                "patch the model without it (patch_model(model, swiglu=False))"
+            )
         gate, up = ctx.saved_tensors
         dh = dh.contiguous()
         if ctx.reuse and not poisoning() and gate.dtype == up.dtype and gate.data_ptr() != up.data_ptr():
             da, db = gate, up  # write the gradients over the dead activations
+            ctx.consumed = True
         else:
             da, db = empty_like(gate), empty_like(up)
         n = gate.numel()

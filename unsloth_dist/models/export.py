@@ -72,7 +72,11 @@ def gather_state(trainer_or_state: Any, model: Optional[nn.Module] = None):
 
 
 class _AtomicDir:
-    """Write into a temporary sibling directory; rename it onto `out_dir` on success."""
+    """Write into a temporary sibling directory; on success it becomes `out_dir` (a rename when
+    `out_dir` does not exist yet). Into an existing `out_dir` (the training output_dir with its
+    checkpoints, as transformers' save_model() writes) the export's files are moved one by one,
+    replacing files of the same name; a previous export's other weight files (``*.safetensors``, their
+    index) are removed so they cannot be loaded with the new config. Nothing else there is touched."""
 
     def __init__(self, out_dir: Union[str, os.PathLike]) -> None:
         self.out = Path(out_dir).expanduser().resolve()
@@ -87,13 +91,25 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if not self.out.exists():
+            os.replace(self.tmp, self.out)
+            return False
+        if not self.out.is_dir():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise NotADirectoryError(f"{self.out} exists and is not a directory; export into a directory")
+        new = {p.name for p in self.tmp.iterdir()}
+        for p in self.out.iterdir():  # the previous export's weights, not part of this one
+            if p.is_file() and p.name not in new and (p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json")):
+                p.unlink()
+        # weights first, the files that point at them (index, config) last
+        for name in sorted(new, key=lambda n: (n.endswith(".json"), n)):
+            target = self.out / name
+            if target.is_dir() and not (self.tmp / name).is_dir():
+                raise IsADirectoryError(f"{target} is a directory; the export writes a file of that name")
+            if (self.tmp / name).is_dir() and target.exists():
+                shutil.rmtree(target)
+            os.replace(self.tmp / name, target)
+        self.tmp.rmdir()
         return False
 
 
@@ -160,10 +176,17 @@ def save_merged(trainer_or_state: Any, out_dir: Union[str, os.PathLike], dtype: 
         if getattr(config, "use_cache", None) is False:
             config.use_cache = True
         if getattr(config, "tie_word_embeddings", False):
+            # tied when the merged tensors are equal: a LoRA (or a trained copy) on lm_head or on the
+            # embeddings makes them differ, and re-tying on load would drop it
             emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
             head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-            if emb is not None and head is not None and emb.weight is head.weight:
-                merged.pop("lm_head.weight", None)  # transformers re-ties it on load
+            names = {id(m): n for n, m in base.named_modules()}
+            emb_key = f"{names[id(emb)]}.weight" if emb is not None and id(emb) in names else None
+            head_key = f"{names[id(head)]}.weight" if head is not None and id(head) in names else None
+            if head_key in merged and emb_key in merged and torch.equal(merged[head_key], merged[emb_key]):
+                merged.pop(head_key)  # transformers re-ties it on load
+            elif head_key in merged and emb_key in merged:
+                config.tie_word_embeddings = False
         with _AtomicDir(out) as tmp:
             config.save_pretrained(str(tmp))
             gen = getattr(base, "generation_config", None)

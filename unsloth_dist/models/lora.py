@@ -217,6 +217,12 @@ def lora_layers(peft_model: nn.Module, adapter: str = "default") -> dict[str, di
     fan_in_fan_out and the live base layer (for 4-bit quant states)."""
     out: dict[str, dict] = {}
     for name, m in peft_model.named_modules():
+        if adapter in (getattr(m, "lora_embedding_A", None) or {}):
+            raise NotImplementedError(
+                f"{name}: merging a LoRA on an embedding layer is not supported by this export (its update would be "
+                "dropped); export the adapter (save_lora_adapter / trainer.save_model) or leave embed_tokens out of "
+                "target_modules"
+            )
         if hasattr(m, "lora_A") and hasattr(m, "scaling") and adapter in getattr(m, "lora_A", {}):
             if getattr(m, "use_dora", {}).get(adapter, False):
                 raise NotImplementedError(f"{name}: merging DoRA adapters is not supported by this export")
