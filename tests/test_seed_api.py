@@ -154,3 +154,33 @@ def test_warmup_steps_below_one_is_a_ratio_and_embedding_lr_is_refused_by_name()
     with pytest.raises(ConfigError, match="embedding_learning_rate .* is not supported") as err:
         UnslothTrainingArguments(max_steps=10, embedding_learning_rate=5e-6)
     assert "did you mean" not in str(err.value)
+
+
+def test_sft_style_trainer_arguments_and_state(tmp_path):
+    """What TRL SFTTrainer notebooks pass to the trainer itself: dataset_text_field, max_seq_length,
+    formatting_func; and trainer.state.log_history after train()."""
+    sys.path.insert(0, "tests/workers")
+    from models_common import make_model_dir, text_dataset
+
+    from unsloth_dist.models.loader import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(make_model_dir(tmp_path / "m"), max_seq_length=32)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    rows = [{"content": r["text"] * 3} for r in text_dataset(8)]  # long enough to be cut at 8 tokens
+    args = UnslothTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                                    logging_steps=1, disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # accepted, not "has no effect"
+        trainer = UnslothTrainer(model=model, args=args, train_dataset=rows, tokenizer=tok,
+                                 dataset_text_field="content", max_seq_length=8)
+    assert len(trainer.trainer.train_dataset[0]["input_ids"]) == 8
+    trainer.train()
+    hist = trainer.state.log_history
+    assert [h["step"] for h in hist if "loss" in h] == [1, 2] and all("learning_rate" in h for h in hist if "loss" in h)
+    assert trainer.state.global_step == 2 and trainer.state.max_steps == 2 and len(trainer.state.losses) == 2
+    # formatting_func: one example -> its text
+    fmt = UnslothTrainer(model=model, args=args, train_dataset=[{"q": "a b", "a": "c d"}] * 4, tokenizer=tok,
+                         formatting_func=lambda ex: f"Q: {ex['q']} A: {ex['a']}")
+    assert fmt.trainer.train_dataset[0]["input_ids"] == tok("Q: a b A: c d", truncation=True, max_length=32)["input_ids"]
+    with pytest.raises(TypeError, match="formatting_func returned dict"):
+        UnslothTrainer(model=model, args=args, train_dataset=[{"q": "a"}] * 4, tokenizer=tok, formatting_func=lambda ex: ex)

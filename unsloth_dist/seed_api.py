@@ -23,7 +23,13 @@ Decisions (documented here, tested in tests/test_seed_api.py):
   the bitsandbytes 8-bit / paged AdamW names are accepted with a warning: torch AdamW runs); anything
   else is an error.
 * ``report_to`` ("tensorboard", "wandb"; other integrations are dropped with a warning) and ``run_name``
-  map onto TrainConfig. Arguments that have no effect here (``logging_dir``, ``push_to_hub``, ...)
+  map onto TrainConfig. ``warmup_steps`` below 1 is a ratio of the run (transformers 5).
+  ``embedding_learning_rate`` is refused by name (one learning rate for every trained parameter).
+* TRL SFTTrainer-style arguments given to ``UnslothTrainer`` itself: ``dataset_text_field``,
+  ``max_seq_length`` / ``max_length`` (they win over the arguments'), ``formatting_func`` (one example
+  -> its text, tokenized like a text column). ``trainer.state`` after ``train()`` has transformers'
+  ``global_step``, ``epoch``, ``max_steps`` and ``log_history`` (rank 0's logged metrics).
+* Arguments that have no effect here (``logging_dir``, ``push_to_hub``, ...)
   are ignored with a warning. Unknown names are an error that names
   them, with a close match when there is one.
 """
@@ -280,17 +286,62 @@ class TrainOutput:
         return iter((self.global_step, self.training_loss, self.metrics))
 
 
+# transformers' log_history names for the Trainer's record fields
+_HF_LOG_NAMES = {"lr": "learning_rate"}
+_HF_LOG_KEYS = ("step", "epoch", "loss", "lr", "grad_norm", "eval_loss")
+
+
+class _LogHistory:
+    """Collects the Trainer's logged records (rank 0) as transformers' ``state.log_history`` entries."""
+
+    def __init__(self, into: list) -> None:
+        self.into = into
+
+    def on_log(self, trainer, record: dict) -> None:
+        entry = {_HF_LOG_NAMES.get(k, k): record[k] for k in _HF_LOG_KEYS if k in record}
+        if len(entry) > 1:  # more than the step (checkpoint / resume records are not metrics)
+            self.into.append(entry)
+
+
+class TrainerState:
+    """``trainer.state`` after ``train()``, as transformers has it: ``global_step``, ``epoch``,
+    ``max_steps``, ``log_history`` (rank 0's logged metrics, transformers' key names); the Trainer's
+    own result (``losses``, ``grad_norms``, ...) stays readable through it."""
+
+    def __init__(self, result: Any, epoch: float, max_steps: int, log_history: list) -> None:
+        self._result = result
+        self.global_step, self.epoch, self.max_steps, self.log_history = result.global_step, epoch, max_steps, log_history
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._result, name)
+
+
 class _Tokenized:
     """A text dataset tokenized lazily to `max_length` (labels = input ids)."""
 
-    def __init__(self, data: Any, tokenizer: Any, max_length: int, field_name: str) -> None:
+    def __init__(self, data: Any, tokenizer: Any, max_length: int, field_name: str, formatting_func: Any = None) -> None:
         self.data, self.tok, self.max_length, self.field = data, tokenizer, max_length, field_name
+        self.formatting_func = formatting_func
 
     def __len__(self) -> int:
         return len(self.data)
 
+    def _text(self, i: int) -> str:
+        row = self.data[i]
+        if self.formatting_func is None:
+            return row[self.field]
+        text = self.formatting_func(row)  # TRL's SFTTrainer(formatting_func=...): one example -> its text
+        if isinstance(text, (list, tuple)) and len(text) == 1:
+            text = text[0]
+        if not isinstance(text, str):
+            raise TypeError(f"formatting_func returned {type(text).__name__} for sample {i}; it must return the "
+                            "sample's text (a str) for one example")
+        return text
+
     def __getitem__(self, i: int) -> dict:
-        text = self.data[i][self.field]
+        text = self._text(i)
         enc = self.tok(text, truncation=True, max_length=self.max_length, add_special_tokens=True)
         ids = list(enc["input_ids"])
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
@@ -312,7 +363,8 @@ class _Columns:
         return {k: row[k] for k in self.KEEP if k in row and row[k] is not None}
 
 
-def _prepare_dataset(ds: Any, tokenizer: Any, max_length: int, text_field: str, name: str) -> Any:
+def _prepare_dataset(ds: Any, tokenizer: Any, max_length: int, text_field: str, name: str,
+                     formatting_func: Any = None) -> Any:
     if ds is None:
         return None
     if not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
@@ -325,6 +377,13 @@ def _prepare_dataset(ds: Any, tokenizer: Any, max_length: int, text_field: str, 
         raise TypeError(f"{name}[0] is a {type(first).__name__}; samples must be dicts with input_ids or {text_field!r}")
     if "input_ids" in first:
         return _Columns(ds)
+    if formatting_func is not None:
+        if tokenizer is None:
+            raise ValueError(f"formatting_func was given for {name} but no tokenizer: pass tokenizer= (or "
+                             "processing_class=) to tokenize its text")
+        data = _Tokenized(ds, tokenizer, max_length, text_field, formatting_func)
+        data._text(0)  # a formatting_func that cannot format the first sample fails here, not mid-run
+        return data
     if text_field in first:
         if tokenizer is None:
             raise ValueError(f"{name} has {text_field!r} but no input_ids and no tokenizer was given: pass "
@@ -346,6 +405,10 @@ class UnslothTrainer:
 
         if model is None:
             raise ValueError("UnslothTrainer needs model=")
+        # TRL SFTTrainer-style arguments given to the trainer rather than to the arguments
+        text_field_arg = ignored.pop("dataset_text_field", None)
+        max_len_arg = ignored.pop("max_seq_length", None) or ignored.pop("max_length", None)
+        formatting_func = ignored.pop("formatting_func", None)
         for k, v in ignored.items():
             if v is not None:
                 warnings.warn(f"UnslothTrainer: argument {k!r} has no effect in unsloth_dist; ignored", stacklevel=2)
@@ -361,12 +424,13 @@ class UnslothTrainer:
         self.args = args
         self.tokenizer = self.processing_class = tok
         cfg = args.to_train_config(model)
-        max_len = args.max_seq_length or args._kwargs.get("max_length") or getattr(model, "max_seq_length", None) \
-            or getattr(tok, "model_max_length", None) or 2048
+        max_len = max_len_arg or args.max_seq_length or args._kwargs.get("max_length") \
+            or getattr(model, "max_seq_length", None) or getattr(tok, "model_max_length", None) or 2048
         max_len = int(min(max_len, 10**6))
-        field_name = args.dataset_text_field
-        train = _prepare_dataset(train_dataset, tok, max_len, field_name, "train_dataset")
-        evals = _prepare_dataset(eval_dataset, tok, max_len, field_name, "eval_dataset")
+        field_name = text_field_arg or args.dataset_text_field
+        self._max_len, self._text_field, self._formatting_func = max_len, field_name, formatting_func
+        train = _prepare_dataset(train_dataset, tok, max_len, field_name, "train_dataset", formatting_func)
+        evals = _prepare_dataset(eval_dataset, tok, max_len, field_name, "eval_dataset", formatting_func)
         kept = []
         for cb in callbacks or []:
             if type(cb).__module__.startswith("transformers"):
@@ -375,6 +439,8 @@ class UnslothTrainer:
                               stacklevel=2)
             else:
                 kept.append(cb)
+        self._log_history: list[dict] = []
+        kept.append(_LogHistory(self._log_history))
         self.trainer = Trainer(model, train, args=cfg, eval_dataset=evals, data_collator=data_collator,
                                tokenizer=tok, callbacks=kept)
         self._user_model = model
@@ -417,15 +483,15 @@ class UnslothTrainer:
             "train_loss": mean,
             "epoch": result.global_step / self.trainer.sampler.steps_per_epoch,
         }
-        self.state = result
+        self.state = TrainerState(result, epoch=metrics["epoch"], max_steps=self.trainer.total_steps,
+                                  log_history=self._log_history)
         return TrainOutput(global_step=result.global_step, training_loss=mean, metrics=metrics)
 
     def evaluate(self, eval_dataset: Any = None, **ignored: Any) -> dict:
         ds = None
         if eval_dataset is not None:
-            cfg_len = self.args.max_seq_length or getattr(self._user_model, "max_seq_length", None) or 2048
-            ds = _prepare_dataset(eval_dataset, self.tokenizer, int(cfg_len), self.args.dataset_text_field,
-                                  "eval_dataset")
+            ds = _prepare_dataset(eval_dataset, self.tokenizer, self._max_len, self._text_field, "eval_dataset",
+                                  self._formatting_func)
         return {"eval_loss": self.trainer.evaluate(ds)}
 
     def save_model(self, output_dir: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> str:
