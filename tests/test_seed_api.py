@@ -39,7 +39,8 @@ def test_precision_mapping():
     assert cfg(bf16=False, fp16=False).precision == "fp32"
     assert cfg(precision="bf16").precision == "bf16"
     half = torch.nn.Linear(2, 2).to(torch.bfloat16)
-    assert cfg(model=half).precision == "bf16-mixed"  # a bf16 model is not silently trained in fp32
+    assert cfg(model=half).precision == "bf16"  # a bf16 model is neither trained in fp32 nor upcast
+    assert cfg(model=half, bf16=True).precision == "bf16"  # (bf16-mixed would upcast its weights)
     assert cfg(model=torch.nn.Linear(2, 2)).precision == "fp32"
     with pytest.raises(ConfigError, match="both set"):
         cfg(bf16=True, fp16=True)
@@ -184,3 +185,21 @@ def test_sft_style_trainer_arguments_and_state(tmp_path):
     assert fmt.trainer.train_dataset[0]["input_ids"] == tok("Q: a b A: c d", truncation=True, max_length=32)["input_ids"]
     with pytest.raises(TypeError, match="formatting_func returned dict"):
         UnslothTrainer(model=model, args=args, train_dataset=[{"q": "a"}] * 4, tokenizer=tok, formatting_func=lambda ex: ex)
+
+
+def test_a_bf16_loaded_lora_base_is_not_upcast(tmp_path):
+    """bf16=True (or nothing) on a bf16-loaded model: precision bf16, the frozen base keeps its bf16
+    weights (bf16-mixed upcast all of them to fp32: twice the memory of the base)."""
+    sys.path.insert(0, "tests/workers")
+    from models_common import make_model_dir, text_dataset
+
+    from unsloth_dist.models.loader import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(make_model_dir(tmp_path / "m"), max_seq_length=32, dtype=torch.bfloat16)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    args = UnslothTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                                    disable_tqdm=True, bf16=True)
+    trainer = UnslothTrainer(model=model, args=args, train_dataset=text_dataset(4), tokenizer=tok)
+    assert trainer.config.precision == "bf16"
+    assert {p.dtype for p in trainer.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert trainer.train().global_step == 1

@@ -6,9 +6,11 @@ A thin layer for code written against transformers / TRL-style trainers. The arg
 
 Decisions (documented here, tested in tests/test_seed_api.py):
 
-* **precision**: ``bf16=True`` -> ``"bf16-mixed"`` (what ``bf16=True`` means in transformers: bf16
-  autocast over fp32 weights); ``fp16=True`` -> ``"fp16-mixed"``; both -> error. Neither given (and
-  no ``precision=``): ``"bf16-mixed"`` when the model's weights are bf16, ``"fp16-mixed"`` when they
+* **precision**: ``bf16=True`` -> ``"bf16-mixed"`` for an fp32-loaded model (what ``bf16=True`` means
+  in transformers: bf16 autocast over fp32 weights) and ``"bf16"`` for a bf16-loaded one (its weights
+  stay bf16, the trained ones get fp32 master copies: nothing is upcast, a LoRA base keeps half the
+  memory); ``fp16=True`` -> ``"fp16-mixed"``; both -> error. Neither given (and
+  no ``precision=``): ``"bf16"`` when the model's weights are bf16, ``"fp16-mixed"`` when they
   are fp16, else ``"fp32"`` -- a half-precision model is never silently trained in fp32, an fp32
   model is trained as transformers would (fp32). ``bf16=False, fp16=False`` given explicitly -> fp32.
 * **enable_distributed_training** (default True): True -> ``backend`` (default ``"auto"``: ddp under
@@ -128,7 +130,7 @@ class UnslothTrainingArguments:
 
     # ------------------------------------------------------------------ mapping
 
-    def _base_fields(self, precision_default: str) -> dict:
+    def _base_fields(self, precision_default: str, bf16_model: bool = False) -> dict:
         kw = self._kwargs
         out: dict[str, Any] = {k: kw[k] for k in _DIRECT if k in kw}
         # transformers sentinels: max_steps=-1 / None means "use epochs", eval/save steps None = off
@@ -168,7 +170,9 @@ class UnslothTrainingArguments:
             raise ConfigError("UnslothTrainingArguments: give precision= or bf16= / fp16=, not both")
         if "precision" not in kw:
             if bf16:
-                out["precision"] = "bf16-mixed"
+                # a bf16-loaded model keeps its bf16 weights (fp32 copies of the trained ones only):
+                # bf16-mixed would upcast every weight, the frozen LoRA base included (twice the memory)
+                out["precision"] = "bf16" if bf16_model else "bf16-mixed"
             elif fp16:
                 out["precision"] = "fp16-mixed"
             elif bf16 is False or fp16 is False:
@@ -232,14 +236,14 @@ class UnslothTrainingArguments:
         """The TrainConfig for this launch (the precision default looks at `model`'s dtype)."""
         from . import distributed as D
 
-        default = "fp32"
+        default, bf16_model = "fp32", False
         if model is not None:
             dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
             if torch.bfloat16 in dtypes:
-                default = "bf16-mixed"
+                default, bf16_model = "bf16", True
             elif torch.float16 in dtypes:
                 default = "fp16-mixed"
-        data = self._base_fields(default)
+        data = self._base_fields(default, bf16_model)
         kw = self._kwargs
         env = D.read_launch_env(environ)
         backend = kw.get("backend", "auto")
