@@ -203,3 +203,9 @@ def test_a_bf16_loaded_lora_base_is_not_upcast(tmp_path):
     assert trainer.config.precision == "bf16"
     assert {p.dtype for p in trainer.model.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert trainer.train().global_step == 1
+
+
+def test_notebook_imports():
+    from unsloth_dist import FastLanguageModel, UnslothTrainer, UnslothTrainingArguments, is_bfloat16_supported  # noqa: F401
+
+    assert is_bfloat16_supported() is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
