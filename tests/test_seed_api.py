@@ -209,3 +209,9 @@ def test_notebook_imports():
     from unsloth_dist import FastLanguageModel, UnslothTrainer, UnslothTrainingArguments, is_bfloat16_supported  # noqa: F401
 
     assert is_bfloat16_supported() is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def test_save_strategy_steps_without_save_steps_saves_every_500():
+    assert cfg(save_strategy="steps").save_steps == 500  # transformers' default
+    assert cfg(save_strategy="steps", save_steps=20).save_steps == 20
+    assert cfg(save_strategy="no", save_steps=20).save_steps is None

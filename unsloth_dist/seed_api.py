@@ -201,6 +201,8 @@ class UnslothTrainingArguments:
         if sv is not None and "no" in str(sv).lower():
             out.pop("save_steps", None)
             out.pop("save_total_limit", None)
+        elif sv is not None and out.get("save_steps") is None:
+            out["save_steps"] = 500  # transformers' default interval for save_strategy "steps"
         if kw.get("deepspeed") is not None:
             raise ConfigError("UnslothTrainingArguments: deepspeed=<config> is not taken here; use backend='zero1' / "
                               "'zero2' / 'zero3' (the DeepSpeed config is generated from the arguments)")
