@@ -140,7 +140,7 @@ def test_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_model_save_pretrained_after_multi_rank_training(tmp_path):
+def test_model_save_pretrained_after_multi_rank_training(tmp_path, deepspeed_cpu_ops):
     """The notebook line `model.save_pretrained(dir)` on every rank after ddp / fsdp / zero3 training
     writes what the collective exporters write (fsdp / zero3 gather their shards first)."""
     import json
@@ -151,6 +151,9 @@ def test_model_save_pretrained_after_multi_rank_training(tmp_path):
 
     run_cmd(torchrun(2, "tests/workers/save_pretrained.py", str(tmp_path)), timeout=900)
     records = json.loads((tmp_path / "records.json").read_text())
+    failed = records.pop("failed-export")  # rank 0's write failed: both ranks raise
+    assert failed[0] == "OSError: disk full" and failed[1].startswith("RuntimeError: rank 0 failed to write"), failed
+    assert not (tmp_path / "failed").exists()
     assert set(records) == {"ddp-lora", "fsdp-lora", "fsdp-full", "zero3-lora"}
     for name in records:
         fname = "model.safetensors" if name.endswith("full") else "adapter_model.safetensors"

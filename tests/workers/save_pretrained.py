@@ -39,6 +39,22 @@ def main(out: str) -> None:
             save_merged(trainer, ref, dtype=torch.float32)
         dist.barrier()
         records[name] = sorted(os.listdir(os.path.join(out, name, "save_pretrained")))
+    # rank 0 fails while writing (disk full): every rank raises, none goes on as if it were written
+    import unsloth_dist.models.export as E
+
+    if dist.get_rank() == 0:
+        def disk_full(*a, **k):
+            raise OSError("disk full")
+
+        E._write_safetensors = disk_full
+    try:
+        save_merged(trainer, os.path.join(out, "failed"), dtype=torch.float32)
+        outcome = "written"
+    except Exception as exc:  # noqa: BLE001
+        outcome = f"{type(exc).__name__}: {exc}"
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    records["failed-export"] = outcomes
     if dist.get_rank() == 0:
         with open(os.path.join(out, "records.json"), "w") as f:
             json.dump(records, f)

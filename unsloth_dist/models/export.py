@@ -18,6 +18,7 @@ Writes are atomic: everything goes to a temporary sibling directory that is rena
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -43,11 +44,31 @@ def _dist_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def _any_rank_failed(failed: bool) -> bool:
+    """Whether any rank reports a failure (a collective when a process group exists)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if not (dist.is_available() and dist.is_initialized()):
+        return failed
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([1.0 if failed else 0.0], device=dev)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+@contextlib.contextmanager
+def _rank0_writes(what: Path):
+    """Around rank 0's writing of an export, on every rank: it ends together, and when rank 0 failed
+    every rank raises (rank 0 its own error) -- no rank goes on, or waits, as if it had been written."""
+    err = None
+    try:
+        yield
+    except Exception as exc:  # (KeyboardInterrupt / SystemExit end the process anyway)
+        err = exc
+    if _any_rank_failed(err is not None):
+        if err is not None:
+            raise err
+        raise RuntimeError(f"rank 0 failed to write {what}; its error is in rank 0's output")
 
 
 def gather_state(trainer_or_state: Any, model: Optional[nn.Module] = None):
@@ -124,21 +145,25 @@ def save_lora_adapter(trainer_or_state: Any, peft_model: Optional[nn.Module], ou
     if adapter not in module.peft_config:
         raise ValueError(f"adapter {adapter!r} is not in the model (has {list(module.peft_config)})")
     out = Path(out_dir).expanduser().resolve()
-    if rank == 0:
-        with _AtomicDir(out) as tmp:
-            # peft's own writer, fed the gathered weights: the layout is exactly what PeftModel loads
-            module.save_pretrained(str(tmp), state_dict=sd, selected_adapters=[adapter], safe_serialization=True)
-            if adapter != "default":  # peft puts non-default adapters in a sub-directory
-                sub = tmp / adapter
-                if sub.is_dir():
-                    for f in sub.iterdir():
-                        os.replace(f, tmp / f.name)
-                    sub.rmdir()
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-        logger.info("LoRA adapter %r written to %s", adapter, out)
-    _barrier()
+    with _rank0_writes(out):
+        if rank == 0:
+            _write_adapter(module, sd, out, adapter, tokenizer)
     return out
+
+
+def _write_adapter(module: nn.Module, sd: dict, out: Path, adapter: str, tokenizer: Any) -> None:
+    with _AtomicDir(out) as tmp:
+        # peft's own writer, fed the gathered weights: the layout is exactly what PeftModel loads
+        module.save_pretrained(str(tmp), state_dict=sd, selected_adapters=[adapter], safe_serialization=True)
+        if adapter != "default":  # peft puts non-default adapters in a sub-directory
+            sub = tmp / adapter
+            if sub.is_dir():
+                for f in sub.iterdir():
+                    os.replace(f, tmp / f.name)
+                sub.rmdir()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    logger.info("LoRA adapter %r written to %s", adapter, out)
 
 
 def _base_model(module: nn.Module) -> nn.Module:
@@ -159,47 +184,47 @@ def save_merged(trainer_or_state: Any, out_dir: Union[str, os.PathLike], dtype: 
         raise ValueError(f"dtype={dtype}: the merged export is written in bf16, fp16 or fp32")
     sd, module, rank = gather_state(trainer_or_state, peft_model)
     out = Path(out_dir).expanduser().resolve()
-    if rank == 0:
-        if is_peft_model(module):
-            merged = merge_lora_state_dict(sd, module, adapter=adapter, dtype=dtype)
-        else:
-            merged = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-        base = _base_model(module)
-        config = copy.deepcopy(base.config)
-        for attr in ("quantization_config", "_pre_quantization_dtype"):
-            if hasattr(config, attr):
-                try:
-                    delattr(config, attr)
-                except AttributeError:
-                    pass
-        config.dtype = dtype
-        if getattr(config, "use_cache", None) is False:
-            config.use_cache = True
-        if getattr(config, "tie_word_embeddings", False):
-            # tied when the merged tensors are equal: a LoRA (or a trained copy) on lm_head or on the
-            # embeddings makes them differ, and re-tying on load would drop it
-            emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-            head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-            names = {id(m): n for n, m in base.named_modules()}
-            emb_key = f"{names[id(emb)]}.weight" if emb is not None and id(emb) in names else None
-            head_key = f"{names[id(head)]}.weight" if head is not None and id(head) in names else None
-            if head_key in merged and emb_key in merged and torch.equal(merged[head_key], merged[emb_key]):
-                merged.pop(head_key)  # transformers re-ties it on load
-            elif head_key in merged and emb_key in merged:
-                config.tie_word_embeddings = False
-        with _AtomicDir(out) as tmp:
-            config.save_pretrained(str(tmp))
-            gen = getattr(base, "generation_config", None)
-            if gen is not None:
-                try:
-                    gen.save_pretrained(str(tmp))
-                except Exception as exc:  # an invalid generation config must not lose the weights
-                    logger.warning("generation_config not saved: %s", exc)
-            _write_safetensors(merged, tmp, max_shard_size)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-        logger.info("merged %s model written to %s", str(dtype).removeprefix("torch."), out)
-    _barrier()
+    with _rank0_writes(out):
+        if rank == 0:
+            if is_peft_model(module):
+                merged = merge_lora_state_dict(sd, module, adapter=adapter, dtype=dtype)
+            else:
+                merged = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+            base = _base_model(module)
+            config = copy.deepcopy(base.config)
+            for attr in ("quantization_config", "_pre_quantization_dtype"):
+                if hasattr(config, attr):
+                    try:
+                        delattr(config, attr)
+                    except AttributeError:
+                        pass
+            config.dtype = dtype
+            if getattr(config, "use_cache", None) is False:
+                config.use_cache = True
+            if getattr(config, "tie_word_embeddings", False):
+                # tied when the merged tensors are equal: a LoRA (or a trained copy) on lm_head or on the
+                # embeddings makes them differ, and re-tying on load would drop it
+                emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+                head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+                names = {id(m): n for n, m in base.named_modules()}
+                emb_key = f"{names[id(emb)]}.weight" if emb is not None and id(emb) in names else None
+                head_key = f"{names[id(head)]}.weight" if head is not None and id(head) in names else None
+                if head_key in merged and emb_key in merged and torch.equal(merged[head_key], merged[emb_key]):
+                    merged.pop(head_key)  # transformers re-ties it on load
+                elif head_key in merged and emb_key in merged:
+                    config.tie_word_embeddings = False
+            with _AtomicDir(out) as tmp:
+                config.save_pretrained(str(tmp))
+                gen = getattr(base, "generation_config", None)
+                if gen is not None:
+                    try:
+                        gen.save_pretrained(str(tmp))
+                    except Exception as exc:  # an invalid generation config must not lose the weights
+                        logger.warning("generation_config not saved: %s", exc)
+                _write_safetensors(merged, tmp, max_shard_size)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp))
+            logger.info("merged %s model written to %s", str(dtype).removeprefix("torch."), out)
     return out
 
 
