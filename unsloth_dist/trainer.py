@@ -534,7 +534,7 @@ def _check_rows(ds: Sequence[dict], name: str, model: nn.Module, rank: int) -> N
             labels = row.get("labels")
             if not bad and labels is not None:
                 labels = labels.tolist() if torch.is_tensor(labels) else list(labels)
-                bad = [t for t in labels if t != -100 and not 0 <= t < vocab]
+                bad = [t for t in labels if t != IGNORE_INDEX and not 0 <= t < vocab]
             if bad:
                 raise ValueError(
                     f"{name}[{i}] has token id {bad[0]}, outside the model's vocabulary of {vocab} (input "
