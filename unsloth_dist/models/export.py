@@ -45,15 +45,14 @@ def _dist_rank() -> int:
 
 
 def _any_rank_failed(failed: bool) -> bool:
-    """Whether any rank reports a failure (a collective when a process group exists)."""
-    import torch.distributed as dist
+    """Whether any rank reports a failure (a collective over the host group when a process group exists)."""
+    from .. import distributed as D
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not D.is_dist():
         return failed
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([1.0 if failed else 0.0], device=dev)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    flag = torch.tensor([1.0 if failed else 0.0])
+    D.all_reduce_sum(flag, group=D.cpu_group())
+    return flag.item() > 0
 
 
 @contextlib.contextmanager
