@@ -152,9 +152,10 @@ class Trainer:
                 raise TypeError(f"{name} must be a map-style dataset (len() and [i]), e.g. a list of dicts")
             if len(ds) == 0:
                 raise ValueError(f"{name} is empty")
-            check_sample(ds[0], 0, name)
             if isinstance(ds, (list, tuple)):  # in memory: every row, now rather than at its step
                 _check_rows(ds, name, model, self.env.rank)
+            else:
+                check_sample(ds[0], 0, name)
         checkpoint.validate_resume_config(cfg, backend_cfg.name, self.env.world_size,
                                           num_samples=len(train_dataset) if train_dataset is not None else None,
                                           model=model)
