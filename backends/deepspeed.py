@@ -12,9 +12,54 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unsloth_dist.config import ConfigError
 from unsloth_dist.launch.deepspeed_config import deepspeed_config
 
 from .base import Backend, OptimizerFactory, param_groups, place_model
+
+
+def leaf_layer_classes(model: nn.Module, required: bool) -> Optional[list[str]]:
+    """DeepSpeed's `leaf_module.classes` for `backend.stage3_leaf_layers`: its own defaults (MoE
+    blocks) plus the fully qualified classes of the model's decoder layers. A model without decoder
+    layers: None (module-by-module gathering), or an error when the setting was asked for."""
+    from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
+
+    from .fsdp import decoder_layers
+
+    try:
+        layers = decoder_layers(model)
+    except ConfigError:
+        if not required:
+            return None
+        raise ConfigError(
+            f"backend.stage3_leaf_layers: found no decoder layers in {type(model).__name__} (no "
+            "`_no_split_modules` and no ModuleList of blocks); set stage3_leaf_layers: false"
+        ) from None
+    names = {f"{type(m).__module__}.{type(m).__qualname__}" for m in layers}
+    return list(DEFAULT_LEAF_MODULE_CLASSES) + sorted(names - set(DEFAULT_LEAF_MODULE_CLASSES))
+
+
+def _leaf_inputs_require_grad(model: nn.Module) -> None:
+    """ZeRO-3 releases a leaf module's parameters once the gradients of its inputs are computed;
+    when no input needs a gradient (the first layer under LoRA / QLoRA: frozen embeddings) DeepSpeed
+    releases them before the layer's own backward has run and that backward fails on empty weights.
+    The hidden states entering each layer are therefore made to require grad when they do not (a
+    tensor outside the graph only: what HF's `enable_input_require_grads` does at the embeddings), at
+    the cost of the first layer's input gradient. Registered before DeepSpeed's hooks, so it runs first."""
+    from .fsdp import decoder_layers
+
+    def hook(module, args, kwargs):
+        if not torch.is_grad_enabled():
+            return None
+        if args and torch.is_tensor(args[0]) and args[0].is_floating_point() and not args[0].requires_grad:
+            return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+        h = kwargs.get("hidden_states")
+        if not args and torch.is_tensor(h) and h.is_floating_point() and not h.requires_grad:
+            return args, {**kwargs, "hidden_states": h.detach().requires_grad_()}
+        return None
+
+    for layer in decoder_layers(model):
+        layer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 class ZeroBackend(Backend):
@@ -45,6 +90,11 @@ class ZeroBackend(Backend):
             # fp32 / bf16-mixed: DeepSpeed leaves the parameters as loaded (a bf16-loaded model would
             # train in bf16); fp32 like the other backends, buffers untouched
             place_model(model, self.device, self.model_dtype)
+        if self.bcfg.stage == 3 and self.bcfg.stage3_leaf_layers:
+            classes = leaf_layer_classes(model, required="stage3_leaf_layers" in self.bcfg.model_fields_set)
+            if classes is not None:
+                self.ds_config["zero_optimization"]["leaf_module"] = {"classes": classes}
+                _leaf_inputs_require_grad(model)
         groups = param_groups(model.named_parameters(), self.cfg.weight_decay)
         optimizer = None if "optimizer" in self.ds_config else optimizer_factory(groups)
         engine, ds_optimizer, _, _ = deepspeed.initialize(

@@ -95,6 +95,11 @@ INVALID = [
         id="stage3-option-on-zero2",
     ),
     pytest.param(
+        {"backend": {"name": "zero2", "stage3_leaf_layers": False}},
+        ["backend.stage3_leaf_layers", "only applies to ZeRO stage 3", "remove stage3_leaf_layers"],
+        id="stage3-leaf-layers-on-zero2",
+    ),
+    pytest.param(
         {"precision": "fp16-mixed", "backend": "fsdp"},
         ["precision", "fp16-mixed", "fsdp", "use precision: bf16 or bf16-mixed"],
         id="fp16-mixed-with-fsdp",
@@ -704,6 +709,14 @@ def test_ds_stage3_keys_only_for_zero3(name):
     else:
         assert stage3_keys == set()
         assert zopt["allgather_bucket_size"] == 500_000_000
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_ds_memory_efficient_linear_reaches_the_json(value):
+    _, ds = _ds({"name": "zero3", "stage3_memory_efficient_linear": value})
+    assert ds["zero_optimization"]["memory_efficient_linear"] is value
+    # the leaf layers need the model: the backend adds them at setup, the CLI file has none
+    assert "leaf_module" not in ds["zero_optimization"]
 
 
 # =========================================================================== regressions

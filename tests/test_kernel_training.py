@@ -91,8 +91,8 @@ def test_two_ranks(backend, single_run, two_ranks):
         got = _load(tmp_path, backend, variant)
         assert got["world_size"] == 2 and got["backend"] == backend
         _assert_same_training(got, _load(tmp_path, backend, f"plain-{kind}"), f"{backend} {kind}")
-        if kind.endswith("lora"):  # the fused LoRA update ran; ZeRO-3's partitioned adapters keep peft's forward
-            assert (got["fused_lora_calls"] > 0) == (backend != "zero3"), got["fused_lora_calls"]
+        if kind.endswith("lora"):  # the fused LoRA update ran (under zero3 on the adapters its leaf layers gathered)
+            assert got["fused_lora_calls"] > 0, got["fused_lora_calls"]
         if kind == "untied":  # and like one process
             torch.testing.assert_close(torch.tensor(got["losses"]),
                                        torch.tensor(_load(single_run, "single", "plain-untied")["losses"]),

@@ -53,19 +53,37 @@ def test_a_sample_past_rotary_positions_warns(tmp_path, caplog):
     assert any("20 tokens, past the model's 12 positions" in r.getMessage() for r in caplog.records)
 
 
+class _Flat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(128, 16)
+        self.out = nn.Linear(16, 128)
+
+    def forward(self, input_ids, **kw):
+        return self.out(self.emb(input_ids))
+
+
 def test_fsdp_without_decoder_layers_is_refused_before_the_process_group(tmp_path):
-    class Flat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(128, 16)
-            self.out = nn.Linear(16, 128)
-
-        def forward(self, input_ids, **kw):
-            return self.out(self.emb(input_ids))
-
     with pytest.raises(ConfigError, match="backend fsdp: found no decoder layers"):
-        Trainer(Flat(), ragged_dataset(n=8), args=_args(tmp_path), backend="fsdp")
+        Trainer(_Flat(), ragged_dataset(n=8), args=_args(tmp_path), backend="fsdp")
     assert not torch.distributed.is_initialized()
+
+
+def test_zero3_leaf_layers_asked_for_without_decoder_layers_is_refused_before_the_process_group(tmp_path):
+    pytest.importorskip("deepspeed")
+    with pytest.raises(ConfigError, match="backend.stage3_leaf_layers: found no decoder layers.*stage3_leaf_layers: false"):
+        Trainer(_Flat(), ragged_dataset(n=8), args=_args(tmp_path), backend={"name": "zero3", "stage3_leaf_layers": True})
+    assert not torch.distributed.is_initialized()
+
+
+def test_zero3_leaf_layers_by_default_fall_back_without_decoder_layers():
+    """The default (not asked for) does not refuse such a model: module-by-module gathering."""
+    pytest.importorskip("deepspeed")
+    from unsloth_dist.backends.deepspeed import leaf_layer_classes
+
+    assert leaf_layer_classes(_Flat(), required=False) is None
+    classes = leaf_layer_classes(tiny_llama(seed=0), required=True)
+    assert classes[-1] == "transformers.models.llama.modeling_llama.LlamaDecoderLayer"
 
 
 def test_a_user_collator_without_labels_trains_on_the_input_ids(tmp_path):

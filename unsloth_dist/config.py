@@ -200,6 +200,8 @@ _STAGE3_ONLY = (
     "stage3_param_persistence_threshold",
     "stage3_max_live_parameters",
     "stage3_max_reuse_distance",
+    "stage3_leaf_layers",
+    "stage3_memory_efficient_linear",
 )
 
 
@@ -272,6 +274,22 @@ class ZeroConfig(_Strict):
         ge=0,
         description="zero3 only: a gathered parameter is kept (not released) if it will be used again "
         "within this many parameter elements; lower it to save memory.",
+    )
+    stage3_leaf_layers: bool = Field(
+        True,
+        description="zero3 only: make every decoder layer a ZeRO-3 leaf module (DeepSpeed's `leaf_module` "
+        "setting, the layer classes found in the model at setup): a layer's parameters are gathered "
+        "together when it starts, and DeepSpeed hooks the layers instead of each of their Linear / LoRA "
+        "submodules, which cuts the host time spent in those hooks per step (measured on one H200: about 2x "
+        "the tokens/s for full fine-tuning at the 1B shape and LoRA / QLoRA at the 8B shape, same peak memory), "
+        "and the fused LoRA kernels can use the gathered adapters. A whole layer's parameters are live at "
+        "once; `false`: DeepSpeed's default module-by-module gathering.",
+    )
+    stage3_memory_efficient_linear: bool = Field(
+        True,
+        description="zero3 only: DeepSpeed's `memory_efficient_linear` (it replaces "
+        "torch.nn.functional.linear with an autograd function that does not keep the gathered weight "
+        "for backward). `false`: plain linear (C++ autograd, less host time per call).",
     )
     reduce_dtype: Literal["fp32", "bf16"] = Field(
         "fp32",

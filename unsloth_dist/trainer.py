@@ -132,6 +132,10 @@ class Trainer:
             from unsloth_dist.backends.fsdp import decoder_layers
 
             decoder_layers(model)
+        if backend_cfg.name == "zero3" and "stage3_leaf_layers" in backend_cfg.model_fields_set:
+            from unsloth_dist.backends.deepspeed import leaf_layer_classes  # the same, for the leaf layers asked for
+
+            leaf_layer_classes(model, required=backend_cfg.stage3_leaf_layers)
         if cfg.data is not None and cfg.data.max_seq_length:
             # (a bound, not a length: the samples may all be shorter, so a warning only)
             _check_positions(model, cfg.data.max_seq_length, "data.max_seq_length", self.env.rank, exact=False)

@@ -54,7 +54,13 @@ def run(backend: str, variant: str, out_dir: str) -> None:
     initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     data = ragged_dataset(n=GLOBAL_BATCH * STEPS, seed=5, vocab=shape["vocab"], max_len=SEQ, min_len=min(6, SEQ))
     evals = ragged_dataset(n=7, seed=9, vocab=shape["vocab"], max_len=SEQ, min_len=min(6, SEQ))
-    trainer = Trainer(model, data, args=args, backend=backend, eval_dataset=evals)
+    # zero3 gathers a whole decoder layer at a time (backend.stage3_leaf_layers, the default);
+    # zero3-modules: DeepSpeed's module-by-module gathering
+    spec = {"name": "zero3", "stage3_leaf_layers": False} if backend == "zero3-modules" else backend
+    trainer = Trainer(model, data, args=args, backend=spec, eval_dataset=evals)
+    if backend.startswith("zero3"):  # leaf layers by default, not under zero3-modules
+        leaves = [getattr(m, "_z3_leaf", False) for m in trainer.backend.module.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+        assert leaves and all(leaves) == (backend == "zero3") and any(leaves) == (backend == "zero3"), leaves
     result = trainer.train()
     eval_loss = trainer.evaluate()
     sd = trainer.full_state_dict()

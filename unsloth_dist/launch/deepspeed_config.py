@@ -1,7 +1,9 @@
 """The DeepSpeed JSON config derived from a TrainConfig.
 
 The ZeRO backends pass exactly this dict to `deepspeed.initialize`, and the CLI writes it to
-disk, so what is generated and what runs cannot disagree.
+disk, so what is generated and what runs cannot disagree. One addition needs the model and is made
+by the zero3 backend at setup: `zero_optimization.leaf_module` (the decoder layer classes, under
+`backend.stage3_leaf_layers`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def deepspeed_config(cfg: TrainConfig, zero: ZeroConfig, world_size: int) -> dic
             stage3_max_live_parameters=zero.stage3_max_live_parameters,
             stage3_max_reuse_distance=zero.stage3_max_reuse_distance,
             stage3_gather_16bit_weights_on_model_save=True,
+            memory_efficient_linear=zero.stage3_memory_efficient_linear,
         )
     if zero.offload_optimizer == "cpu":
         zopt["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

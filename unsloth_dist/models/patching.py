@@ -224,13 +224,20 @@ def _lora_fast_adapter(self, x: torch.Tensor, kwargs: dict) -> Optional[str]:
     if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear) or a.bias is not None or b.bias is not None:
         return None
     wa, wb = a.weight, b.weight
-    if hasattr(wa, "ds_id") or hasattr(wb, "ds_id"):  # ZeRO-3: gathered only by calling the modules
+    if _zero3_not_gathered(wa) or _zero3_not_gathered(wb):
         return None
     if wa.dtype != x.dtype or wb.dtype != x.dtype or torch.is_autocast_enabled(x.device.type):
         return None
     if wa.device != x.device or wa.dim() != 2 or wb.dim() != 2:
         return None
     return name
+
+
+def _zero3_not_gathered(w: torch.Tensor) -> bool:
+    """A ZeRO-3 partitioned parameter that is gathered only by calling its own module; one inside a
+    ZeRO-3 leaf module (`backend.stage3_leaf_layers`: the whole decoder layer is gathered when it
+    starts, forward and backward) can be used directly."""
+    return hasattr(w, "ds_id") and not hasattr(w, "ds_z3_leaf_module")
 
 
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
