@@ -49,6 +49,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 PACKED_PARAMS = ("Params4bit", "Int8Params")  # bitsandbytes' packed weights: never cast
 
 
+def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a (possibly peft-wrapped) HF causal LM, [] when there are none.
+
+    Uses the model's `_no_split_modules` (the classes HF never splits across devices: the
+    decoder layers); falls back to the longest ModuleList of identical blocks."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names] if names else []
+    if layers:
+        return layers
+    best: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1:
+            best = list(m)
+    return best
+
+
 def place_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Move `model` to `device` and cast its floating parameters to `dtype`. Buffers keep their
     dtype: `model.to(bfloat16)` would also round a rotary embedding's fp32 `inv_freq`, and the

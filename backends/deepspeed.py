@@ -15,51 +15,85 @@ from torch import nn
 from unsloth_dist.config import ConfigError
 from unsloth_dist.launch.deepspeed_config import deepspeed_config
 
-from .base import Backend, OptimizerFactory, param_groups, place_model
+from .base import Backend, OptimizerFactory, find_decoder_layers, param_groups, place_model
 
 
-def leaf_layer_classes(model: nn.Module, required: bool) -> Optional[list[str]]:
-    """DeepSpeed's `leaf_module.classes` for `backend.stage3_leaf_layers`: its own defaults (MoE
-    blocks) plus the fully qualified classes of the model's decoder layers. A model without decoder
-    layers: None (module-by-module gathering), or an error when the setting was asked for."""
-    from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
-
-    from .fsdp import decoder_layers
-
-    try:
-        layers = decoder_layers(model)
-    except ConfigError:
-        if not required:
-            return None
-        raise ConfigError(
-            f"backend.stage3_leaf_layers: found no decoder layers in {type(model).__name__} (no "
-            "`_no_split_modules` and no ModuleList of blocks); set stage3_leaf_layers: false"
-        ) from None
-    names = {f"{type(m).__module__}.{type(m).__qualname__}" for m in layers}
-    return list(DEFAULT_LEAF_MODULE_CLASSES) + sorted(names - set(DEFAULT_LEAF_MODULE_CLASSES))
+def leaf_layers(model: nn.Module, required: bool) -> Optional[list[nn.Module]]:
+    """The decoder layers `backend.stage3_leaf_layers` makes ZeRO-3 leaf modules. A model without
+    decoder layers: None (module-by-module gathering), or an error when the setting was asked for."""
+    layers = find_decoder_layers(model)
+    if layers:
+        return layers
+    if not required:
+        return None
+    raise ConfigError(
+        f"backend.stage3_leaf_layers: found no decoder layers in {type(model).__name__} (no "
+        "`_no_split_modules` and no ModuleList of blocks); set stage3_leaf_layers: false"
+    )
 
 
-def _leaf_inputs_require_grad(model: nn.Module) -> None:
-    """ZeRO-3 releases a leaf module's parameters once the gradients of its inputs are computed;
-    when no input needs a gradient (the first layer under LoRA / QLoRA: frozen embeddings) DeepSpeed
-    releases them before the layer's own backward has run and that backward fails on empty weights.
-    The hidden states entering each layer are therefore made to require grad when they do not (a
-    tensor outside the graph only: what HF's `enable_input_require_grads` does at the embeddings), at
-    the cost of the first layer's input gradient. Registered before DeepSpeed's hooks, so it runs first."""
-    from .fsdp import decoder_layers
+_HOOK = "_unsloth_leaf_hook"
+
+
+def set_leaf_layers(model: nn.Module, on: bool, required: bool) -> int:
+    """Make the decoder layers ZeRO-3 leaf modules (DeepSpeed's `set_z3_leaf_modules` on their
+    classes: a layer's parameters are gathered together when it starts, forward and backward, and
+    DeepSpeed hooks the layers instead of their submodules), or undo it (`on=False`, also clearing
+    what an earlier Trainer set on the same model). Returns the number of leaf layers.
+
+    ZeRO-3 releases a leaf module's parameters once the gradients of its positional inputs are
+    computed; when none needs a gradient (the first trainable layer under LoRA / QLoRA: frozen
+    embeddings) DeepSpeed releases them before the layer's own backward has run, which then fails
+    on empty weights. Each layer holding trainable parameters therefore gets a forward pre-hook
+    (registered before DeepSpeed's, so it runs first; once per layer however many Trainers) that makes
+    the hidden states entering it require grad when they do not -- a tensor outside the graph only,
+    what HF's `enable_input_require_grads` does at the embeddings, at the cost of that layer's input
+    gradient -- and passes them positionally (DeepSpeed looks at positional inputs only)."""
+    import inspect
+
+    from deepspeed.utils import set_z3_leaf_modules
+
+    layers = leaf_layers(model, required) if on else None
+    for layer in find_decoder_layers(model):
+        if not layers and getattr(layer, "_z3_leaf", False):
+            layer._z3_leaf = False
+    if not layers:
+        return 0
+    set_z3_leaf_modules(model, list({type(m): None for m in layers}))
 
     def hook(module, args, kwargs):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or not getattr(module, "_z3_leaf", False):
             return None
-        if args and torch.is_tensor(args[0]) and args[0].is_floating_point() and not args[0].requires_grad:
-            return (args[0].detach().requires_grad_(), *args[1:]), kwargs
-        h = kwargs.get("hidden_states")
-        if not args and torch.is_tensor(h) and h.is_floating_point() and not h.requires_grad:
-            return args, {**kwargs, "hidden_states": h.detach().requires_grad_()}
-        return None
+        if not args and "hidden_states" in kwargs and getattr(module, "_unsloth_hidden_first", False):
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("hidden_states"),)
+        elif not args:
+            return None
+        h = args[0]
+        if torch.is_tensor(h) and h.is_floating_point() and not h.requires_grad:
+            h = h.detach().requires_grad_()
+        return (h, *args[1:]), kwargs
 
-    for layer in decoder_layers(model):
-        layer.register_forward_pre_hook(hook, with_kwargs=True)
+    for layer in layers:
+        if getattr(layer, _HOOK, None) is not None or not any(p.requires_grad for p in layer.parameters()):
+            continue
+        params = list(inspect.signature(layer.forward).parameters)
+        layer._unsloth_hidden_first = bool(params) and params[0] == "hidden_states"
+        setattr(layer, _HOOK, layer.register_forward_pre_hook(hook, with_kwargs=True))
+    return len(layers)
+
+
+def _plain_linear() -> None:
+    """`stage3_memory_efficient_linear: false`: DeepSpeed replaces torch.nn.functional.linear for
+    the whole process when it is true and never puts it back; an earlier zero3 run in this process
+    may have left it replaced. Restore torch's."""
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if F.linear is zero3_linear_wrap and original is not None:
+        F.linear = original
 
 
 class ZeroBackend(Backend):
@@ -90,11 +124,10 @@ class ZeroBackend(Backend):
             # fp32 / bf16-mixed: DeepSpeed leaves the parameters as loaded (a bf16-loaded model would
             # train in bf16); fp32 like the other backends, buffers untouched
             place_model(model, self.device, self.model_dtype)
-        if self.bcfg.stage == 3 and self.bcfg.stage3_leaf_layers:
-            classes = leaf_layer_classes(model, required="stage3_leaf_layers" in self.bcfg.model_fields_set)
-            if classes is not None:
-                self.ds_config["zero_optimization"]["leaf_module"] = {"classes": classes}
-                _leaf_inputs_require_grad(model)
+        if self.bcfg.stage == 3:
+            set_leaf_layers(model, self.bcfg.stage3_leaf_layers, required="stage3_leaf_layers" in self.bcfg.model_fields_set)
+            if not self.bcfg.stage3_memory_efficient_linear:
+                _plain_linear()
         groups = param_groups(model.named_parameters(), self.cfg.weight_decay)
         optimizer = None if "optimizer" in self.ds_config else optimizer_factory(groups)
         engine, ds_optimizer, _, _ = deepspeed.initialize(

@@ -14,30 +14,27 @@ from torch.distributed.tensor import DTensor
 
 from unsloth_dist.config import ConfigError
 
-from .base import PACKED_PARAMS, Backend, OptimizerFactory, check_consolidated, dcp_load, dcp_save, param_groups
+from .base import (
+    PACKED_PARAMS,
+    Backend,
+    OptimizerFactory,
+    check_consolidated,
+    dcp_load,
+    dcp_save,
+    find_decoder_layers,
+    param_groups,
+)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a (possibly peft-wrapped) HF causal LM.
-
-    Uses the model's `_no_split_modules` (the classes HF never splits across devices: the
-    decoder layers); falls back to the longest ModuleList of identical blocks."""
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names] if names else []
-    if layers:
-        return layers
-    best: list[nn.Module] = []
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1:
-            best = list(m)
-    if not best:
+    """The decoder layers FSDP shards one by one (`base.find_decoder_layers`); none is an error."""
+    layers = find_decoder_layers(model)
+    if not layers:
         raise ConfigError(
             f"backend fsdp: found no decoder layers to shard in {type(model).__name__} (no "
             "`_no_split_modules` and no ModuleList of blocks); use backend ddp or a zero backend for this model"
         )
-    return best
+    return layers
 
 
 class FSDPBackend(Backend):

@@ -115,6 +115,17 @@ def test_backend_from_deepspeed_config_file(tmp_path):
     f.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(f)}
     assert backend_from_accelerate_env(env) == {"name": "zero1"}
+    # the file's tuning knobs reach the backend ("auto" and stage-3 keys below stage 3 do not)
+    f.write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": 1000, "overlap_comm": False,
+        "memory_efficient_linear": False}}))
+    assert backend_from_accelerate_env(env) == {"name": "zero3", "stage3_prefetch_bucket_size": 1000,
+                                               "overlap_comm": False, "stage3_memory_efficient_linear": False}
+    f.write_text(json.dumps({"zero_optimization": {"stage": 2, "stage3_prefetch_bucket_size": 1000}}))
+    assert backend_from_accelerate_env(env) == {"name": "zero2"}
+    f.write_text(json.dumps({"zero_optimization": {"stage": 3, "leaf_module": {"classes": ["X"]}}}))
+    with pytest.raises(AccelerateLaunchError, match="zero_optimization.leaf_module.*stage3_leaf_layers.*remove leaf_module"):
+        backend_from_accelerate_env(env)
 
 
 def test_launch_disagreeing_with_recipe_is_an_error():

@@ -129,10 +129,12 @@ def test_trainer_with_fused_master_adamw_trains_like_torch_adamw(tmp_path, gas):
     fused, fused_masters, n_fused = _train(True, tmp_path, gradient_accumulation_steps=gas)
     assert n_plain == 0 and n_fused >= 5 * len(fused_masters) - 2  # every trainable tensor, every step
     # same data, same start: same losses and grad norms (clipped at 0.5 in most steps), same weights.
-    # gas 1 is bit-identical here; with gas 2 the norm of the accumulated bf16 gradients, summed in
-    # another order than clip_grad_norm_ over their fp32 copies, differs by ~1e-6 from step 2 on and
-    # bf16 weight rounding carries that to ~1e-4; the first step of each is still exact
-    tol, mtol = (1e-4, 1e-5) if gas == 1 else (1e-3, 5e-3)
+    # The first update is exact (the second loss equal to 1e-6). After it the norm of the bf16
+    # gradients is summed in another order than clip_grad_norm_ over their fp32 copies (with gas 2 the
+    # accumulated ones): ~1e-6 apart, which bf16 weight rounding carries to 1e-4..1e-3 by step 5 -- how
+    # far depends on the CPU's vector paths (gas 1 was bit-identical on one machine, 1.1e-3 apart on
+    # another), so both take the same bound
+    tol, mtol = 3e-3, 5e-3
     assert fused.losses == pytest.approx(plain.losses, rel=tol)
     assert fused.grad_norms == pytest.approx(plain.grad_norms, rel=tol)
     assert fused.losses[:2] == pytest.approx(plain.losses[:2], rel=1e-6)

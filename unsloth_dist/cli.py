@@ -277,7 +277,9 @@ def config_deepspeed(
     """Write the DeepSpeed JSON config that the zero backends pass to deepspeed.initialize.
 
     It is produced by the same function the Trainer uses (unsloth_dist.launch.deepspeed_config),
-    so the file and the run cannot disagree. DeepSpeed itself rejects the file on another world size."""
+    so the file and the run cannot disagree -- except for `backend.stage3_leaf_layers`, which the zero3
+    backend applies to the model itself (it needs the model's decoder layers). DeepSpeed itself
+    rejects the file on another world size."""
     from .launch.deepspeed_config import deepspeed_config
 
     with _guard():

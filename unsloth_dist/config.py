@@ -213,7 +213,8 @@ class ZeroConfig(_Strict):
     name: Literal["zero1", "zero2", "zero3"] = Field(
         "zero2",
         description="The ZeRO stage: `zero1` partitions the optimizer state, `zero2` also the gradients, "
-        "`zero3` also the parameters (gathered module by module in forward and backward).",
+        "`zero3` also the parameters (gathered one decoder layer at a time in forward and backward, "
+        "see `stage3_leaf_layers`).",
     )
     offload_optimizer: Literal["none", "cpu"] = Field(
         "none",

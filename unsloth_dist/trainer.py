@@ -133,9 +133,9 @@ class Trainer:
 
             decoder_layers(model)
         if backend_cfg.name == "zero3" and "stage3_leaf_layers" in backend_cfg.model_fields_set:
-            from unsloth_dist.backends.deepspeed import leaf_layer_classes  # the same, for the leaf layers asked for
+            from unsloth_dist.backends.deepspeed import leaf_layers  # the same, for the leaf layers asked for
 
-            leaf_layer_classes(model, required=backend_cfg.stage3_leaf_layers)
+            leaf_layers(model, required=backend_cfg.stage3_leaf_layers)
         if cfg.data is not None and cfg.data.max_seq_length:
             # (a bound, not a length: the samples may all be shorter, so a warning only)
             _check_positions(model, cfg.data.max_seq_length, "data.max_seq_length", self.env.rank, exact=False)
@@ -576,12 +576,9 @@ def _layers_without_checkpointing(model: nn.Module, n_checkpointed: Optional[int
     against the model before any process group exists."""
     if n_checkpointed is None:
         return []
-    from unsloth_dist.backends.fsdp import decoder_layers
+    from unsloth_dist.backends.base import find_decoder_layers
 
-    try:
-        layers = decoder_layers(model)
-    except ConfigError:
-        layers = []
+    layers = find_decoder_layers(model)
     if not layers or not all(hasattr(m, "gradient_checkpointing") for m in layers):
         raise ConfigError(
             f"gradient_checkpointing_layers: {type(model).__name__} has no transformers decoder layers that "

@@ -236,7 +236,34 @@ def _zero_from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if key == "offload_param" and stage != 3:
             continue  # accelerate ignores parameter offload below stage 3; so does DeepSpeed
         out[key] = "cpu"
+    # the file's tuning knobs become the backend's fields (validated there); "auto" leaves ours
+    for key, field, stage3_only in _DS_FILE_KNOBS:
+        value = zopt.get(key)
+        if value is None or value == "auto" or (stage3_only and stage != 3):
+            continue
+        out[field] = value
+    for key in ("leaf_module", "stage3_module_granularity_threshold"):
+        if zopt.get(key):
+            raise AccelerateLaunchError(
+                f"accelerate's deepspeed_config_file sets zero_optimization.{key}, which this framework does not "
+                "pass on: it makes the decoder layers ZeRO-3 leaf modules itself (backend.stage3_leaf_layers, on "
+                f"by default); remove {key} from the file"
+            )
     return out
+
+
+# (file key, ZeroConfig field, zero3 only)
+_DS_FILE_KNOBS = (
+    ("overlap_comm", "overlap_comm", False),
+    ("contiguous_gradients", "contiguous_gradients", False),
+    ("reduce_bucket_size", "reduce_bucket_size", False),
+    ("allgather_bucket_size", "allgather_bucket_size", False),
+    ("stage3_prefetch_bucket_size", "stage3_prefetch_bucket_size", True),
+    ("stage3_param_persistence_threshold", "stage3_param_persistence_threshold", True),
+    ("stage3_max_live_parameters", "stage3_max_live_parameters", True),
+    ("stage3_max_reuse_distance", "stage3_max_reuse_distance", True),
+    ("memory_efficient_linear", "stage3_memory_efficient_linear", True),
+)
 
 
 def _fsdp_from_env(env: Mapping[str, str]) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """The DeepSpeed JSON config derived from a TrainConfig.
 
 The ZeRO backends pass exactly this dict to `deepspeed.initialize`, and the CLI writes it to
-disk, so what is generated and what runs cannot disagree. One addition needs the model and is made
-by the zero3 backend at setup: `zero_optimization.leaf_module` (the decoder layer classes, under
-`backend.stage3_leaf_layers`).
+disk, so what is generated and what runs cannot disagree. One setting needs the model and is not
+in the file: `backend.stage3_leaf_layers` (the zero3 backend marks the decoder layers as ZeRO-3 leaf
+modules on the model itself, with DeepSpeed's `set_z3_leaf_modules`, before `deepspeed.initialize`).
 """
 from __future__ import annotations
 

@@ -57,8 +57,9 @@ How each op is patched, and why:
   matmuls save no activation, so the recompute skips ``down_proj``'s 4-bit base the same way.
   It runs peft's own forward whenever that path is not plain LoRA: adapters disabled or merged,
   several active adapters, mixed-batch ``adapter_names``, DoRA and other variants, LoRA bias,
-  autocast or mixed dtypes, and DeepSpeed ZeRO-3 partitioned adapter weights (those are gathered
-  only by calling the adapter modules).
+  autocast or mixed dtypes, and DeepSpeed ZeRO-3 partitioned adapter weights outside a ZeRO-3 leaf
+  module (those are gathered only by calling the adapter modules; inside a leaf decoder layer,
+  `backend.stage3_leaf_layers`, the whole layer is gathered and the fused path runs).
 
 ``kernels=False`` patches nothing.
 """
