@@ -236,12 +236,14 @@ def _zero_from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if key == "offload_param" and stage != 3:
             continue  # accelerate ignores parameter offload below stage 3; so does DeepSpeed
         out[key] = "cpu"
-    # the file's tuning knobs become the backend's fields (validated there); "auto" leaves ours
+    # the file's tuning knobs become the backend's fields (validated there); "auto" and our own
+    # defaults (what `unsloth-dist config deepspeed` writes) leave the field unset
     for key, field, stage3_only in _DS_FILE_KNOBS:
         value = zopt.get(key)
         if value is None or value == "auto" or (stage3_only and stage != 3):
             continue
-        out[field] = value
+        if value != ZeroConfig.model_fields[field].default:
+            out[field] = value
     for key in ("leaf_module", "stage3_module_granularity_threshold"):
         if zopt.get(key):
             raise AccelerateLaunchError(
