@@ -205,7 +205,8 @@ class _Profile:
             return
         if i == self.args.warmup - 1:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                           torch.profiler.ProfilerActivity.CUDA])
+                                                           torch.profiler.ProfilerActivity.CUDA],
+                                               with_stack=self.args.profile_stack)
             self.prof.start()
             self.t0 = time.perf_counter()
         elif self.prof is not None and i == self.args.warmup - 1 + self.n:
@@ -221,6 +222,10 @@ class _Profile:
             out.mkdir(parents=True, exist_ok=True)
             cpu_table = ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
             (out / f"{self.args.impl}_{self.args.backend}.txt").write_text(head + table + "\n\nBy host time:\n" + cpu_table)
+            if self.args.profile_stack:  # host time by Python call site (who spends it: our launchers, peft, FSDP...)
+                stacks = self.prof.key_averages(group_by_stack_n=8).table(
+                    sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90, max_src_column_width=160)
+                (out / f"{self.args.impl}_{self.args.backend}_stacks.txt").write_text(head + stacks)
             print("PROFILE " + head.strip(), flush=True)
             rows = sorted(((e.self_device_time_total / self.n / 1e3, e.count / self.n, e.key) for e in ka
                            if e.self_device_time_total > 0), reverse=True)[:25]
@@ -531,6 +536,8 @@ def run_matrix(args) -> int:
                 cmd += ["--backend-set", kv]
             if args.profile_dir:
                 cmd += ["--profile-dir", str(args.profile_dir)]
+                if args.profile_stack:
+                    cmd += ["--profile-stack"]
             before = len(_read(result_file))
             t0 = time.time()
             print(f"--- {impl} {backend} x{gpus}", flush=True)
@@ -678,6 +685,9 @@ def parse_args(argv=None):
                    help="ours: one more field of the backend config for ddp / fsdp / zero cases (repeatable; VALUE "
                         "parsed as YAML), e.g. --backend-set forward_prefetch=1 --backend-set reshard_after_forward=false")
     p.add_argument("--profile-dir", default=None, help="profile 3 timed steps per case (rank 0) into this folder")
+    p.add_argument("--profile-stack", action="store_true",
+                   help="with --profile-dir: record Python stacks too and write the host time by call site "
+                        "(IMPL_BACKEND_stacks.txt); slower profiled steps")
     p.add_argument("--out", default=None, help="JSON with every record and the markdown table")
     p.add_argument("--strict", action="store_true", help="exit 1 when a case failed")
     p.add_argument("--case-timeout", type=int, default=900)

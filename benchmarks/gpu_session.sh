@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh PART [PART ...]     PART = kernels | kbench | memory | models | examples | equivalence | qdiag | layer | train
 # layer: env LAYER_ARGS (bench_layer.py arguments, e.g. "--variants ours,ours-compile --layers 8")
 # train: env TRAIN_WORKLOAD (full-1b | lora-8b | qlora-8b | lora-qwen3-8b), TRAIN_GPUS (1), TRAIN_BACKENDS, TRAIN_IMPLS, TRAIN_STEPS, TRAIN_WARMUP, TRAIN_TAG,
-#        TRAIN_TIMEOUT, TRAIN_PROFILE, TRAIN_REDUCE (ours: backend.reduce_dtype),
+#        TRAIN_TIMEOUT, TRAIN_PROFILE, TRAIN_PROFILE_STACK (with TRAIN_PROFILE: host time by Python call site), TRAIN_REDUCE (ours: backend.reduce_dtype),
 #        TRAIN_SET (ours: space-separated backend fields, e.g. "forward_prefetch=1 backward_prefetch=2"),
 #        TRAIN_FUSED_ADAMW=auto|on|off (ours, single / ddp: fused_master_adamw; default auto = on on a GPU), TRAIN_CKPT_LAYERS=K (ours: checkpoint the first K layers),
 #        TRAIN_NO_FUSED_LORA=1 (ours: peft's LoRA forward instead of kernels.lora_delta)
@@ -45,7 +45,7 @@ for part in "$@"; do
     equivalence) (cd /tmp/t && step gpu_equivalence 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_equivalence.py) ;;
     layer) TAILN=20 step bench_layer 560 python3 benchmarks/bench_layer.py ${LAYER_ARGS:-} --out "$OUT/bench_layer.json" ;;
     qdiag) TAILN=12 step diag_qlora 300 python3 benchmarks/diag_qlora.py 4 ;;
-    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ${TRAIN_REDUCE:+--reduce-dtype $TRAIN_REDUCE} $(for kv in ${TRAIN_SET:-}; do printf -- "--backend-set %s " "$kv"; done) ${TRAIN_FUSED_ADAMW:+--fused-adamw $TRAIN_FUSED_ADAMW} ${TRAIN_CKPT_LAYERS:+--ckpt-layers $TRAIN_CKPT_LAYERS} ${TRAIN_NO_FUSED_LORA:+--no-fused-lora} ;;
+    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ${TRAIN_PROFILE_STACK:+--profile-stack} ${TRAIN_REDUCE:+--reduce-dtype $TRAIN_REDUCE} $(for kv in ${TRAIN_SET:-}; do printf -- "--backend-set %s " "$kv"; done) ${TRAIN_FUSED_ADAMW:+--fused-adamw $TRAIN_FUSED_ADAMW} ${TRAIN_CKPT_LAYERS:+--ckpt-layers $TRAIN_CKPT_LAYERS} ${TRAIN_NO_FUSED_LORA:+--no-fused-lora} ;;
     *) echo "unknown part $part" ;;
   esac
 done
