@@ -278,8 +278,9 @@ class ZeroConfig(_Strict):
     )
     stage3_leaf_layers: bool = Field(
         True,
-        description="zero3 only: make every decoder layer a ZeRO-3 leaf module (DeepSpeed's `leaf_module` "
-        "setting, the layer classes found in the model at setup): a layer's parameters are gathered "
+        description="zero3 only: make every decoder layer a ZeRO-3 leaf module (DeepSpeed's "
+        "`set_z3_leaf_modules` on the model's decoder layer classes at setup; not in the generated JSON): "
+        "a layer's parameters are gathered "
         "together when it starts, and DeepSpeed hooks the layers instead of each of their Linear / LoRA "
         "submodules, which cuts the host time spent in those hooks per step (measured on one H200: about 2x "
         "the tokens/s for full fine-tuning at the 1B shape and LoRA / QLoRA at the 8B shape, same peak memory), "
