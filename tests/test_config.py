@@ -715,7 +715,7 @@ def test_ds_stage3_keys_only_for_zero3(name):
 def test_ds_memory_efficient_linear_reaches_the_json(value):
     _, ds = _ds({"name": "zero3", "stage3_memory_efficient_linear": value})
     assert ds["zero_optimization"]["memory_efficient_linear"] is value
-    # the leaf layers need the model: the backend adds them at setup, the CLI file has none
+    # the leaf layers need the model: the zero3 backend sets them on the model, never in the file
     assert "leaf_module" not in ds["zero_optimization"]
 
 

@@ -285,7 +285,8 @@ class ZeroConfig(_Strict):
         "submodules, which cuts the host time spent in those hooks per step (measured on one H200: about 2x "
         "the tokens/s for full fine-tuning at the 1B shape and LoRA / QLoRA at the 8B shape, same peak memory), "
         "and the fused LoRA kernels can use the gathered adapters. A whole layer's parameters are live at "
-        "once; `false`: DeepSpeed's default module-by-module gathering.",
+        "once (`stage3_max_live_parameters` does not split a layer); `false`: DeepSpeed's default "
+        "module-by-module gathering.",
     )
     stage3_memory_efficient_linear: bool = Field(
         True,
