@@ -266,6 +266,10 @@ def run_ours(args, wl, device, world) -> dict:
             if m.__dict__.get("_unsloth_patch") == "lora":
                 _clear_forward(m)
         report.patched.pop("lora", None)
+    if args.no_qlora_linear:  # 4-bit bases through bitsandbytes' own forward (lora_xa, base, lora_add), as before
+        from unsloth_dist.models import patching
+
+        patching._frozen_4bit_linear = lambda base, x: None
     _reset_peak(device)  # the peak is training's: building / quantizing the random model is not counted
     steps = args.warmup + args.steps
     vocab = wl["shape"]["vocab_size"]
@@ -435,6 +439,7 @@ def run_case(args) -> int:
               "fused_master_adamw": None,  # ours: what the backend ran (filled in below)
               "ckpt_layers": args.ckpt_layers if args.impl == "ours" else None,
               "fused_lora": (not args.no_fused_lora) if args.impl == "ours" and wl["lora"] else None,
+              "qlora_linear": (not args.no_qlora_linear and not args.no_fused_lora) if args.impl == "ours" and wl["quant"] else None,
               "seq": args.seq, "micro_batch": args.micro, "precision": args.precision,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     try:
@@ -529,6 +534,8 @@ def run_matrix(args) -> int:
             cmd += ["--fused-adamw", args.fused_adamw]
             if args.no_fused_lora:
                 cmd.append("--no-fused-lora")
+            if args.no_qlora_linear:
+                cmd.append("--no-qlora-linear")
             if args.ckpt_layers is not None:
                 cmd += ["--ckpt-layers", str(args.ckpt_layers)]
             cmd += ["--reduce-dtype", args.reduce_dtype]
@@ -676,6 +683,9 @@ def parse_args(argv=None):
                         "first K decoder layers (gradient_checkpointing_layers)")
     p.add_argument("--no-fused-lora", action="store_true",
                    help="ours, LoRA workloads: peft's LoRA forward instead of the fused update (kernels.lora_delta)")
+    p.add_argument("--no-qlora-linear", action="store_true",
+                   help="ours, QLoRA workloads: bitsandbytes' Linear4bit forward under the fused update instead of "
+                        "the one-node 4-bit GEMM (kernels.qlora_linear)")
     p.add_argument("--fused-adamw", default="auto", choices=["auto", "on", "off"],
                    help="ours: fused_master_adamw (clip + AdamW on the fp32 masters + bf16 copy in one kernel); "
                         "auto leaves it unset (on for single / ddp under bf16 on a GPU)")

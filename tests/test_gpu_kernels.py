@@ -276,12 +276,37 @@ def test_lora_delta_bf16_against_fp32(_gpu):
     close(db2, rdb, "lora_linear d B")
 
 
+@pytest.mark.parametrize("path", ["qlora-linear", "hooked-base"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_qlora_fused_path_on_gpu(_gpu, dropout):
-    """The QLoRA fused path (x @ A^T before bitsandbytes' CUDA 4-bit base, then the in-place update)
-    against peft on a GPU, under activation checkpointing: loss and LoRA gradients, and each layer's
-    down_proj base run once (the recompute stops before it), the other bases twice."""
+def test_qlora_fused_path_on_gpu(_gpu, dropout, path, monkeypatch):
+    """The QLoRA fused paths (x @ A^T first, then our one-node 4-bit GEMM + update, or bitsandbytes'
+    CUDA 4-bit base + the in-place update) against peft on a GPU, under activation checkpointing: loss
+    and LoRA gradients, and each layer's down_proj base run once (the recompute stops before it), the
+    other bases twice."""
     pytest.importorskip("bitsandbytes")
     from test_lora_fused import test_qlora_recompute_stops_before_down_proj_4bit_base as check
 
-    check(dropout, device="cuda", hidden=512)
+    check(dropout, path, monkeypatch, device="cuda", hidden=512)
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantize_4bit_on_gpu_is_bitsandbytes_bit_for_bit(_gpu, quant_type, nested):
+    """Our one-launch dequantization equals bitsandbytes' CUDA dequantization exactly (bf16 and fp32
+    out), on an 8B-model MLP weight shape and a row that ends mid-block."""
+    import copy
+
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from unsloth_dist.kernels import LAUNCHES, dequantize_4bit
+
+    for shape in [(14336, 4096), (33, 1000)]:
+        w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+        q, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=nested,
+                                   quant_storage=torch.bfloat16)
+        before = LAUNCHES["dequant4"]
+        got = dequantize_4bit(q, qs)
+        assert LAUNCHES["dequant4"] == before + 1
+        assert torch.equal(got, bnbf.dequantize_4bit(q, qs)), (shape, (got.float() - bnbf.dequantize_4bit(q, qs).float()).abs().max())
+        qs32 = copy.copy(qs)
+        qs32.dtype = torch.float32
+        assert torch.equal(dequantize_4bit(q, qs, torch.float32), bnbf.dequantize_4bit(q, qs32)), shape

@@ -652,6 +652,71 @@ def test_second_backward_through_reusing_kernels_is_an_error():
             loss.backward()
 
 
+# --------------------------------------------------------------------------- 4-bit dequantization (QLoRA)
+
+
+def _quantized(shape, quant_type, nested, storage, blocksize, dtype=torch.bfloat16):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    return bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested,
+                              quant_storage=storage)
+
+
+@needs_interp
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["u8", "bf16-storage"])
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single"])
+@pytest.mark.parametrize("quant_type,blocksize,shape", [("nf4", 64, (97, 192)), ("fp4", 128, (40, 384)),
+                                                        ("nf4", 256, (7, 2304))], ids=["nf4-64", "fp4-128", "nf4-256"])
+def test_dequantize_4bit_is_bitsandbytes_bit_for_bit(quant_type, blocksize, shape, nested, storage):
+    """One launch, both levels of scales: the fp32 result equals bitsandbytes' exactly, the bf16 one
+    equals its single rounding; sizes that end mid-program (poisoned output). (Rows are whole
+    blocks here: bitsandbytes' CPU library dequantizes rows that end mid-block differently from its
+    CUDA and generic code, which block the flat weight as this kernel does.)"""
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    q, qs = _quantized(shape, quant_type, nested, storage, blocksize)
+    assert qs.nested == nested
+    qs32 = copy.copy(qs)
+    qs32.dtype = torch.float32
+    ref32 = bnbf.dequantize_4bit(q, qs32)
+    with launched("dequant4"):
+        got32 = K.dequantize_4bit(q, qs, torch.float32)
+        got = K.dequantize_4bit(q, qs)
+    assert got.dtype == torch.bfloat16 and got.shape == shape
+    assert torch.equal(got32, ref32)
+    assert torch.equal(got, ref32.to(torch.bfloat16))
+    assert torch.equal(got, bnbf.dequantize_4bit(q, qs))  # bitsandbytes' own bf16 output (round to nearest even)
+
+
+@needs_interp
+def test_dequantize_4bit_refuses_a_weight_the_bytes_cannot_hold():
+    q, qs = _quantized((16, 64), "nf4", True, torch.uint8, 64)
+    with pytest.raises(ValueError, match="cannot hold"):
+        K.dequantize_4bit(q[: q.numel() // 2], qs)
+
+
+@needs_interp
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_qlora_linear_against_dequantized_reference(bias):
+    """qlora_linear = F.linear(x, dequantize(W), bias) + scaling * (x A^T) B^T, forward and the
+    gradients of x, A and B (W and bias frozen), fp32 compute on an NF4 weight."""
+    q, qs = _quantized((48, 128), "nf4", True, torch.uint8, 64, dtype=torch.float32)
+    w = K.dequantize_4bit_reference(q, qs)
+    b0 = torch.randn(48) if bias else None
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    a = (torch.randn(4, 128) * 0.1).requires_grad_()
+    bb = (torch.randn(48, 4) * 0.1).requires_grad_()
+    with launched("dequant4"):
+        y = K.qlora_linear(x, q, qs, b0, K.lora_xa(x, a), bb, 0.5)
+    ref = torch.nn.functional.linear(x, w, b0) + torch.nn.functional.linear(torch.nn.functional.linear(x, a), bb) * 0.5
+    close(y, ref, torch.float32, "qlora_linear forward")
+    gy = torch.randn_like(ref)
+    for got, want, what in zip(grads(y, (x, a, bb), gy), grads(ref, (x, a, bb), gy), ("x", "A", "B")):
+        close(got, want, torch.float32, f"qlora_linear grad {what}")
+
+
 # --------------------------------------------------------------------------- fused linear cross-entropy
 
 CE_CASES = {

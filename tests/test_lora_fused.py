@@ -78,9 +78,17 @@ class _Count:
     with the base weights it ran on) or `lora_delta` after any other base (n_delta)."""
 
     def __init__(self, monkeypatch):
-        self.n_linear = self.n_delta = 0
+        from unsloth_dist.kernels import quant as Q
+
+        self.n_linear = self.n_delta = self.n_4bit = 0
         self.weights: list[torch.Tensor] = []
-        real_delta, real_linear = L._AddLoraUpdate.apply, L._FrozenLinearLora.apply
+        real_delta, real_linear, real_4bit = L._AddLoraUpdate.apply, L._FrozenLinearLora.apply, Q._Frozen4bitLinearLora.apply
+
+        def q4(*args):
+            self.n_4bit += 1
+            return real_4bit(*args)
+
+        monkeypatch.setattr(Q._Frozen4bitLinearLora, "apply", staticmethod(q4))
 
         def delta(*args):
             self.n_delta += 1
@@ -96,11 +104,11 @@ class _Count:
 
     @property
     def n(self) -> int:
-        return self.n_linear + self.n_delta
+        return self.n_linear + self.n_delta + self.n_4bit
 
     @n.setter
     def n(self, value: int) -> None:
-        self.n_linear, self.n_delta = value, 0
+        self.n_linear, self.n_delta, self.n_4bit = value, 0, 0
 
 
 def _tiny_peft(dropout=0.0, **lora_kw):
@@ -261,7 +269,7 @@ def test_fused_lora_on_a_4bit_base(monkeypatch):
         y.float().square().sum().backward()
         outs.append(y.detach().float())
         grads.append([xi.grad.float()] + [p.grad.float() for n, p in m.named_parameters() if "lora_" in n])
-    assert count.n == 1
+    assert count.n == count.n_4bit == 1  # the one-node 4-bit path (kernels.qlora_linear)
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
     for u, v in zip(grads[1], grads[0]):  # bf16 rounding in another order: compare by norm
         assert ((u - v).norm() / v.norm()).item() < 2e-2
@@ -340,20 +348,36 @@ def _tiny_qlora(dropout=0.0, device="cpu", hidden=64):
     return pm
 
 
+@pytest.mark.parametrize("path", ["qlora-linear", "hooked-base"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_qlora_recompute_stops_before_down_proj_4bit_base(dropout, device="cpu", hidden=64):
+def test_qlora_recompute_stops_before_down_proj_4bit_base(dropout, path, monkeypatch, device="cpu", hidden=64):
     """QLoRA under non-reentrant checkpointing: the adapter's x @ A^T is saved before the 4-bit base
     runs, so each layer's recompute stops before down_proj's base (dequantize + matmul); the other
     bases run twice. Loss and LoRA gradients as peft's (same dropout masks under the same seed).
+    Both fused paths: `qlora-linear` (the one-node 4-bit GEMM, kernels.qlora_linear; counted by the
+    forward dequantizations of each weight) and `hooked-base` (a forward hook on each base layer, which
+    keeps bitsandbytes' own forward: lora_xa, base, lora_add; counted by the hook).
     tests/test_gpu_kernels.py runs the same on a GPU (bitsandbytes' CUDA 4-bit path)."""
+    from unsloth_dist.kernels import quant as Q
+
     ref = _tiny_qlora(dropout, device, hidden)
     assert type(ref.base_model.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     pat = copy.deepcopy(ref)
     assert patch_model(pat, rms_norm=False, rope=False, swiglu=False, fused_cross_entropy=False).count("lora") == 8
     calls: dict[str, int] = {}
-    for name, m in pat.named_modules():
-        if name.endswith(".base_layer"):
+    bases = {name: m for name, m in pat.named_modules() if name.endswith(".base_layer")}
+    if path == "hooked-base":
+        for name, m in bases.items():
             m.register_forward_hook(lambda mod, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    else:
+        by_packed = {m.weight.data_ptr(): name for name, m in bases.items()}
+        real_fwd = Q._Frozen4bitLinearLora.forward
+
+        def counting_forward(ctx, x, xa, b, packed, *rest):
+            calls[by_packed[packed.data_ptr()]] = calls.get(by_packed[packed.data_ptr()], 0) + 1
+            return real_fwd(ctx, x, xa, b, packed, *rest)
+
+        monkeypatch.setattr(Q._Frozen4bitLinearLora, "forward", staticmethod(counting_forward))
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4)).to(device)
     results = []
     for m in (ref, pat):

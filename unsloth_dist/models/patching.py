@@ -51,10 +51,13 @@ How each op is patched, and why:
   instead of peft's scale-and-add passes over the output (LoRA dropout, when set, is applied to the
   adapter's input as peft does). Over a frozen ``nn.Linear`` base it computes the base GEMM itself
   (:func:`~unsloth_dist.kernels.lora_linear`), saving what the backward needs before that GEMM, so
-  a checkpointed layer's recompute stops before its last projection (``down_proj``); over other
-  bases (4-bit / 8-bit) it computes the adapter's ``x @ A^T`` first (:func:`~unsloth_dist.kernels.lora_xa`),
-  then calls the base layer and adds in place (:func:`~unsloth_dist.kernels.lora_add`): bitsandbytes'
-  matmuls save no activation, so the recompute skips ``down_proj``'s 4-bit base the same way.
+  a checkpointed layer's recompute stops before its last projection (``down_proj``). Over a
+  bitsandbytes ``Linear4bit`` base (QLoRA) it computes the adapter's ``x @ A^T`` first
+  (:func:`~unsloth_dist.kernels.lora_xa`), then the 4-bit GEMM with the update in one node
+  (:func:`~unsloth_dist.kernels.qlora_linear`: one Triton dequantize launch, bit-identical to
+  bitsandbytes', instead of its Python layers), so the recompute skips ``down_proj``'s 4-bit base the
+  same way; over other bases (8-bit, a hooked or subclassed 4-bit layer) it calls the base layer after
+  ``lora_xa`` and adds in place (:func:`~unsloth_dist.kernels.lora_add`).
   It runs peft's own forward whenever that path is not plain LoRA: adapters disabled or merged,
   several active adapters, mixed-batch ``adapter_names``, DoRA and other variants, LoRA bias,
   autocast or mixed dtypes, and DeepSpeed ZeRO-3 partitioned adapter weights outside a ZeRO-3 leaf
@@ -77,7 +80,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unsloth_dist.kernels import apply_rope, fused_linear_cross_entropy, glu, lora_add, lora_linear, lora_xa, rms_norm
+from unsloth_dist.kernels import (apply_rope, fused_linear_cross_entropy, glu, lora_add, lora_linear, lora_xa, qlora_linear,
+                                  rms_norm)
 
 IGNORE_INDEX = -100
 OPS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "lora")
@@ -248,6 +252,12 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         xd = self.lora_dropout[name](x)  # dropout is the only use of the RNG here: peft's masks
         return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                            self.scaling[name], x_lora=xd)
+    if name is not None and (q4 := _frozen_4bit_linear(self.base_layer, x)) is not None:
+        # QLoRA over a bitsandbytes Linear4bit: (x, A) saved first as above, then one node for the 4-bit
+        # GEMM + update (kernels.qlora_linear: one dequantize launch, none of bitsandbytes' Python layers)
+        xd = self.lora_dropout[name](x)
+        xa = lora_xa(xd, self.lora_A[name].weight)
+        return qlora_linear(x, q4[0], q4[1], self.base_layer.bias, xa, self.lora_B[name].weight, self.scaling[name])
     if name is not None:
         # the adapter's x @ A^T first, so that (x, A) are saved before the base layer runs (bitsandbytes'
         # 4-/8-bit matmuls save no activation): a checkpointed layer's recompute then stops before its
@@ -272,6 +282,30 @@ def _frozen_plain_linear(base: nn.Module, x: torch.Tensor) -> bool:
     w, bias = base.weight, base.bias
     return (not w.requires_grad and w.dtype == x.dtype and w.device == x.device
             and (bias is None or (not bias.requires_grad and bias.dtype == x.dtype)))
+
+
+def _frozen_4bit_linear(base: nn.Module, x: torch.Tensor):
+    """(packed weight, QuantState) of a bitsandbytes ``Linear4bit`` that `qlora_linear` computes exactly
+    as its own forward would (frozen, computing in x's dtype, dequantized in one rounding to it: quantized
+    from a weight of that dtype or fp32; nothing hooked, gathered), else None; bitsandbytes' forward
+    runs in every other case."""
+    if type(base).__name__ != "Linear4bit" or not type(base).__module__.startswith("bitsandbytes"):
+        return None
+    if "forward" in base.__dict__ or base._forward_hooks or base._forward_pre_hooks:
+        return None
+    w = base.weight
+    qs = getattr(w, "quant_state", None) or getattr(base, "quant_state", None)
+    if qs is None or w.requires_grad or _zero3_not_gathered(w) or w.device != x.device:
+        return None
+    if (qs.quant_type not in ("nf4", "fp4") or len(qs.shape) != 2 or qs.dtype not in (x.dtype, torch.float32) or qs.absmax.device != x.device
+            or getattr(qs, "packing_format_for_cpu", False) or getattr(base, "compute_dtype", None) not in (None, x.dtype)):
+        return None
+    if w.numel() * w.element_size() * 2 < qs.shape[0] * qs.shape[1]:  # not gathered / not this weight
+        return None
+    bias = base.bias
+    if bias is not None and (bias.requires_grad or bias.dtype != x.dtype):
+        return None
+    return w, qs
 
 
 def _is_peft_lora_linear(module: nn.Module) -> bool:
