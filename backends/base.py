@@ -130,6 +130,13 @@ class Backend:
         grad norm before clipping as a 0-d tensor (not read: reading it would wait for the GPU)."""
         raise NotImplementedError
 
+    def step_before_read(self) -> bool:
+        """Whether the Trainer may issue `step` right after `clip_gradients`, before it reads the loss
+        and the norm: the step then skips the update on the device when the norm it clipped with is not
+        finite (nothing is read), so nan_policy stop and skip hold, and the optimizer's host work
+        overlaps the end of the backward instead of following a wait for it."""
+        return False
+
     def step_applied(self) -> bool:
         """Whether the last `step` updated the weights: False when an fp16 loss scaler found an
         inf / NaN gradient and skipped it (the Trainer then holds the LR schedule, as transformers does)."""

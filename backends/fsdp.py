@@ -133,10 +133,29 @@ class FSDPBackend(Backend):
         self._pending_norm = norm
         return norm
 
-    def step(self) -> torch.Tensor:
+    def step_before_read(self) -> bool:
+        # torch's fused Adam / AdamW take a device `found_inf` (as under a GradScaler) and skip the
+        # update in the kernel when it is set
+        opt = self.optimizer
+        return (type(opt) in (torch.optim.AdamW, torch.optim.Adam) and all(g.get("fused") for g in opt.param_groups)
+                and not hasattr(opt, "grad_scale"))
+
+    def step(self, loss: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`loss` (with `step_before_read`): the step's loss, also required finite for the update."""
         norm = self._pending_norm if self._pending_norm is not None else self.clip_gradients()
         self._pending_norm = None
-        self.optimizer.step()
+        if self.step_before_read():
+            # a non-finite norm (or loss) skips the update on the device: step issued before anything is read
+            ok = torch.isfinite(norm)
+            if loss is not None:
+                ok = ok & torch.isfinite(loss.to(ok.device))
+            self.optimizer.found_inf = (~ok).to(torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

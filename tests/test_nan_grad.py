@@ -101,3 +101,68 @@ def test_fp16_overflow_skipped_by_the_scaler_holds_the_lr_schedule(tmp_path, mon
     assert lrs == pytest.approx([2.5e-4, 2.5e-4, 5e-4, 7.5e-4]), lrs
     assert [r["step"] for r in recs if r.get("overflow_skipped")] == [2]
     assert trainer.backend.scaler.get_scale() == scale / 2
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; an inf gradient backward (so the loss stays finite)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_fsdp_fused_adamw_steps_before_the_read_and_skips_on_the_device(tmp_path, monkeypatch, policy):
+    """FSDP with torch's fused AdamW (the Trainer's optimizer on GPUs; forced here on CPU) issues the
+    optimizer step before it reads the loss and the norm; the non-finite norm of step 2 (an inf
+    gradient through up_proj's output, finite loss) makes the fused kernel skip the update on the
+    device: stop raises with the weights of step 1, skip goes on and step 3 trains (optimizer step
+    count 2). The poison is a module hook, which FSDP2's parameter swap keeps."""
+    from tiny import ragged_dataset, tiny_llama
+    from unsloth_dist import Trainer
+
+    monkeypatch.setattr(Trainer, "_make_optimizer",
+                        lambda self, groups: torch.optim.AdamW(groups, lr=self.cfg.learning_rate, fused=True))
+    model = tiny_llama(seed=0, vocab=128, hidden=64, layers=1)
+    done = {"step": 0}
+    model.model.layers[0].mlp.up_proj.register_forward_hook(
+        lambda m, i, o: _InfGrad.apply(o) if done["step"] == 1 and torch.is_grad_enabled() else o)
+    snaps = {}
+
+    class Snap:
+        def on_step_end(self, trainer, step, loss):
+            done["step"] = step
+            snaps[step] = {n: p.detach().full_tensor().clone() for n, p in trainer.backend.module.named_parameters()}
+
+    trainer = Trainer(model, ragged_dataset(n=16, seed=1, vocab=128, max_len=12, min_len=4), backend="fsdp",
+                      callbacks=[Snap()], args={
+                          "output_dir": str(tmp_path), "per_device_train_batch_size": 2, "max_steps": 3,
+                          "learning_rate": 1e-3, "disable_tqdm": True, "nan_policy": policy})
+    calls = []
+    real_step = type(trainer.backend).step
+
+    def step(self, loss=None):
+        calls.append(loss is not None)  # the Trainer passes the loss on the step-before-read path
+        return real_step(self, loss)
+
+    monkeypatch.setattr(type(trainer.backend), "step", step)
+    if policy == "stop":
+        with pytest.raises(FloatingPointError, match=r"step 2: the gradient norm is (inf|nan).*nan_policy"):
+            trainer.train()
+        assert list(snaps) == [1] and calls == [True, True]
+        assert trainer.backend.step_before_read()
+        for n, p in trainer.backend.module.named_parameters():
+            assert torch.equal(p.detach().full_tensor(), snaps[1][n]), n  # the step-2 update was skipped
+        return
+    result = trainer.train()
+    assert calls == [True, True, True]
+    assert math.isnan(result.grad_norms[1]) and math.isfinite(result.grad_norms[2])
+    assert all(torch.equal(snaps[1][n], snaps[2][n]) for n in snaps[1])  # step 2: no update
+    assert any(not torch.equal(snaps[2][n], snaps[3][n]) for n in snaps[2])  # step 3 trained
+    assert all(bool(torch.isfinite(t).all()) for t in snaps[3].values())
+    steps = {float(s["step"]) for s in trainer.backend.optimizer.state.values()}
+    assert steps == {2.0}, steps  # the skipped step is not counted (Adam's bias correction)

@@ -362,8 +362,13 @@ class Trainer:
                 # clip now (no host sync), then read the loss and the grad norm together: one wait
                 # per step, and the clipping launches overlap the tail of the backward
                 norm_t = self.backend.clip_gradients()
-                stepped = False
-                if norm_t is None:
+                stepped = skipped_on_device = False
+                if norm_t is not None and self.backend.step_before_read():
+                    # FSDP with torch's fused AdamW: the update of a non-finite norm or loss is skipped
+                    # on the device, so the step goes out now and its host work overlaps the backward's tail
+                    self.backend.step(loss_t)
+                    stepped = skipped_on_device = True
+                elif norm_t is None:
                     # ZeRO: DeepSpeed clips inside its step and reports the norm from there. The step
                     # is issued before the read, so its host work overlaps the end of the backward;
                     # ZeRO takes nan_policy stop only, and a non-finite loss or norm stops the run at
@@ -383,7 +388,7 @@ class Trainer:
                     if not stepped:
                         self.backend.step()
                     grad_norm = norm_v
-                elif c.nan_policy == "skip" and not stepped:
+                elif c.nan_policy == "skip" and (not stepped or skipped_on_device):
                     self.backend.skip_step()
                     grad_norm = float("nan")
                     self._log({"step": step + 1, "skipped": True, "loss": global_loss})
