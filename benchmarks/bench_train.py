@@ -266,6 +266,10 @@ def run_ours(args, wl, device, world) -> dict:
             if m.__dict__.get("_unsloth_patch") == "lora":
                 _clear_forward(m)
         report.patched.pop("lora", None)
+    if args.no_step_before_read:  # fsdp: the optimizer step after the loss / norm read, as before
+        from unsloth_dist.backends.fsdp import FSDPBackend
+
+        FSDPBackend.step_before_read = lambda self: False
     if args.no_qlora_linear:  # 4-bit bases through bitsandbytes' own forward (lora_xa, base, lora_add), as before
         from unsloth_dist.models import patching
 
@@ -439,6 +443,7 @@ def run_case(args) -> int:
               "fused_master_adamw": None,  # ours: what the backend ran (filled in below)
               "ckpt_layers": args.ckpt_layers if args.impl == "ours" else None,
               "fused_lora": (not args.no_fused_lora) if args.impl == "ours" and wl["lora"] else None,
+              "step_before_read": not args.no_step_before_read if args.impl == "ours" and args.backend == "fsdp" else None,
               "qlora_linear": (not args.no_qlora_linear and not args.no_fused_lora) if args.impl == "ours" and wl["quant"] else None,
               "seq": args.seq, "micro_batch": args.micro, "precision": args.precision,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
@@ -536,6 +541,8 @@ def run_matrix(args) -> int:
                 cmd.append("--no-fused-lora")
             if args.no_qlora_linear:
                 cmd.append("--no-qlora-linear")
+            if args.no_step_before_read:
+                cmd.append("--no-step-before-read")
             if args.ckpt_layers is not None:
                 cmd += ["--ckpt-layers", str(args.ckpt_layers)]
             cmd += ["--reduce-dtype", args.reduce_dtype]
@@ -686,6 +693,9 @@ def parse_args(argv=None):
     p.add_argument("--no-qlora-linear", action="store_true",
                    help="ours, QLoRA workloads: bitsandbytes' Linear4bit forward under the fused update instead of "
                         "the one-node 4-bit GEMM (kernels.qlora_linear)")
+    p.add_argument("--no-step-before-read", action="store_true",
+                   help="ours, fsdp: issue the optimizer step after reading the loss and the norm (the order before "
+                        "the fused AdamW's device-side skip)")
     p.add_argument("--fused-adamw", default="auto", choices=["auto", "on", "off"],
                    help="ours: fused_master_adamw (clip + AdamW on the fp32 masters + bf16 copy in one kernel); "
                         "auto leaves it unset (on for single / ddp under bf16 on a GPU)")

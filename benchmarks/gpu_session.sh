@@ -7,7 +7,9 @@
 #        TRAIN_SET (ours: space-separated backend fields, e.g. "forward_prefetch=1 backward_prefetch=2"),
 #        TRAIN_FUSED_ADAMW=auto|on|off (ours, single / ddp: fused_master_adamw; default auto = on on a GPU), TRAIN_CKPT_LAYERS=K (ours: checkpoint the first K layers),
 #        TRAIN_NO_FUSED_LORA=1 (ours: peft's LoRA forward instead of kernels.lora_delta),
-#        TRAIN_NO_QLORA_LINEAR=1 (ours, qlora: bitsandbytes' Linear4bit forward instead of kernels.qlora_linear)
+#        TRAIN_NO_QLORA_LINEAR=1 (ours, qlora: bitsandbytes' Linear4bit forward instead of kernels.qlora_linear),
+#        TRAIN_NO_STEP_BEFORE_READ=1 (ours, fsdp: optimizer step after the loss / norm read)
+# kernels: env KERNELS_K (a pytest -k expression selecting tests of tests/test_gpu_kernels.py)
 # Needs the wheels of .whl/ (pydantic, DeepSpeed sdist, bitsandbytes, liger-kernel, pytest-timeout, ...).
 # Logs and JSON go to $OUT (the device tool brings that folder back).
 set -u
@@ -38,7 +40,7 @@ step() {  # name timeout command...
 }
 for part in "$@"; do
   case $part in
-    kernels) (cd /tmp/t && step gpu_kernels 300 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu_kernels.py) ;;
+    kernels) (cd /tmp/t && step gpu_kernels 300 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu_kernels.py ${KERNELS_K:+-k "$KERNELS_K"}) ;;
     kbench) TAILN=40 step bench_kernels 300 python3 benchmarks/bench_kernels.py --check --out "$OUT/bench_kernels.json" ;;
     memory) TAILN=12 step bench_memory 420 python3 benchmarks/bench_memory.py --gpus ${MEM_GPUS:-2} ${MEM_CASES:+--cases $MEM_CASES} --out "$OUT/bench_memory.json" ;;
     models) (cd /tmp/t && TAILN=25 step gpu_models 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_models.py) ;;
@@ -46,7 +48,7 @@ for part in "$@"; do
     equivalence) (cd /tmp/t && step gpu_equivalence 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_equivalence.py) ;;
     layer) TAILN=20 step bench_layer 560 python3 benchmarks/bench_layer.py ${LAYER_ARGS:-} --out "$OUT/bench_layer.json" ;;
     qdiag) TAILN=12 step diag_qlora 300 python3 benchmarks/diag_qlora.py 4 ;;
-    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ${TRAIN_PROFILE_STACK:+--profile-stack} ${TRAIN_REDUCE:+--reduce-dtype $TRAIN_REDUCE} $(for kv in ${TRAIN_SET:-}; do printf -- "--backend-set %s " "$kv"; done) ${TRAIN_FUSED_ADAMW:+--fused-adamw $TRAIN_FUSED_ADAMW} ${TRAIN_CKPT_LAYERS:+--ckpt-layers $TRAIN_CKPT_LAYERS} ${TRAIN_NO_FUSED_LORA:+--no-fused-lora} ${TRAIN_NO_QLORA_LINEAR:+--no-qlora-linear} ;;
+    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ${TRAIN_PROFILE_STACK:+--profile-stack} ${TRAIN_REDUCE:+--reduce-dtype $TRAIN_REDUCE} $(for kv in ${TRAIN_SET:-}; do printf -- "--backend-set %s " "$kv"; done) ${TRAIN_FUSED_ADAMW:+--fused-adamw $TRAIN_FUSED_ADAMW} ${TRAIN_CKPT_LAYERS:+--ckpt-layers $TRAIN_CKPT_LAYERS} ${TRAIN_NO_FUSED_LORA:+--no-fused-lora} ${TRAIN_NO_QLORA_LINEAR:+--no-qlora-linear} ${TRAIN_NO_STEP_BEFORE_READ:+--no-step-before-read} ;;
     *) echo "unknown part $part" ;;
   esac
 done
