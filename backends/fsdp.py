@@ -135,10 +135,9 @@ class FSDPBackend(Backend):
 
     def step_before_read(self) -> bool:
         # torch's fused Adam / AdamW take a device `found_inf` (as under a GradScaler) and skip the
-        # update in the kernel when it is set
+        # update in the kernel when it is set (FSDP takes no fp16 loss scaler: config refuses fp16-mixed)
         opt = self.optimizer
-        return (type(opt) in (torch.optim.AdamW, torch.optim.Adam) and all(g.get("fused") for g in opt.param_groups)
-                and not hasattr(opt, "grad_scale"))
+        return type(opt) in (torch.optim.AdamW, torch.optim.Adam) and all(g.get("fused") for g in opt.param_groups)
 
     def step(self, loss: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`loss` (with `step_before_read`): the step's loss, also required finite for the update."""

@@ -691,10 +691,32 @@ def test_dequantize_4bit_is_bitsandbytes_bit_for_bit(quant_type, blocksize, shap
 
 
 @needs_interp
-def test_dequantize_4bit_refuses_a_weight_the_bytes_cannot_hold():
+def test_dequantize_4bit_refuses_what_it_does_not_cover():
+    """Too few packed bytes, or an odd element count (bitsandbytes packs (N*K+1)//2 bytes): an error
+    naming the reference; `kernel_supports` is what the patched QLoRA forward checks first."""
+    from unsloth_dist.kernels.quant import kernel_supports
+
     q, qs = _quantized((16, 64), "nf4", True, torch.uint8, 64)
-    with pytest.raises(ValueError, match="cannot hold"):
+    assert kernel_supports(q, qs)
+    with pytest.raises(ValueError, match="dequantize_4bit_reference"):
         K.dequantize_4bit(q[: q.numel() // 2], qs)
+    q, qs = _quantized((3, 65), "nf4", True, torch.uint8, 64)
+    assert not kernel_supports(q, qs)
+    with pytest.raises(ValueError, match="dequantize_4bit_reference"):
+        K.dequantize_4bit(q, qs)
+
+
+@needs_interp
+def test_dequantize_4bit_decodes_with_the_fixed_table_as_bitsandbytes():
+    """bitsandbytes decodes with its fixed table of the quant type, not the ``code`` a QuantState
+    carries (e.g. one loaded from a checkpoint in another dtype): so does the kernel."""
+    import bitsandbytes.functional as bnbf
+
+    q, qs = _quantized((8, 128), "nf4", True, torch.uint8, 64)
+    want = bnbf.dequantize_4bit(q, qs)
+    qs.code = qs.code.to(torch.bfloat16) * 3
+    assert torch.equal(bnbf.dequantize_4bit(q, qs), want)
+    assert torch.equal(K.dequantize_4bit(q, qs), want)
 
 
 @needs_interp

@@ -236,14 +236,18 @@ def test_peft_forward_runs_where_the_fused_path_does_not_apply(case, monkeypatch
     assert count.n == (6 if case == "two-adapters" else 0)
 
 
-def test_fused_lora_on_a_4bit_base(monkeypatch):
-    """QLoRA: peft's bitsandbytes Linear4bit wrapper, base NF4 on CPU, bf16 compute."""
+@pytest.mark.parametrize("dims", [(64, 96), (65, 3)], ids=["one-node-4bit", "odd-size-falls-back"])
+def test_fused_lora_on_a_4bit_base(monkeypatch, dims):
+    """QLoRA: peft's bitsandbytes Linear4bit wrapper, base NF4 on CPU, bf16 compute: the one-node 4-bit
+    path (kernels.qlora_linear), or, for a weight with an odd element count (3 x 65, which the
+    dequantize kernel does not cover), bitsandbytes' forward under the in-place update."""
     bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    lin = nn.Linear(64, 96, bias=False)
-    q = bnb.nn.Linear4bit(64, 96, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+    n_in, n_out = dims
+    lin = nn.Linear(n_in, n_out, bias=False)
+    q = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
                           quant_storage=torch.bfloat16)
     q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                  quant_storage=torch.bfloat16, module=q)
@@ -260,7 +264,7 @@ def test_fused_lora_on_a_4bit_base(monkeypatch):
     pat = copy.deepcopy(ref)
     assert patch_model(pat).count("lora") == 1
     count = _Count(monkeypatch)
-    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    x = torch.randn(2, 5, n_in, dtype=torch.bfloat16)
     ref.train(), pat.train()
     outs, grads = [], []
     for m in (ref, pat):
@@ -269,7 +273,7 @@ def test_fused_lora_on_a_4bit_base(monkeypatch):
         y.float().square().sum().backward()
         outs.append(y.detach().float())
         grads.append([xi.grad.float()] + [p.grad.float() for n, p in m.named_parameters() if "lora_" in n])
-    assert count.n == count.n_4bit == 1  # the one-node 4-bit path (kernels.qlora_linear)
+    assert count.n == 1 and count.n_4bit == (1 if dims == (64, 96) else 0)
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
     for u, v in zip(grads[1], grads[0]):  # bf16 rounding in another order: compare by norm
         assert ((u - v).norm() / v.norm()).item() < 2e-2

@@ -12,9 +12,11 @@ the step (benchmarks/NOTES.md entry 30).
 
 Here one Triton kernel computes both levels: per byte, the two code values times the block's
 scale, where the scale is ``code2[absmax8] * absmax2 + offset`` (nested) or the stored fp32 absmax.
-The arithmetic is bitsandbytes' (fp32 products, the nested scale computed as a product then a sum,
-one rounding to the output dtype), so the result is bit-identical to
-``bitsandbytes.functional.dequantize_4bit``, which is the reference (and the path off CUDA).
+The arithmetic is bitsandbytes' (its fixed fp32 table of the quant type, fp32 products, the nested
+scale computed as a product then a sum, one rounding to the output dtype), so the result is
+bit-identical to ``bitsandbytes.functional.dequantize_4bit``, which is the reference (and the path
+off CUDA). Weights it does not cover (:func:`kernel_supports`: an odd element count, scales on
+another device or in another dtype) are left to bitsandbytes by the caller.
 
 :func:`qlora_linear` is the 4-bit counterpart of :func:`unsloth_dist.kernels.lora_linear`: the
 frozen 4-bit base GEMM with the LoRA update added in its epilogue, in one autograd node that saves
@@ -66,9 +68,42 @@ _kernel = LazyKernel(_dequant4_kernel, name="dequant4")
 _BLOCK = 1024
 
 
+_CODES: dict = {}
+
+
+def _code(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16 fp32 levels of `quant_type`, as bitsandbytes decodes them (a fixed table per type: its
+    dequantization does not read the ``code`` a ``QuantState`` carries)."""
+    key = (quant_type, device)
+    code = _CODES.get(key)
+    if code is None:
+        import bitsandbytes.functional as bnbf
+
+        code = _CODES[key] = bnbf.get_4bit_type(quant_type, device=device).to(torch.float32).contiguous()
+    return code
+
+
 def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
     flat = packed.reshape(-1)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def kernel_supports(packed: torch.Tensor, qs) -> bool:
+    """Whether the kernel dequantizes this weight as bitsandbytes does: NF4 / FP4, a 2-D state with an
+    even element count (two whole values per byte) held by `packed`, an even blocksize, fp32 scales
+    (and, nested, an fp32 256-entry table, fp32 second-level scales, offset) on `packed`'s device."""
+    n = qs.shape[0] * qs.shape[1] if len(qs.shape) == 2 else 1
+    if (qs.quant_type not in ("nf4", "fp4") or len(qs.shape) != 2 or n % 2 or qs.blocksize % 2
+            or packed.numel() * packed.element_size() * 2 < n or not packed.is_contiguous()):
+        return False
+    dev = packed.device
+    if qs.nested:
+        s2 = qs.state2
+        return (qs.absmax.dtype == torch.uint8 and qs.absmax.device == dev and s2.code.dtype == torch.float32
+                and s2.code.numel() == 256 and s2.code.device == dev and s2.absmax.dtype == torch.float32
+                and s2.absmax.device == dev and torch.is_tensor(qs.offset) and qs.offset.dtype == torch.float32
+                and qs.offset.device == dev and s2.blocksize > 0)
+    return qs.absmax.dtype == torch.float32 and qs.absmax.device == dev
 
 
 def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -80,22 +115,21 @@ def dequantize_4bit(packed: torch.Tensor, quant_state, dtype: torch.dtype | None
     if not use_triton(packed):
         w = dequantize_4bit_reference(packed, qs)
         return w if w.dtype == dtype else w.to(dtype)
+    if not kernel_supports(packed, qs):
+        raise ValueError(f"dequantize_4bit: a {tuple(packed.shape)} {packed.dtype} packed tensor with a "
+                         f"{qs.quant_type} {tuple(qs.shape)} state (blocksize {qs.blocksize}) is not one this "
+                         "kernel dequantizes; use dequantize_4bit_reference")
     q = _as_bytes(packed)
-    n_out = qs.shape[0] * qs.shape[1]
-    if q.numel() * 2 < n_out or qs.blocksize % 2:
-        raise ValueError(f"dequantize_4bit: {q.numel()} packed bytes cannot hold a {tuple(qs.shape)} weight "
-                         f"(blocksize {qs.blocksize})")
+    n_bytes = qs.shape[0] * qs.shape[1] // 2
     out = empty(tuple(qs.shape), dtype, packed.device)
-    n_bytes = n_out // 2
-    if n_out % 2:  # an odd element count leaves half of the last byte: not in bitsandbytes' layouts
-        raise ValueError(f"dequantize_4bit: odd weight size {tuple(qs.shape)}")
+    code = _code(qs.quant_type, packed.device)
     if qs.nested:
         s2 = qs.state2
-        _kernel.launch((cdiv(n_bytes, _BLOCK),), q, qs.code, qs.absmax, s2.code, s2.absmax, qs.offset, out, n_bytes,
+        _kernel.launch((cdiv(n_bytes, _BLOCK),), q, code, qs.absmax, s2.code, s2.absmax, qs.offset, out, n_bytes,
                        BLOCKSIZE=qs.blocksize, BLOCKSIZE2=s2.blocksize, NESTED=True, BLOCK=_BLOCK, num_warps=4,
                        enable_fp_fusion=False)  # bitsandbytes: product, then sum (no FMA)
     else:
-        _kernel.launch((cdiv(n_bytes, _BLOCK),), q, qs.code, qs.absmax, qs.code, qs.absmax, qs.absmax, out, n_bytes,
+        _kernel.launch((cdiv(n_bytes, _BLOCK),), q, code, qs.absmax, code, qs.absmax, qs.absmax, out, n_bytes,
                        BLOCKSIZE=qs.blocksize, BLOCKSIZE2=1, NESTED=False, BLOCK=_BLOCK, num_warps=4)
     return out
 

@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unsloth_dist.kernels import quant
 from unsloth_dist.kernels import (apply_rope, fused_linear_cross_entropy, glu, lora_add, lora_linear, lora_xa, qlora_linear,
                                   rms_norm)
 
@@ -285,10 +286,11 @@ def _frozen_plain_linear(base: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _frozen_4bit_linear(base: nn.Module, x: torch.Tensor):
-    """(packed weight, QuantState) of a bitsandbytes ``Linear4bit`` that `qlora_linear` computes exactly
-    as its own forward would (frozen, computing in x's dtype, dequantized in one rounding to it: quantized
-    from a weight of that dtype or fp32; nothing hooked, gathered), else None; bitsandbytes' forward
-    runs in every other case."""
+    """(packed weight, QuantState) of a bitsandbytes ``Linear4bit`` whose forward `qlora_linear` computes
+    with the same dequantized weight (frozen, computing in x's dtype, dequantized in one rounding to it:
+    quantized from a weight of that dtype or fp32; stored [out, in]; nothing hooked; gathered; a layout
+    the kernel covers), else None; bitsandbytes' forward runs in every other case. (For a few tokens
+    bitsandbytes may multiply with a fused 4-bit GEMM instead: the same values up to rounding.)"""
     if type(base).__name__ != "Linear4bit" or not type(base).__module__.startswith("bitsandbytes"):
         return None
     if "forward" in base.__dict__ or base._forward_hooks or base._forward_pre_hooks:
@@ -297,10 +299,10 @@ def _frozen_4bit_linear(base: nn.Module, x: torch.Tensor):
     qs = getattr(w, "quant_state", None) or getattr(base, "quant_state", None)
     if qs is None or w.requires_grad or _zero3_not_gathered(w) or w.device != x.device:
         return None
-    if (qs.quant_type not in ("nf4", "fp4") or len(qs.shape) != 2 or qs.dtype not in (x.dtype, torch.float32) or qs.absmax.device != x.device
+    if (qs.quant_type not in ("nf4", "fp4") or len(qs.shape) != 2 or qs.dtype not in (x.dtype, torch.float32)
             or getattr(qs, "packing_format_for_cpu", False) or getattr(base, "compute_dtype", None) not in (None, x.dtype)):
         return None
-    if w.numel() * w.element_size() * 2 < qs.shape[0] * qs.shape[1]:  # not gathered / not this weight
+    if qs.shape[1] != x.shape[-1] or not quant.kernel_supports(w, qs):  # ([K, N]-stored, ungathered, odd size...)
         return None
     bias = base.bias
     if bias is not None and (bias.requires_grad or bias.dtype != x.dtype):
