@@ -286,7 +286,29 @@ def test_qlora_fused_path_on_gpu(_gpu, dropout, path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     from test_lora_fused import test_qlora_recompute_stops_before_down_proj_4bit_base as check
 
+    from unsloth_dist.models import patching
+
+    monkeypatch.setattr(patching, "QLORA_LINEAR_MIN_TOKENS", 0)  # the check's 18 tokens take the one-node path too
     check(dropout, path, monkeypatch, device="cuda", hidden=512)
+
+
+def test_qlora_decoding_keeps_bitsandbytes_fused_kernel(_gpu, monkeypatch):
+    """Few tokens on CUDA (decoding, small batches): bitsandbytes' forward (its fused 4-bit GEMM / GEMV)
+    under the in-place update, not the one-node path that dequantizes the whole weight; many tokens:
+    the one-node path."""
+    pytest.importorskip("bitsandbytes")
+    from test_lora_fused import _Count, _tiny_qlora
+
+    model = _tiny_qlora(0.0, "cuda", 512)
+    from unsloth_dist.models.patching import patch_model
+
+    patch_model(model, rms_norm=False, rope=False, swiglu=False, fused_cross_entropy=False)
+    count = _Count(monkeypatch)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 64, (1, 4), device="cuda"))
+        assert count.n_4bit == 0 and count.n_delta == 8, (count.n_4bit, count.n_delta)
+        model(input_ids=torch.randint(0, 64, (2, 1024), device="cuda"))
+        assert count.n_4bit == 8, count.n_4bit
 
 
 @pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single"])
