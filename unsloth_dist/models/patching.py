@@ -56,8 +56,9 @@ How each op is patched, and why:
   (:func:`~unsloth_dist.kernels.lora_xa`), then the 4-bit GEMM with the update in one node
   (:func:`~unsloth_dist.kernels.qlora_linear`: one Triton dequantize launch, bit-identical to
   bitsandbytes', instead of its Python layers), so the recompute skips ``down_proj``'s 4-bit base the
-  same way; over other bases (8-bit, a hooked or subclassed 4-bit layer) it calls the base layer after
-  ``lora_xa`` and adds in place (:func:`~unsloth_dist.kernels.lora_add`).
+  same way; over other bases (8-bit, a hooked or subclassed 4-bit layer, and a 4-bit layer given at
+  most 1536 tokens on CUDA -- decoding, where bitsandbytes' fused 4-bit GEMV beats dequantizing the
+  weight) it calls the base layer after ``lora_xa`` and adds in place (:func:`~unsloth_dist.kernels.lora_add`).
   It runs peft's own forward whenever that path is not plain LoRA: adapters disabled or merged,
   several active adapters, mixed-batch ``adapter_names``, DoRA and other variants, LoRA bias,
   autocast or mixed dtypes, and DeepSpeed ZeRO-3 partitioned adapter weights outside a ZeRO-3 leaf
