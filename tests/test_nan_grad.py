@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -138,6 +139,7 @@ def test_fsdp_fused_adamw_steps_before_the_read_and_skips_on_the_device(tmp_path
             done["step"] = step
             snaps[step] = {n: p.detach().full_tensor().clone() for n, p in trainer.backend.module.named_parameters()}
 
+    had = {k for k in _PG_VARS if k in os.environ}
     trainer = Trainer(model, ragged_dataset(n=16, seed=1, vocab=128, max_len=12, min_len=4), backend="fsdp",
                       callbacks=[Snap()], args={
                           "output_dir": str(tmp_path), "per_device_train_batch_size": 2, "max_steps": 3,
@@ -150,6 +152,20 @@ def test_fsdp_fused_adamw_steps_before_the_read_and_skips_on_the_device(tmp_path
         return real_step(self, loss)
 
     monkeypatch.setattr(type(trainer.backend), "step", step)
+    try:
+        _check_fsdp_fused(trainer, snaps, calls, policy)
+    finally:  # the one-rank process group and its variables must not leak into later tests
+        from unsloth_dist import distributed as D
+
+        D.shutdown()
+        for key in _PG_VARS - had:
+            os.environ.pop(key, None)
+
+
+_PG_VARS = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+
+
+def _check_fsdp_fused(trainer, snaps, calls, policy):
     if policy == "stop":
         with pytest.raises(FloatingPointError, match=r"step 2: the gradient norm is (inf|nan).*nan_policy"):
             trainer.train()

@@ -362,12 +362,12 @@ class Trainer:
                 # clip now (no host sync), then read the loss and the grad norm together: one wait
                 # per step, and the clipping launches overlap the tail of the backward
                 norm_t = self.backend.clip_gradients()
-                stepped = skipped_on_device = False
+                stepped = guarded = False  # guarded: a non-finite step was skipped on the device
                 if norm_t is not None and self.backend.step_before_read():
                     # FSDP with torch's fused AdamW: the update of a non-finite norm or loss is skipped
                     # on the device, so the step goes out now and its host work overlaps the backward's tail
                     self.backend.step(loss_t)
-                    stepped = skipped_on_device = True
+                    stepped = guarded = True
                 elif norm_t is None:
                     # ZeRO: DeepSpeed clips inside its step and reports the norm from there. The step
                     # is issued before the read, so its host work overlaps the end of the backward;
@@ -388,7 +388,7 @@ class Trainer:
                     if not stepped:
                         self.backend.step()
                     grad_norm = norm_v
-                elif c.nan_policy == "skip" and (not stepped or skipped_on_device):
+                elif c.nan_policy == "skip" and (not stepped or guarded):
                     self.backend.skip_step()
                     grad_norm = float("nan")
                     self._log({"step": step + 1, "skipped": True, "loss": global_loss})

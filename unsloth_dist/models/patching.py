@@ -297,8 +297,8 @@ def _frozen_4bit_linear(base: nn.Module, x: torch.Tensor):
     """(packed weight, QuantState) of a bitsandbytes ``Linear4bit`` whose forward `qlora_linear` computes
     with the same dequantized weight (frozen, computing in x's dtype, dequantized in one rounding to it:
     quantized from a weight of that dtype or fp32; stored [out, in]; nothing hooked; gathered; a layout
-    the kernel covers), else None; bitsandbytes' forward runs in every other case. (For a few tokens
-    bitsandbytes may multiply with a fused 4-bit GEMM instead: the same values up to rounding.)"""
+    the kernel covers; more than 1536 tokens on CUDA), else None; bitsandbytes' forward runs in every
+    other case."""
     if type(base).__name__ != "Linear4bit" or not type(base).__module__.startswith("bitsandbytes"):
         return None
     if x.is_cuda and x.numel() < QLORA_LINEAR_MIN_TOKENS * x.shape[-1]:
@@ -309,10 +309,11 @@ def _frozen_4bit_linear(base: nn.Module, x: torch.Tensor):
     qs = getattr(w, "quant_state", None) or getattr(base, "quant_state", None)
     if qs is None or w.requires_grad or _zero3_not_gathered(w) or w.device != x.device:
         return None
-    if (qs.quant_type not in ("nf4", "fp4") or len(qs.shape) != 2 or qs.dtype not in (x.dtype, torch.float32)
-            or getattr(qs, "packing_format_for_cpu", False) or getattr(base, "compute_dtype", None) not in (None, x.dtype)):
+    if (qs.dtype not in (x.dtype, torch.float32) or getattr(qs, "packing_format_for_cpu", False)
+            or getattr(base, "compute_dtype", None) not in (None, x.dtype)):
         return None
-    if qs.shape[1] != x.shape[-1] or not quant.kernel_supports(w, qs):  # ([K, N]-stored, ungathered, odd size...)
+    # the kernel's layouts (NF4 / FP4, 2-D, even size, gathered, scales on the device), stored [out, in]
+    if not quant.kernel_supports(w, qs) or qs.shape[1] != x.shape[-1]:
         return None
     bias = base.bias
     if bias is not None and (bias.requires_grad or bias.dtype != x.dtype):
