@@ -286,10 +286,10 @@ def _frozen_plain_linear(base: nn.Module, x: torch.Tensor) -> bool:
             and (bias is None or (not bias.requires_grad and bias.dtype == x.dtype)))
 
 
-#: CUDA inputs of at most this many tokens keep bitsandbytes' forward, which multiplies them with its
-#: fused 4-bit GEMM / GEMV kernel (decoding, small batches) instead of dequantizing the whole weight;
-#: above it bitsandbytes itself dequantizes and calls F.linear, as `qlora_linear` does (its
-#: `_gemm_4bit_custom_max_m`, 1536, in 0.50).
+#: Inputs of at most this many tokens on CUDA (or without grad on CPU) keep bitsandbytes' forward, which
+#: multiplies them with its fused 4-bit GEMM / GEMV kernels (decoding, small batches) instead of
+#: dequantizing the whole weight; above it bitsandbytes itself dequantizes and calls F.linear on CUDA,
+#: as `qlora_linear` does (its `_gemm_4bit_custom_max_m`, 1536, in 0.50).
 QLORA_LINEAR_MIN_TOKENS = 1537
 
 
@@ -297,12 +297,12 @@ def _frozen_4bit_linear(base: nn.Module, x: torch.Tensor):
     """(packed weight, QuantState) of a bitsandbytes ``Linear4bit`` whose forward `qlora_linear` computes
     with the same dequantized weight (frozen, computing in x's dtype, dequantized in one rounding to it:
     quantized from a weight of that dtype or fp32; stored [out, in]; nothing hooked; gathered; a layout
-    the kernel covers; more than 1536 tokens on CUDA), else None; bitsandbytes' forward runs in every
-    other case."""
+    the kernel covers; more than 1536 tokens on CUDA or in CPU inference), else None; bitsandbytes'
+    forward runs in every other case."""
     if type(base).__name__ != "Linear4bit" or not type(base).__module__.startswith("bitsandbytes"):
         return None
-    if x.is_cuda and x.numel() < QLORA_LINEAR_MIN_TOKENS * x.shape[-1]:
-        return None
+    if x.numel() < QLORA_LINEAR_MIN_TOKENS * x.shape[-1] and (x.is_cuda or not torch.is_grad_enabled()):
+        return None  # (on CPU: inference, where bitsandbytes repacks the weight for its AVX-512 kernel)
     if "forward" in base.__dict__ or base._forward_hooks or base._forward_pre_hooks:
         return None
     w = base.weight
