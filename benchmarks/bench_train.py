@@ -190,6 +190,13 @@ def _backend_set(args) -> dict:
     return out
 
 
+def _memory_peak(args, device):
+    """What is alive at the peak, from the allocator trace over the steps (`--memory-peak`, rank 0, CUDA)."""
+    from mem_peak import MemoryPeak
+
+    return MemoryPeak(args.memory_peak if _env()[0] == 0 else None, device, f"{args.impl}_{args.backend}")
+
+
 class _Profile:
     """torch.profiler over `n` timed steps (rank 0), summarised into `dir/impl_backend.txt`: the
     top CUDA kernels and the share of each step the GPU spent in kernels."""
@@ -300,7 +307,10 @@ def run_ours(args, wl, device, world) -> dict:
     })
     _sync(device)
     t0 = time.perf_counter()
+    mem = _memory_peak(args, device)
+    mem.start()
     result = trainer.train()
+    mem.finish()
     step_s = [b - a for a, b in zip([t0] + times[:-1], times)][args.warmup:]
     return {"step_s": step_s, "losses": result.losses, "n_matmul": n_matmul, "patched": list(report.ops),
             "fused_master_adamw": bool(getattr(trainer.backend, "_fused_adamw", False))}
@@ -394,6 +404,8 @@ def run_hf(args, wl, device, world, liger: bool) -> dict:
     prof = _Profile(args, device)
     model.train()
     _sync(device)
+    mem = _memory_peak(args, device)
+    mem.start()
     t = time.perf_counter()
     for x in batches:
         x = x.to(device, non_blocking=True)
@@ -413,6 +425,7 @@ def run_hf(args, wl, device, world, liger: bool) -> dict:
         times.append(now - t)
         t = now
         prof.at_step(len(times) - 1)
+    mem.finish()
     # the global loss of each step, as ours reports it (after timing: no extra collective in the loop);
     # every rank's batch has the same token count, so the mean of the ranks' means is the token mean
     loss_t = torch.stack(losses).float()
@@ -548,6 +561,8 @@ def run_matrix(args) -> int:
             cmd += ["--reduce-dtype", args.reduce_dtype]
             for kv in args.backend_set:
                 cmd += ["--backend-set", kv]
+            if args.memory_peak:
+                cmd += ["--memory-peak", str(args.memory_peak)]
             if args.profile_dir:
                 cmd += ["--profile-dir", str(args.profile_dir)]
                 if args.profile_stack:
@@ -705,6 +720,9 @@ def parse_args(argv=None):
                    help="ours: one more field of the backend config for ddp / fsdp / zero cases (repeatable; VALUE "
                         "parsed as YAML), e.g. --backend-set forward_prefetch=1 --backend-set reshard_after_forward=false")
     p.add_argument("--profile-dir", default=None, help="profile 3 timed steps per case (rank 0) into this folder")
+    p.add_argument("--memory-peak", default=None,
+                   help="CUDA: record the allocator history over the steps (rank 0) and write what is alive at the "
+                        "peak, by call site, into this folder (IMPL_BACKEND.json; mem_peak.py); slower steps")
     p.add_argument("--profile-stack", action="store_true",
                    help="with --profile-dir: record Python stacks too and write the host time by call site "
                         "(IMPL_BACKEND_stacks.txt); slower profiled steps")
