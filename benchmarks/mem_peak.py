@@ -9,7 +9,14 @@ a run's peak is just above a target (e.g. QLoRA's peak against half of transform
 
 The allocator keeps the last 2,000,000 trace entries: run few steps (e.g. `--steps 2 --warmup 1`), or the
 replay starts after allocations it never saw. `peak_live_set` is a pure function of the trace (tested on
-CPU with a synthetic one); the capture has not run on a GPU yet (written 2026-12-03 without device time).
+CPU with a synthetic one).
+
+Python stacks only (`stacks="python"`, `context="alloc"`). A first GPU run (2026-12-03, torch 2.11, the
+default C++ + Python stacks) failed inside activation checkpointing's recompute: `SystemError: ... apply
+... returned NULL without setting an exception` at the Function whose saved tensor is the recompute's
+last one, i.e. where torch's non-reentrant checkpoint raises its internal early-stop exception; the
+recording apparently lost that exception. `early_stop=False` (mode ``no-early-stop``) turns that stop
+off for the recorded steps (the recompute then runs the whole layer: a slightly different peak).
 """
 from __future__ import annotations
 
@@ -20,17 +27,7 @@ from pathlib import Path
 _SKIP = ("/torch/", "<frozen", "contextlib.py", "/threading.py", "/functools.py")
 
 
-def site(frames: list) -> str:
-    """The innermost frame outside torch / the standard library (``file:line function``), or the
-    innermost frame at all; '?' without frames."""
-    if not frames:
-        return "?"
-    for f in frames:
-        name = str(f.get("filename", ""))
-        if not any(s in name for s in _SKIP):
-            break
-    else:
-        f = frames[0]
+def _short(f: dict) -> str:
     name = str(f.get("filename", "?"))
     for root in ("site-packages/", "/work/main/", "/tmp/site/"):
         if root in name:
@@ -38,10 +35,21 @@ def site(frames: list) -> str:
     return f"{name}:{f.get('line', '?')} {f.get('name', '?')}"
 
 
-def peak_live_set(trace: list, baseline: int = 0, top: int = 20) -> dict:
+def site(frames: list, depth: int = 1) -> str:
+    """The innermost frame outside torch / the standard library (``file:line function``) and up to
+    ``depth - 1`` of its callers outside them (joined by `` < ``), or the innermost frame at all; '?'
+    without frames."""
+    if not frames:
+        return "?"
+    outside = [f for f in frames if not any(s in str(f.get("filename", "")) for s in _SKIP)]
+    return " < ".join(_short(f) for f in outside[:depth]) if outside else _short(frames[0])
+
+
+def peak_live_set(trace: list, baseline: int = 0, top: int = 20, depth: int = 2) -> dict:
     """Replay one device's allocator trace: ``{"peak_bytes", "baseline_bytes", "traced_live_bytes",
-    "sites": [(bytes, count, site), ...]}`` for the blocks alive at the highest allocated point
-    (largest sites first, at most `top`)."""
+    "sites": [(bytes, count, site), ...], "peak_site"}`` for the blocks alive at the highest allocated
+    point (largest sites first, at most `top`; a site is `depth` call sites outside torch) and where in
+    the step the peak came (the call sites of the allocation that reached it)."""
     sizes: dict = {}
     cur = peak = baseline
     peak_at = -1
@@ -63,18 +71,21 @@ def peak_live_set(trace: list, baseline: int = 0, top: int = 20) -> dict:
             live.pop(ev["addr"], None)
     groups: dict = defaultdict(lambda: [0, 0])
     for ev in live.values():
-        g = groups[site(ev.get("frames") or [])]
+        g = groups[site(ev.get("frames") or [], depth)]
         g[0] += ev["size"]
         g[1] += 1
     sites = sorted(((b, n, s) for s, (b, n) in groups.items()), reverse=True)[:top]
-    return {"peak_bytes": peak, "baseline_bytes": baseline, "traced_live_bytes": peak - baseline, "sites": sites}
+    peak_site = site(trace[peak_at].get("frames") or [], 6) if peak_at >= 0 else "?"
+    return {"peak_bytes": peak, "baseline_bytes": baseline, "traced_live_bytes": peak - baseline, "sites": sites,
+            "peak_site": peak_site}
 
 
 class MemoryPeak:
     """Records the allocator history between `start` and `finish` (CUDA, when `out_dir` is set)."""
 
-    def __init__(self, out_dir, device, name: str) -> None:
+    def __init__(self, out_dir, device, name: str, early_stop: bool = True) -> None:
         self.out_dir, self.device, self.name, self.baseline = out_dir, device, name, None
+        self.early_stop, self._no_early_stop = early_stop, None
 
     def start(self) -> None:
         import torch
@@ -83,7 +94,12 @@ class MemoryPeak:
             return
         torch.cuda.synchronize(self.device)
         self.baseline = torch.cuda.memory_allocated(self.device)
-        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+        if not self.early_stop:
+            from torch.utils.checkpoint import set_checkpoint_early_stop
+
+            self._no_early_stop = set_checkpoint_early_stop(False)
+            self._no_early_stop.__enter__()
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python", context="alloc")
 
     def finish(self) -> None:
         import torch
@@ -93,15 +109,19 @@ class MemoryPeak:
         torch.cuda.synchronize(self.device)
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
+        if self._no_early_stop is not None:
+            self._no_early_stop.__exit__(None, None, None)
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         res = peak_live_set(snap["device_traces"][index], self.baseline)
         res["max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
+        res["early_stop"] = self.early_stop
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{self.name}.json").write_text(json.dumps(res, indent=1))
         gib = 2**30
         print(f"MEMPEAK {self.name}: peak {res['peak_bytes'] / gib:.3f} GiB (max_memory_allocated "
               f"{res['max_memory_allocated'] / gib:.3f}), baseline {self.baseline / gib:.3f}, traced live "
-              f"{res['traced_live_bytes'] / gib:.3f}", flush=True)
+              f"{res['traced_live_bytes'] / gib:.3f}; early_stop {self.early_stop}", flush=True)
+        print(f"MEMPEAK   at {res['peak_site'][:400]}", flush=True)
         for b, n, s in res["sites"][:15]:
-            print(f"MEMPEAK   {b / gib:8.3f} GiB {n:6d} blocks  {s[:150]}", flush=True)
+            print(f"MEMPEAK   {b / gib:8.3f} GiB {n:6d} blocks  {s[:220]}", flush=True)

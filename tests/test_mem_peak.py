@@ -30,9 +30,17 @@ def test_peak_live_set_replays_allocs_and_completed_frees():
     assert res["peak_bytes"] == 1180 and res["traced_live_bytes"] == 180
     assert res["sites"] == [(130, 2, "unsloth_dist/kernels/quant.py:120 forward"),
                             (50, 1, "peft/tuners/lora/layer.py:50 forward")]
+    assert res["peak_site"] == "unsloth_dist/kernels/quant.py:120 forward"  # alloc 3 reached the peak
 
 
 def test_site_falls_back_to_the_innermost_frame():
     only_torch = _frames(("/a/torch/autograd/graph.py", 7, "backward"), ("/a/torch/_tensor.py", 3, "backward"))
     assert M.site(only_torch) == "/a/torch/autograd/graph.py:7 backward"
     assert M.site([]) == "?"
+
+
+def test_site_names_callers_outside_torch_up_to_depth():
+    frames = _frames(("/a/torch/nn/functional.py", 1, "linear"), ("/s/site-packages/peft/lora.py", 5, "forward"),
+                     ("/a/torch/nn/modules/module.py", 9, "_call_impl"), ("/w/unsloth_dist/trainer.py", 7, "train"))
+    assert M.site(frames, depth=2) == "peft/lora.py:5 forward < /w/unsloth_dist/trainer.py:7 train"
+    assert M.site(frames, depth=1) == "peft/lora.py:5 forward"
