@@ -279,6 +279,10 @@ def run_ours(args, wl, device, world) -> dict:
         from unsloth_dist.backends.fsdp import FSDPBackend
 
         FSDPBackend.step_before_read = lambda self: False
+    if args.fsdp_head_in_root:  # fsdp: an untied output head stays in the root group (gathered until backward ends), as before
+        from unsloth_dist.backends import fsdp as fsdp_backend
+
+        fsdp_backend._untied_output_head = lambda model: None
     if args.no_qlora_linear:  # 4-bit bases through bitsandbytes' own forward (lora_xa, base, lora_add), as before
         from unsloth_dist.models import patching
 
@@ -310,7 +314,7 @@ def run_ours(args, wl, device, world) -> dict:
     _sync(device)
     t0 = time.perf_counter()
     mem = _memory_peak(args, device)
-    mem.start()
+    mem.start([*trainer.backend.module.named_parameters(), *trainer.backend.module.named_buffers()])
     result = trainer.train()
     mem.finish()
     step_s = [b - a for a, b in zip([t0] + times[:-1], times)][args.warmup:]
@@ -459,6 +463,7 @@ def run_case(args) -> int:
               "ckpt_layers": args.ckpt_layers if args.impl == "ours" else None,
               "fused_lora": (not args.no_fused_lora) if args.impl == "ours" and wl["lora"] else None,
               "step_before_read": not args.no_step_before_read if args.impl == "ours" and args.backend == "fsdp" else None,
+              "head_in_root": args.fsdp_head_in_root if args.impl == "ours" and args.backend == "fsdp" else None,
               "qlora_linear": (not args.no_qlora_linear and not args.no_fused_lora) if args.impl == "ours" and wl["quant"] else None,
               "seq": args.seq, "micro_batch": args.micro, "precision": args.precision,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
@@ -558,6 +563,8 @@ def run_matrix(args) -> int:
                 cmd.append("--no-qlora-linear")
             if args.no_step_before_read:
                 cmd.append("--no-step-before-read")
+            if args.fsdp_head_in_root:
+                cmd.append("--fsdp-head-in-root")
             if args.ckpt_layers is not None:
                 cmd += ["--ckpt-layers", str(args.ckpt_layers)]
             cmd += ["--reduce-dtype", args.reduce_dtype]
@@ -709,6 +716,9 @@ def parse_args(argv=None):
                         "first K decoder layers (gradient_checkpointing_layers)")
     p.add_argument("--no-fused-lora", action="store_true",
                    help="ours, LoRA workloads: peft's LoRA forward instead of the fused update (kernels.lora_delta)")
+    p.add_argument("--fsdp-head-in-root", action="store_true",
+                   help="ours, fsdp: keep an untied output head in the root FSDP group, gathered from its forward to "
+                        "the end of backward (the code before NOTES 32), for an A/B in the same call")
     p.add_argument("--no-qlora-linear", action="store_true",
                    help="ours, QLoRA workloads: bitsandbytes' Linear4bit forward under the fused update instead of "
                         "the one-node 4-bit GEMM (kernels.qlora_linear)")

@@ -20,7 +20,9 @@ off for the recorded steps (the recompute then runs the whole layer: a slightly 
 """
 from __future__ import annotations
 
+import gc
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -80,6 +82,44 @@ def peak_live_set(trace: list, baseline: int = 0, top: int = 20, depth: int = 2)
             "peak_site": peak_site}
 
 
+def live_tensors(device, named=(), top: int = 20) -> dict:
+    """What the baseline is made of: every tensor the Python heap can reach on `device`, one entry per
+    storage, grouped by the parameter / buffer name it belongs to (from `named`: (name, tensor) pairs,
+    layer indices folded to ``*``; a DTensor counts its local shard) or else by shape and dtype:
+    ``{"tensor_bytes", "groups": [(bytes, count, label), ...]}`` (largest first, at most `top`).
+    Memory held only by C++ (e.g. communication buffers) is not reachable: compare with the allocator."""
+    import torch
+
+    device = torch.device(device)
+    names: dict = {}
+    for name, t in named:
+        local = getattr(t, "_local_tensor", t)
+        try:
+            names.setdefault(local.untyped_storage().data_ptr(), re.sub(r"\.\d+\.", ".*.", name))
+        except (RuntimeError, NotImplementedError):
+            continue
+    seen: dict = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor):
+            continue
+        t = getattr(obj, "_local_tensor", obj)
+        try:
+            if t.device != device or t.is_meta:
+                continue
+            st = t.untyped_storage()
+            ptr, nbytes = st.data_ptr(), st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            continue
+        if nbytes and ptr not in seen:
+            seen[ptr] = (nbytes, names.get(ptr) or f"unnamed {list(t.shape)} {str(t.dtype).replace('torch.', '')}")
+    groups: dict = defaultdict(lambda: [0, 0])
+    for nbytes, label in seen.values():
+        groups[label][0] += nbytes
+        groups[label][1] += 1
+    out = sorted(((b, n, lab) for lab, (b, n) in groups.items()), reverse=True)[:top]
+    return {"tensor_bytes": sum(b for b, _ in seen.values()), "groups": out}
+
+
 class MemoryPeak:
     """Records the allocator history between `start` and `finish` (CUDA, when `out_dir` is set)."""
 
@@ -87,13 +127,15 @@ class MemoryPeak:
         self.out_dir, self.device, self.name, self.baseline = out_dir, device, name, None
         self.early_stop, self._no_early_stop = early_stop, None
 
-    def start(self) -> None:
+    def start(self, named=()) -> None:
+        """`named`: (name, tensor) pairs (the model's parameters and buffers) to label the baseline."""
         import torch
 
         if not self.out_dir or self.device.type != "cuda":
             return
         torch.cuda.synchronize(self.device)
         self.baseline = torch.cuda.memory_allocated(self.device)
+        self.at_start = live_tensors(self.device, named)
         if not self.early_stop:
             from torch.utils.checkpoint import set_checkpoint_early_stop
 
@@ -115,6 +157,7 @@ class MemoryPeak:
         res = peak_live_set(snap["device_traces"][index], self.baseline)
         res["max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
         res["early_stop"] = self.early_stop
+        res["baseline_tensors"] = self.at_start
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{self.name}.json").write_text(json.dumps(res, indent=1))
@@ -123,5 +166,8 @@ class MemoryPeak:
               f"{res['max_memory_allocated'] / gib:.3f}), baseline {self.baseline / gib:.3f}, traced live "
               f"{res['traced_live_bytes'] / gib:.3f}; early_stop {self.early_stop}", flush=True)
         print(f"MEMPEAK   at {res['peak_site'][:400]}", flush=True)
+        print(f"MEMPEAK   baseline: {self.at_start['tensor_bytes'] / gib:.3f} GiB in tensors Python reaches", flush=True)
+        for b, n, s in self.at_start["groups"][:10]:
+            print(f"MEMPEAK   baseline {b / gib:8.3f} GiB {n:6d}  {s[:200]}", flush=True)
         for b, n, s in res["sites"][:15]:
             print(f"MEMPEAK   {b / gib:8.3f} GiB {n:6d} blocks  {s[:220]}", flush=True)

@@ -93,12 +93,13 @@ def test_bench_train_qlora_under_fsdp(tmp_path):
     """The benchmark's own NF4 quantizer under FSDP2 (2 gloo ranks): on the device this case once
     failed with 'quant_state is required' when the layers lost their quant state to resharding."""
     res = _run(tmp_path, "--workload", "tiny-qlora", "--impls", "ours,hf", "--backends", "fsdp",
-               "--no-qlora-linear", "--no-step-before-read")  # the A/B flags (ours only) keep working
+               "--no-qlora-linear", "--no-step-before-read", "--fsdp-head-in-root",  # the A/B flags (ours only) keep working
+               "--memory-peak", str(tmp_path / "mp"))  # a no-op off CUDA
     for r in res["records"]:
         assert r["status"] == "ok", r
         assert r["world_size"] == 2 and abs(r["loss_first"] - 6.238) < 0.3
         if r["impl"] == "ours":
-            assert r["qlora_linear"] is False and r["step_before_read"] is False, r
+            assert r["qlora_linear"] is False and r["step_before_read"] is False and r["head_in_root"] is True, r
     sys.path.insert(0, str(BENCH.parent))
     try:
         import bench_train as B

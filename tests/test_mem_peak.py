@@ -44,3 +44,25 @@ def test_site_names_callers_outside_torch_up_to_depth():
                      ("/a/torch/nn/modules/module.py", 9, "_call_impl"), ("/w/unsloth_dist/trainer.py", 7, "train"))
     assert M.site(frames, depth=2) == "peft/lora.py:5 forward < /w/unsloth_dist/trainer.py:7 train"
     assert M.site(frames, depth=1) == "peft/lora.py:5 forward"
+
+
+def test_live_tensors_labels_parameters_and_counts_each_storage_once():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 4))
+    extra = torch.zeros(100, dtype=torch.float64)
+    view = extra[:10]  # the same storage: counted once
+    res = M.live_tensors("cpu", model.named_parameters(), top=10**6)
+    groups = {label: (b, n) for b, n, label in res["groups"]}
+    assert groups["0.weight"] == (8 * 4 * 4, 1) and groups["1.bias"] == (4 * 4, 1)
+    assert groups["unnamed [100] float64"][0] == 800 or groups["unnamed [10] float64"][0] == 800
+    assert res["tensor_bytes"] >= 800 + 4 * (32 + 4 + 16 + 4)
+    del view
+
+
+def test_live_tensors_folds_layer_indices():
+    import torch
+
+    layers = torch.nn.ModuleList([torch.nn.Linear(2, 2, bias=False) for _ in range(3)])
+    res = M.live_tensors("cpu", [(f"model.layers.{i}.weight", m.weight) for i, m in enumerate(layers)], top=10**6)
+    assert (3 * 16, 3, "model.layers.*.weight") in res["groups"]

@@ -72,8 +72,11 @@ def test_reduce_dtype_reaches_each_engine_on_two_ranks(tmp_path, deepspeed_cpu_o
     # full sharding frees each layer's gathered parameters after its forward, except the last layer's
     # (its backward follows the loss at once)
     assert pre["01"]["reshard"] == [True, True, False], pre["01"]["reshard"]
-    # the untied input embedding is its own group, freed after its forward (the head, in the root, is not)
-    assert pre["01"]["embed_sharded_at_layer0"] == [[True, False]], pre["01"]["embed_sharded_at_layer0"]
+    # the untied input embedding and head are groups of their own, each gathered for its forward only:
+    # neither is whole while the layers run forward, and the head is sharded again before the layers'
+    # backward (in the root it stayed whole from its forward to the end of the backward)
+    assert pre["01"]["embed_sharded_at_layer0"] == [[True, True]], pre["01"]["embed_sharded_at_layer0"]
+    assert pre["01"]["head_sharded_at_last_backward"] == [True], pre["01"]["head_sharded_at_last_backward"]
     assert pre["01"]["losses"][-1] < pre["01"]["losses"][0]
     for key, r in rec.items():
         assert r["cpu_group_is_world"], key  # gloo default group: the counters use it directly

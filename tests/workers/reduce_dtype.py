@@ -68,12 +68,17 @@ def main(out: str) -> None:
 
         layers = decoder_layers(trainer.backend.module)
         embed = trainer.backend.module.get_input_embeddings()
-        # when the first layer starts, is the (untied) embedding back to its shard, and the head still whole?
-        sharded_at_layer0 = []
-        probe = layers[0].register_forward_pre_hook(lambda *_: sharded_at_layer0.append(
-            (isinstance(embed.weight, DTensor), isinstance(trainer.backend.module.lm_head.weight, DTensor))))
+        head = trainer.backend.module.lm_head
+        # when the first layer starts, is the (untied) embedding back to its shard, and the (untied)
+        # head not gathered yet? when the last layer's backward starts, is the head back to its shard?
+        sharded_at_layer0, head_sharded_at_last_backward = [], []
+        probes = [layers[0].register_forward_pre_hook(lambda *_: sharded_at_layer0.append(
+                      (isinstance(embed.weight, DTensor), isinstance(head.weight, DTensor)))),
+                  layers[-1].register_full_backward_pre_hook(lambda *_: head_sharded_at_last_backward.append(
+                      isinstance(head.weight, DTensor)))]
         result = trainer.train()
-        probe.remove()
+        for probe in probes:
+            probe.remove()
         states = [layer._get_fsdp_state() for layer in layers]
         # for each layer: the indices of the layers it prefetches (None: FSDP2's implicit default)
         def idx(lst):
@@ -83,7 +88,8 @@ def main(out: str) -> None:
             "forward": [idx(getattr(s, "_states_to_forward_prefetch", None)) for s in states],
             "backward": [idx(getattr(s, "_states_to_backward_prefetch", None)) for s in states],
             "reshard": [s._fsdp_param_group.post_forward_mesh_info is not None for s in states],
-            "embed_sharded_at_layer0": [list(t) for t in sorted(set(sharded_at_layer0))]}
+            "embed_sharded_at_layer0": [list(t) for t in sorted(set(sharded_at_layer0))],
+            "head_sharded_at_last_backward": sorted(set(head_sharded_at_last_backward))}
     records["prefetch"] = runs
     # fused_master_adamw under DDP (Triton's interpreter: the launch sets TRITON_INTERPRET=1): the
     # all-reduced bf16 gradients (bucket views) go straight into the kernel; same run as ddp-fp32
