@@ -128,6 +128,7 @@ class ZeroBackend(Backend):
             set_leaf_layers(model, self.bcfg.stage3_leaf_layers, required="stage3_leaf_layers" in self.bcfg.model_fields_set)
             if not self.bcfg.stage3_memory_efficient_linear:
                 _plain_linear()
+        self.ds_config = _fit_reduce_bucket(self.ds_config, model, "reduce_bucket_size" in self.bcfg.model_fields_set)
         groups = param_groups(model.named_parameters(), self.cfg.weight_decay)
         optimizer = None if "optimizer" in self.ds_config else optimizer_factory(groups)
         engine, ds_optimizer, _, _ = deepspeed.initialize(
@@ -267,3 +268,16 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def _fit_reduce_bucket(ds_config: dict, model: nn.Module, user_set: bool) -> dict:
+    """The config with `reduce_bucket_size` lowered to the number of trainable elements when the
+    default is larger and the user did not set it. DeepSpeed allocates each reduction bucket at its
+    full size up front (ZeRO-3: one bf16 buffer of that many elements, 0.93 GiB at the default 5e8);
+    under LoRA every gradient fits in a bucket of the adapters' size (41.9M elements on the 8B shape),
+    so the rest was memory for nothing (NOTES 33). All gradients still go into one bucket, as they did."""
+    zopt = ds_config.get("zero_optimization", {})
+    n_train = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
+    if user_set or not 0 < n_train < zopt.get("reduce_bucket_size", 0):
+        return ds_config
+    return {**ds_config, "zero_optimization": {**zopt, "reduce_bucket_size": n_train}}

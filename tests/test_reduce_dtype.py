@@ -103,6 +103,10 @@ def test_zero_on_one_rank_passes_bf16_gradients_through(tmp_path, deepspeed_cpu_
     assert rec["default"]["losses"] == rec["fp32"]["losses"]
     assert rec["default"]["grad_norms"] == rec["fp32"]["grad_norms"]
     assert rec["default"]["losses"][-1] < rec["default"]["losses"][0]
+    # LoRA under zero3: the reduction bucket is the adapters' size unless the user set one; same run
+    lz, lz_set = rec["lora-zero3-default"], rec["lora-zero3-set"]
+    assert lz["bucket"] == lz["n_train"] < 10**6 and lz_set["bucket"] == 500_000_000, (lz, lz_set)
+    assert lz["losses"] == lz_set["losses"] and len(lz["losses"]) == 3
     # one rank: no overlapping reduction stream; nan_policy stop: no DeepSpeed inf/NaN scan
     assert rec["default"]["overlap_comm"] is False and rec["default"]["check_grad_overflow"] is False
     # a finite loss with an inf gradient: the run stops there, naming the step and the gradient norm

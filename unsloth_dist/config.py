@@ -244,7 +244,8 @@ class ZeroConfig(_Strict):
         gt=0,
         description="Elements reduced at a time when gradients are reduced / reduce-scattered. Lower it "
         "to save memory (each bucket is a buffer of this many elements), raise it for fewer, larger "
-        "collectives.",
+        "collectives. Left unset, it is lowered at setup to the model's trainable elements when those "
+        "are fewer (LoRA: the adapters' size), since DeepSpeed allocates the buffer at full size.",
     )
     allgather_bucket_size: int = Field(
         500_000_000,

@@ -75,6 +75,20 @@ def run_bf16_loaded_fp32(out_dir: str, backend: str) -> dict:
     return {"param_dtypes": dtypes, "losses": trainer.train().losses}
 
 
+def run_lora_zero3(out_dir: str, bucket) -> dict:
+    """LoRA under zero3: the reduction bucket DeepSpeed allocated, the trainable count, the losses."""
+    from unsloth_dist.models.lora import add_lora
+
+    model = add_lora(tiny_llama(seed=0, vocab=128, hidden=64, layers=2), r=4, lora_alpha=8)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    data = ragged_dataset(n=16, seed=5, vocab=128, max_len=16, min_len=6)
+    trainer = Trainer(model, data, backend={"name": "zero3", **({"reduce_bucket_size": bucket} if bucket else {})},
+                      args={"output_dir": out_dir, "per_device_train_batch_size": 2, "max_steps": 3,
+                            "learning_rate": 1e-2, "precision": "bf16", "seed": 3, "disable_tqdm": True})
+    zopt = trainer.backend.engine.optimizer
+    return {"bucket": zopt.reduce_bucket_size, "n_train": n_train, "losses": trainer.train().losses}
+
+
 def main(out: str) -> None:
     records = {"default": run(os.path.join(os.path.dirname(out), "default"))}
     for backend in ("zero2", "single"):
@@ -87,6 +101,8 @@ def main(out: str) -> None:
         return ds
 
     base = os.path.dirname(out)
+    records["lora-zero3-default"] = run_lora_zero3(os.path.join(base, "lz-default"), None)
+    records["lora-zero3-set"] = run_lora_zero3(os.path.join(base, "lz-set"), 500_000_000)
     records["inf-stop"] = run_inf_grad(os.path.join(base, "inf-stop"))
     ZB.deepspeed_config = fp32_comm
     records["fp32"] = run(os.path.join(os.path.dirname(out), "fp32"))

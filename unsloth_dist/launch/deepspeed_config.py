@@ -1,9 +1,11 @@
 """The DeepSpeed JSON config derived from a TrainConfig.
 
 The ZeRO backends pass exactly this dict to `deepspeed.initialize`, and the CLI writes it to
-disk, so what is generated and what runs cannot disagree. One setting needs the model and is not
+disk, so what is generated and what runs cannot disagree. Two settings need the model and are not
 in the file: `backend.stage3_leaf_layers` (the zero3 backend marks the decoder layers as ZeRO-3 leaf
-modules on the model itself, with DeepSpeed's `set_z3_leaf_modules`, before `deepspeed.initialize`).
+modules on the model itself, with DeepSpeed's `set_z3_leaf_modules`, before `deepspeed.initialize`),
+and an unset `backend.reduce_bucket_size` larger than the model's trainable elements, which the
+backend lowers to that count (e.g. under LoRA; DeepSpeed allocates its buckets at full size).
 """
 from __future__ import annotations
 
