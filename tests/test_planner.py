@@ -218,10 +218,11 @@ def test_plan_command_checkpoint_layers():
     assert r.exit_code != 0 and "needs --gradient-checkpointing" in r.output
 
 
-def test_fsdp_keeps_one_vocabulary_matrix_whole():
+def test_fsdp_keeps_at_most_one_vocabulary_matrix_whole():
     """fsdp (sharding full) keeps the root whole through the step but frees an untied input embedding
-    after its forward (backends/fsdp.py): tied or untied, one vocab x hidden matrix stays unsharded;
-    grad_op keeps everything gathered, so there the untied model holds both."""
+    and an untied head after their forwards (backends/fsdp.py): tied, the one shared vocab x hidden
+    matrix stays unsharded, untied none; grad_op keeps everything gathered, so there the untied model
+    holds both. Under bf16 a LoRA model's frozen base is counted at 2 bytes per parameter."""
     import dataclasses
 
     untied = PRESETS["llama-3.1-8b"]
@@ -229,6 +230,24 @@ def test_fsdp_keeps_one_vocabulary_matrix_whole():
     tied = dataclasses.replace(untied, tie_embeddings=True)
     kw = dict(gpus=2, seq=2048, micro_batch=1, lora=True, gradient_checkpointing=True)
     full = [estimate(m, V["fsdp"], "bf16", **kw).parts["unsharded"] for m in (tied, untied)]
-    assert full[0] == full[1]
+    assert full[0] - full[1] == 2 * untied.vocab * untied.hidden  # bf16 bytes of the one matrix
+    lora = estimate(untied, V["fsdp"], "bf16", **kw)
+    T = untied.lora_params(16)
+    assert lora.parts["weights"] == (2 * untied.params + 4 * T) / 2
     grad_op = [estimate(m, V["fsdp(grad_op)"], "bf16", **kw).parts["unsharded"] for m in (tied, untied)]
     assert grad_op[1] - grad_op[0] == 2 * untied.vocab * untied.hidden
+
+
+def test_zero_bucket_is_the_trainable_count_unless_set():
+    """An unset reduce_bucket_size is lowered to the trainable elements at setup (backends/deepspeed.py):
+    under LoRA the planner counts a bucket of the adapters' size; a size the user set is kept."""
+    from unsloth_dist.config import ZeroConfig
+
+    m = PRESETS["llama-3.1-8b"]
+    kw = dict(gpus=2, seq=2048, micro_batch=1, lora=True, gradient_checkpointing=True)
+    T = m.lora_params(16)
+    assert estimate(m, V["zero3"], "bf16", **kw).parts["buckets"] == 2 * T
+    set_ = ZeroConfig(name="zero3", reduce_bucket_size=500_000_000)
+    assert estimate(m, V["zero3"], "bf16", zero=set_, **kw).parts["buckets"] == 2 * 500_000_000
+    full = estimate(m, V["zero3"], "bf16", gpus=2, seq=2048, micro_batch=1, gradient_checkpointing=True)
+    assert full.parts["buckets"] == 2 * 500_000_000  # 8B trainable elements: the default stays

@@ -280,7 +280,8 @@ def estimate(
         persistent_grads = variant.backend == "ddp"
     elif variant.backend == "fsdp":
         on_gpu = 0.0 if variant.offload_param else 1.0
-        parts["weights"] = on_gpu * 4 * P / N
+        # trainable weights are fp32 shards; under bf16 a frozen base is kept in bf16 (backends/fsdp.py)
+        parts["weights"] = on_gpu * ((2 if bf16 else 4) * (P - T) + 4 * T) / N
         parts["grads"] = on_gpu * 4 * T / N
         parts["master"] = 0.0
         parts["adam"] = on_gpu * 8 * T / N
@@ -289,10 +290,11 @@ def estimate(
         if variant.sharding == "grad_op":
             unsharded = pb * (m.layers * layer + m.root_params)
         else:
-            # an untied input embedding is its own group, freed after its forward (backends/fsdp.py):
-            # the root kept whole through the step is the final norm and the head
-            embed_own_group = 0 if m.tie_embeddings else m.vocab * m.hidden
-            unsharded = pb * (2 * layer + m.root_params - embed_own_group)
+            # an untied input embedding and an untied head are groups of their own, each freed after
+            # its forward (backends/fsdp.py): the root kept whole through the step is the final norm
+            # (and, tied, the shared embedding / head)
+            own_groups = 0 if m.tie_embeddings else 2 * m.vocab * m.hidden
+            unsharded = pb * (2 * layer + m.root_params - own_groups)
         unsharded += 4 * 2 * (layer if not lora else m.lora_params(lora_r) / m.layers)  # unsharded grads in flight
         parts["unsharded"] = unsharded
         step_tmp = on_gpu * 4 * T / N
@@ -304,7 +306,9 @@ def estimate(
         parts["grads"] = w * T / (N if stage >= 2 else 1) + (0.0 if off_opt or not bf16 else 4 * T / N)
         parts["master"] = 0.0 if off_opt else 4 * T / N
         parts["adam"] = 0.0 if off_opt else 8 * T / N
-        rb = zero.reduce_bucket_size * (4 if stage == 1 else w)
+        # an unset bucket size is lowered to the trainable elements when fewer (backends/deepspeed.py)
+        bucket = zero.reduce_bucket_size if "reduce_bucket_size" in zero.model_fields_set else min(zero.reduce_bucket_size, T)
+        rb = bucket * (4 if stage == 1 else w)
         parts["buckets"] = rb * (2 if zero.overlap_comm and stage < 3 else 1)
         if stage == 3:
             layer = m.layer_params
