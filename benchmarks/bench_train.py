@@ -543,71 +543,76 @@ def run_matrix(args) -> int:
         impls = [i for i in impls if i != "hf-liger"]
     result_file = Path(tempfile.mkstemp(prefix="bench_train_", suffix=".jsonl")[1])
     records = []
+    cases = []
     for backend in backends:
-        for impl in impls:
-            gpus = 1 if backend == "single" else args.gpus
-            base = [sys.executable] if backend == "single" else [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
-            cmd = base + [__file__, "--case", "--impl", impl, "--backend", backend, "--workload", args.workload,
-                          "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
-                          "--attn", args.attn, "--peak-tflops", str(args.peak_tflops), "--result-file", str(result_file)]
-            for flag, v in (("--seq", args.seq), ("--micro", args.micro)):
-                if v is not None:
-                    cmd += [flag, str(v)]
-            if args.no_kernels:
-                cmd.append("--no-kernels")
-            cmd += ["--fused-adamw", args.fused_adamw]
-            if args.no_fused_lora:
-                cmd.append("--no-fused-lora")
-            if args.no_qlora_linear:
-                cmd.append("--no-qlora-linear")
-            if args.no_step_before_read:
-                cmd.append("--no-step-before-read")
-            if args.fsdp_head_in_root:
-                cmd.append("--fsdp-head-in-root")
-            if args.ckpt_layers is not None:
-                cmd += ["--ckpt-layers", str(args.ckpt_layers)]
-            cmd += ["--reduce-dtype", args.reduce_dtype]
-            for kv in args.backend_set:
-                cmd += ["--backend-set", kv]
-            if args.memory_peak:
-                cmd += ["--memory-peak", str(args.memory_peak)]
-                if args.memory_peak_no_early_stop:
-                    cmd.append("--memory-peak-no-early-stop")
-            if args.profile_dir:
-                cmd += ["--profile-dir", str(args.profile_dir)]
-                if args.profile_stack:
-                    cmd += ["--profile-stack"]
-            before = len(_read(result_file))
-            t0 = time.time()
-            print(f"--- {impl} {backend} x{gpus}", flush=True)
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.case_timeout)
-            got = _read(result_file)[before:]
-            for line in proc.stdout.splitlines():
-                if line.startswith("PROFILE"):
-                    print(line, flush=True)
-            if proc.returncode != 0 or not got:
-                lines = (proc.stdout + proc.stderr).strip().splitlines()
-                # the exception itself (torchrun's summary alone says only "FAILED")
-                cause = [ln for ln in lines if ("Error" in ln or "Exception" in ln) and "error_file" not in ln
-                         and "errors.html" not in ln and "Warning" not in ln][-6:]
-                tail = "\n".join(cause + lines[-8:])
-                rec = {"workload": args.workload, "impl": impl, "backend": backend, "world_size": gpus,
-                       "status": "failed", "error": tail[-1500:], "exit_code": proc.returncode}
-                if got:  # rank 0 wrote its result, then a rank failed (e.g. at exit): keep what was measured
-                    rec["measured"] = got[-1]
-                log = Path(str(args.out) + f".{impl}_{backend}_x{gpus}.log")
-                log.write_text(f"$ {' '.join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
-                rec["log"] = str(log)
-                print(tail + f"\n(full output: {log})", flush=True)
-            else:
-                rec = got[-1]
-            rec["wall_s"] = round(time.time() - t0, 1)
-            records.append(rec)
-            print(_fmt_row(rec), flush=True)
-            _write(args.out, records)  # after every case: a run cut short keeps what it measured
+        # --scaling: each multi-process backend also at one rank, same per-GPU batch, just before
+        sizes = [1] if backend == "single" else ([1, args.gpus] if args.scaling and args.gpus > 1 else [args.gpus])
+        cases += [(backend, impl, gpus) for gpus in sizes for impl in impls]
+    for backend, impl, gpus in cases:
+        base = [sys.executable] if backend == "single" else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+        cmd = base + [__file__, "--case", "--impl", impl, "--backend", backend, "--workload", args.workload,
+                      "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
+                      "--attn", args.attn, "--peak-tflops", str(args.peak_tflops), "--result-file", str(result_file)]
+        for flag, v in (("--seq", args.seq), ("--micro", args.micro)):
+            if v is not None:
+                cmd += [flag, str(v)]
+        if args.no_kernels:
+            cmd.append("--no-kernels")
+        cmd += ["--fused-adamw", args.fused_adamw]
+        if args.no_fused_lora:
+            cmd.append("--no-fused-lora")
+        if args.no_qlora_linear:
+            cmd.append("--no-qlora-linear")
+        if args.no_step_before_read:
+            cmd.append("--no-step-before-read")
+        if args.fsdp_head_in_root:
+            cmd.append("--fsdp-head-in-root")
+        if args.ckpt_layers is not None:
+            cmd += ["--ckpt-layers", str(args.ckpt_layers)]
+        cmd += ["--reduce-dtype", args.reduce_dtype]
+        for kv in args.backend_set:
+            cmd += ["--backend-set", kv]
+        if args.memory_peak:
+            cmd += ["--memory-peak", str(args.memory_peak)]
+            if args.memory_peak_no_early_stop:
+                cmd.append("--memory-peak-no-early-stop")
+        if args.profile_dir:
+            cmd += ["--profile-dir", str(args.profile_dir)]
+            if args.profile_stack:
+                cmd += ["--profile-stack"]
+        before = len(_read(result_file))
+        t0 = time.time()
+        print(f"--- {impl} {backend} x{gpus}", flush=True)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.case_timeout)
+        got = _read(result_file)[before:]
+        for line in proc.stdout.splitlines():
+            if line.startswith("PROFILE"):
+                print(line, flush=True)
+        if proc.returncode != 0 or not got:
+            lines = (proc.stdout + proc.stderr).strip().splitlines()
+            # the exception itself (torchrun's summary alone says only "FAILED")
+            cause = [ln for ln in lines if ("Error" in ln or "Exception" in ln) and "error_file" not in ln
+                     and "errors.html" not in ln and "Warning" not in ln][-6:]
+            tail = "\n".join(cause + lines[-8:])
+            rec = {"workload": args.workload, "impl": impl, "backend": backend, "world_size": gpus,
+                   "status": "failed", "error": tail[-1500:], "exit_code": proc.returncode}
+            if got:  # rank 0 wrote its result, then a rank failed (e.g. at exit): keep what was measured
+                rec["measured"] = got[-1]
+            log = Path(str(args.out) + f".{impl}_{backend}_x{gpus}.log")
+            log.write_text(f"$ {' '.join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+            rec["log"] = str(log)
+            print(tail + f"\n(full output: {log})", flush=True)
+        else:
+            rec = got[-1]
+        rec["wall_s"] = round(time.time() - t0, 1)
+        records.append(rec)
+        print(_fmt_row(rec), flush=True)
+        _write(args.out, records)  # after every case: a run cut short keeps what it measured
     table = _write(args.out, records)
     print(table)
+    for line in scaling_rows(records):
+        print(line, flush=True)
     for line in loss_warnings(records):
         print(line, flush=True)
     failed = [r for r in records if r.get("status") == "failed"]
@@ -620,7 +625,7 @@ def _write(out, records: list[dict]) -> str:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(str(out) + ".tmp")
         tmp.write_text(json.dumps({"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d"),
-                                   "records": records, "table": table}, indent=1))
+                                   "records": records, "table": table, "scaling": scaling(records)}, indent=1))
         tmp.replace(out)
     return table
 
@@ -668,17 +673,48 @@ def loss_warnings(records: list[dict]) -> list[str]:
     return out
 
 
+def scaling(records: list[dict]) -> list[dict]:
+    """Scaling efficiency per (impl, backend) measured at one rank and at N > 1 ranks (`--scaling`):
+    tokens/s per GPU at N over tokens/s at one rank (tokens/s on N GPUs / (N x one GPU), same per-GPU
+    batch; the issue's target is >= 0.97 for ddp and fsdp)."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    out = []
+    for r in ok:
+        if r["world_size"] <= 1:
+            continue
+        one = [b for b in ok if b["impl"] == r["impl"] and b["backend"] == r["backend"] and b["world_size"] == 1]
+        if one:
+            out.append({"impl": r["impl"], "backend": r["backend"], "gpus": r["world_size"],
+                        "tokens_per_s_per_gpu_1": one[-1]["tokens_per_s_per_gpu"],
+                        "tokens_per_s_per_gpu_n": r["tokens_per_s_per_gpu"],
+                        "efficiency": r["tokens_per_s_per_gpu"] / one[-1]["tokens_per_s_per_gpu"]})
+    return out
+
+
+def scaling_rows(records: list[dict]) -> list[str]:
+    rows = scaling(records)
+    if not rows:
+        return []
+    lines = ["| backend | impl | GPUs | tokens/s/GPU at 1 | at N | scaling efficiency |", "| --- | --- | --- | --- | --- | --- |"]
+    for e in rows:
+        lines.append(f"| {e['backend']} | {e['impl']} | {e['gpus']} | {e['tokens_per_s_per_gpu_1']:.0f} | "
+                     f"{e['tokens_per_s_per_gpu_n']:.0f} | {e['efficiency']:.3f} |")
+    return lines
+
+
 def markdown_table(records: list[dict]) -> str:
-    """Rows per backend: ours and each baseline, with ours' ratio to the best baseline of that backend."""
+    """Rows per backend: ours and each baseline, with ours' ratio to the best baseline of that backend
+    at the same number of GPUs."""
     lines = ["| backend | impl | GPUs | tokens/s/GPU | peak GiB | MFU | loss first→last | vs best baseline (speed, memory) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for backend in BACKENDS:
         rows = [r for r in records if r.get("backend") == backend]
         if not rows:
             continue
-        ok_base = [r for r in rows if r["impl"] != "ours" and r.get("status") == "ok"]
-        best = max(ok_base, key=lambda r: r["tokens_per_s_per_gpu"]) if ok_base else None
         for r in rows:
+            ok_base = [b for b in rows if b["impl"] != "ours" and b.get("status") == "ok"
+                       and b.get("world_size") == r.get("world_size")]
+            best = max(ok_base, key=lambda b: b["tokens_per_s_per_gpu"]) if ok_base else None
             if r.get("status") != "ok":
                 lines.append(f"| {backend} | {r['impl']} | {r.get('world_size', '')} | {r.get('status')} | | | | |")
                 continue
@@ -716,6 +752,9 @@ def parse_args(argv=None):
                         "first K decoder layers (gradient_checkpointing_layers)")
     p.add_argument("--no-fused-lora", action="store_true",
                    help="ours, LoRA workloads: peft's LoRA forward instead of the fused update (kernels.lora_delta)")
+    p.add_argument("--scaling", action="store_true",
+                   help="with --gpus N > 1: run each multi-process backend at one rank too (same per-GPU batch) and "
+                        "report the scaling efficiency, tokens/s per GPU at N over that at one rank")
     p.add_argument("--fsdp-head-in-root", action="store_true",
                    help="ours, fsdp: keep an untied output head in the root FSDP group, gathered from its forward to "
                         "the end of backward (the code before NOTES 32), for an A/B in the same call")

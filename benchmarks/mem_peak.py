@@ -100,7 +100,10 @@ def live_tensors(device, named=(), top: int = 20) -> dict:
             continue
     seen: dict = {}
     for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor):
+        try:
+            if not isinstance(obj, torch.Tensor):
+                continue
+        except ReferenceError:  # a weakref proxy whose object is gone
             continue
         t = getattr(obj, "_local_tensor", obj)
         try:

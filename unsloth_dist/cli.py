@@ -120,6 +120,12 @@ def train(
         opts = RecipeOptions(model=model, text=text, seq_len=seq_len, hidden=hidden, layers=layers)
         opts.check()
         train_recipe(cfg, opts, echo=lambda s: out.print(s, markup=False, soft_wrap=True))
+    from .distributed import shutdown
+
+    # the trainer and model are gone with train_recipe's frame: the ranks end together and the
+    # groups are destroyed before the interpreter exits (left to the exit, gloo could abort a rank
+    # with "terminate called without an active exception" after a good run: CI 2026-12-03)
+    shutdown()
 
 
 # --------------------------------------------------------------------------- launch

@@ -58,6 +58,10 @@ def main(out: str) -> None:
     if dist.get_rank() == 0:
         with open(os.path.join(out, "records.json"), "w") as f:
             json.dump(records, f)
+    del trainer, model
+    from unsloth_dist.distributed import shutdown
+
+    shutdown()  # not left to the interpreter's exit, where gloo can abort a rank
 
 
 if __name__ == "__main__":
