@@ -273,7 +273,8 @@ class _null:
 def _fit_reduce_bucket(ds_config: dict, model: nn.Module, user_set: bool) -> dict:
     """The config with `reduce_bucket_size` lowered to the number of trainable elements when the
     default is larger and the user did not set it. DeepSpeed allocates each reduction bucket at its
-    full size up front (ZeRO-3: one bf16 buffer of that many elements, 0.93 GiB at the default 5e8);
+    full size up front (ZeRO-3: one buffer of that many elements in the communication dtype, 0.93 GiB
+    in bf16 at the default 5e8 on one rank, 1.86 GiB in fp32 on several);
     under LoRA every gradient fits in a bucket of the adapters' size (41.9M elements on the 8B shape),
     so the rest was memory for nothing (NOTES 33). All gradients still go into one bucket, as they did."""
     zopt = ds_config.get("zero_optimization", {})

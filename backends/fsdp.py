@@ -64,12 +64,9 @@ class FSDPBackend(Backend):
             # nothing (peft's prepare_model_for_kbit_training leaves a QLoRA model's embeddings, head
             # and norms in fp32: 3.9 GiB instead of 2 on the 8B shape, NOTES 32). Packed 4/8-bit
             # weights stay packed.
-            if type(p).__name__ in PACKED_PARAMS or not p.is_floating_point():
-                continue
-            if p.requires_grad or not bf16:
-                p.data = p.data.float()
-            elif p.dtype != torch.bfloat16:
-                p.data = p.data.to(torch.bfloat16)
+            dtype = _kept_dtype(p, bf16)
+            if dtype is not None and p.dtype != dtype:
+                p.data = p.data.to(dtype)
         for b in model.buffers():
             if b.is_floating_point():
                 b.data = b.data.float()
@@ -200,6 +197,14 @@ class FSDPBackend(Backend):
             optim_state_dict={"state": {n: optim[n] for n in wanted}, "param_groups": current["param_groups"]},
             options=StateDictOptions(full_state_dict=True, strict=False),
         )
+
+
+def _kept_dtype(p: nn.Parameter, bf16: bool) -> Optional[torch.dtype]:
+    """The dtype FSDP keeps parameter `p`'s shard in (None: as it is): fp32 for a trained one (the
+    optimizer's master) and for everything outside precision bf16; bf16 for a frozen one under it."""
+    if type(p).__name__ in PACKED_PARAMS or not p.is_floating_point():
+        return None
+    return torch.float32 if p.requires_grad or not bf16 else torch.bfloat16
 
 
 def _untied_input_embeddings(model: nn.Module) -> Optional[nn.Module]:

@@ -231,6 +231,9 @@ def test_fsdp_keeps_at_most_one_vocabulary_matrix_whole():
     kw = dict(gpus=2, seq=2048, micro_batch=1, lora=True, gradient_checkpointing=True)
     full = [estimate(m, V["fsdp"], "bf16", **kw).parts["unsharded"] for m in (tied, untied)]
     assert full[0] - full[1] == 2 * untied.vocab * untied.hidden  # bf16 bytes of the one matrix
+    # the untied head is whole while the loss runs (its forward): counted at that moment
+    assert estimate(untied, V["fsdp"], "bf16", **kw).parts["head_gathered"] == 2 * untied.vocab * untied.hidden
+    assert "head_gathered" not in estimate(tied, V["fsdp"], "bf16", **kw).parts
     lora = estimate(untied, V["fsdp"], "bf16", **kw)
     T = untied.lora_params(16)
     assert lora.parts["weights"] == (2 * untied.params + 4 * T) / 2
@@ -246,8 +249,12 @@ def test_zero_bucket_is_the_trainable_count_unless_set():
     m = PRESETS["llama-3.1-8b"]
     kw = dict(gpus=2, seq=2048, micro_batch=1, lora=True, gradient_checkpointing=True)
     T = m.lora_params(16)
-    assert estimate(m, V["zero3"], "bf16", **kw).parts["buckets"] == 2 * T
+    # the ZeRO-3 bucket is in the communication dtype: fp32 on 2 ranks (reduce_dtype fp32), bf16 on one
+    assert estimate(m, V["zero3"], "bf16", **kw).parts["buckets"] == 4 * T
+    assert estimate(m, V["zero3"], "bf16", **{**kw, "gpus": 1}).parts["buckets"] == 2 * T
+    bf16_comm = ZeroConfig(name="zero3", reduce_dtype="bf16")
+    assert estimate(m, V["zero3"], "bf16", zero=bf16_comm, **kw).parts["buckets"] == 2 * T
     set_ = ZeroConfig(name="zero3", reduce_bucket_size=500_000_000)
-    assert estimate(m, V["zero3"], "bf16", zero=set_, **kw).parts["buckets"] == 2 * 500_000_000
+    assert estimate(m, V["zero3"], "bf16", zero=set_, **kw).parts["buckets"] == 4 * 500_000_000
     full = estimate(m, V["zero3"], "bf16", gpus=2, seq=2048, micro_batch=1, gradient_checkpointing=True)
-    assert full.parts["buckets"] == 2 * 500_000_000  # 8B trainable elements: the default stays
+    assert full.parts["buckets"] == 4 * 500_000_000  # 8B trainable elements: the default stays

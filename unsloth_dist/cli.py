@@ -284,8 +284,9 @@ def config_deepspeed(
 
     It is produced by the same function the Trainer uses (unsloth_dist.launch.deepspeed_config),
     so the file and the run cannot disagree -- except for `backend.stage3_leaf_layers`, which the zero3
-    backend applies to the model itself (it needs the model's decoder layers). DeepSpeed itself
-    rejects the file on another world size."""
+    backend applies to the model itself (it needs the model's decoder layers), and an unset
+    `reduce_bucket_size`, which the backend lowers to the model's trainable element count when that is
+    smaller (e.g. under LoRA). DeepSpeed itself rejects the file on another world size."""
     from .launch.deepspeed_config import deepspeed_config
 
     with _guard():

@@ -120,8 +120,9 @@ class FSDPConfig(_Strict):
     keeps a 1/N shard of the parameters, gradients and optimizer state, and gathers one layer at a
     time. For models whose weights and Adam state do not fit on one GPU, or to give the memory to the
     batch. Trained parameters are fp32 shards (the optimizer's masters) that `precision: bf16` casts
-    to bf16 per layer for compute; under `precision: bf16` a frozen base (LoRA) keeps the dtype it
-    was loaded in."""
+    to bf16 per layer for compute; under `precision: bf16` frozen weights (a LoRA base, and the fp32
+    embeddings / head / norms peft leaves in a QLoRA model) are kept in bf16: the same bf16 values
+    the compute used, at half the memory."""
 
     name: Literal["fsdp"] = Field("fsdp", description="Selects this backend.")
     # full = FULL_SHARD, grad_op = SHARD_GRAD_OP (keep params unsharded between forward
@@ -151,8 +152,9 @@ class FSDPConfig(_Strict):
     wrap: Literal["decoder_layer"] = Field(
         "decoder_layer",
         description="What becomes its own FSDP unit: every decoder layer (found through the model's "
-        "`_no_split_modules`, or its largest ModuleList of blocks), plus the root for embeddings, final "
-        "norm and head. The only policy so far.",
+        "`_no_split_modules`, or its largest ModuleList of blocks), an untied input embedding and an untied "
+        "output head (each when the layers are resharded after forward), plus the root for the rest (final "
+        "norm, tied embeddings and head). The only policy so far.",
     )
     forward_prefetch: int = Field(
         0,

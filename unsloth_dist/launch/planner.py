@@ -269,6 +269,7 @@ def estimate(
     parts: dict[str, float] = {}
     step_tmp = 0.0
     persistent_grads = False
+    head_gathered = 0.0  # fsdp: an untied head in its own group, whole only around the loss
 
     if variant.backend in ("single", "ddp"):
         w = 2 if bf16 else 4
@@ -295,6 +296,8 @@ def estimate(
             # (and, tied, the shared embedding / head)
             own_groups = 0 if m.tie_embeddings else 2 * m.vocab * m.hidden
             unsharded = pb * (2 * layer + m.root_params - own_groups)
+            # ... but the untied head is gathered while the loss runs (its forward), the peak counted below
+            head_gathered = 0.0 if m.tie_embeddings else pb * m.vocab * m.hidden
         unsharded += 4 * 2 * (layer if not lora else m.lora_params(lora_r) / m.layers)  # unsharded grads in flight
         parts["unsharded"] = unsharded
         step_tmp = on_gpu * 4 * T / N
@@ -308,7 +311,10 @@ def estimate(
         parts["adam"] = 0.0 if off_opt else 8 * T / N
         # an unset bucket size is lowered to the trainable elements when fewer (backends/deepspeed.py)
         bucket = zero.reduce_bucket_size if "reduce_bucket_size" in zero.model_fields_set else min(zero.reduce_bucket_size, T)
-        rb = bucket * (4 if stage == 1 else w)
+        # ZeRO-3 allocates its bucket in the communication dtype: fp32 on several ranks under the
+        # default reduce_dtype, the gradients' dtype on one (deepspeed_config.py)
+        comm = 4 if (not bf16 or (N > 1 and zero.reduce_dtype == "fp32")) else 2
+        rb = bucket * (4 if stage == 1 else comm if stage == 3 else w)
         parts["buckets"] = rb * (2 if zero.overlap_comm and stage < 3 else 1)
         if stage == 3:
             layer = m.layer_params
@@ -323,7 +329,9 @@ def estimate(
     loss_tmp = 8.0 * tokens * m.vocab
     extra = parts.get("unsharded", 0.0) + parts.get("buckets", 0.0) + parts.get("gathered", 0.0)
     static = parts["weights"] + parts["master"] + parts["adam"] + extra
-    backward = acts + copies + loss_tmp + (parts["grads"] if persistent_grads else 0.0)
+    if head_gathered:
+        parts["head_gathered"] = head_gathered
+    backward = acts + copies + loss_tmp + head_gathered + (parts["grads"] if persistent_grads else 0.0)
     step = parts["grads"] + step_tmp
     allocated = static + max(backward, step)
     reserved = allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT

@@ -35,8 +35,11 @@ How each op is patched, and why:
       its gradient to the partition through its usual hooks, exactly as for a plain ``lm_head``
       call (``GatheredParameters`` would give the kernel the full tensor but its gradient would
       not reach the partition). Tied embeddings are the same Parameter, gathered the same way.
-    - FSDP2: ``lm_head`` belongs to the root's ``fully_shard`` group, whose parameters are
-      unsharded for the whole root forward; the kernel sees plain unsharded tensors.
+    - FSDP2: a tied ``lm_head`` belongs to the root's ``fully_shard`` group, whose parameters are
+      unsharded for the whole root forward; an untied one is a group of its own, unsharded by its
+      own forward pre-hook. Either way the kernel sees plain unsharded tensors. A frozen untied head
+      is not gathered again for backward when the fused CE (sum / mean) already computed the
+      gradients (`_fsdp_head_backward_gather`).
     - DDP / single: nothing special.
   With the fused CE patched, ``model.unsloth_fused_loss = True`` is set on the object passed in
   (and on the causal LM), which tells ``unsloth_dist.Trainer`` to call
@@ -405,10 +408,25 @@ def _attention_forward(self, *args, **kwargs):
 
 
 def _lm_head_forward(self, input: torch.Tensor, unsloth_ce: Optional[dict] = None):
+    _fsdp_head_backward_gather(self, unsloth_ce)
     if unsloth_ce is None:
         return type(self).forward(self, input)
     # runs inside lm_head's own forward: ZeRO-3 has gathered self.weight, FSDP2 has unsharded it
     return fused_linear_cross_entropy(input, self.weight, bias=self.bias, **unsloth_ce)
+
+
+def _fsdp_head_backward_gather(head: nn.Module, unsloth_ce: Optional[dict]) -> None:
+    """A head that is its own FSDP2 group (backends/fsdp.py, untied) is gathered again by FSDP2's
+    pre-backward hook. The fused CE with a sum / mean reduction computed its gradients in the forward
+    and reads no weight in backward: for a frozen head (LoRA / QLoRA) that second gather of a vocab x
+    hidden matrix is skipped. A trained head (its gradient is accumulated into the gathered weight),
+    the "none" reduction (its backward recomputes the logits) or the plain forward keep it. Set at
+    every forward, so the path each forward took decides its backward."""
+    set_flag = getattr(head, "set_unshard_in_backward", None)  # only on an FSDP2 module of its own
+    if set_flag is None:
+        return
+    frozen = not any(p.requires_grad for p in head.parameters())
+    set_flag(not (frozen and unsloth_ce is not None and unsloth_ce.get("reduction") in ("sum", "mean")))
 
 
 def _unfused_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str, ignore_index: int,
