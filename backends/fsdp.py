@@ -99,6 +99,8 @@ class FSDPBackend(Backend):
             # gathers it again (FSDP2's pre-backward hook; the fused cross-entropy computed its
             # gradients in the forward already) and frees it once the head's backward is done.
             fully_shard(head, reshard_after_forward=True, **kwargs)
+            # the patched head forward may then skip its gather for backward (models.patching)
+            head._unsloth_fsdp_own_group = hasattr(head, "set_unshard_in_backward")
         # the root keeps its parameters (final norm, tied embeddings and head) unsharded after
         # forward: backward needs them first
         fully_shard(model, reshard_after_forward=False, **kwargs)

@@ -665,7 +665,8 @@ def loss_warnings(records: list[dict]) -> list[str]:
     out = []
     ok = [r for r in records if r.get("status") == "ok"]
     for r in (r for r in ok if r["impl"] == "ours"):
-        for base in (b for b in ok if b["impl"] != "ours" and b["backend"] == r["backend"]):
+        for base in (b for b in ok if b["impl"] != "ours" and b["backend"] == r["backend"]
+                     and b.get("world_size") == r.get("world_size")):
             d = loss_gap(r, base)
             if d is not None and d[0] > LOSS_GAP_WARN:
                 out.append(f"WARNING loss: ours {r['backend']} differs from {base['impl']} by {d[0]:.2e} at step 1 "

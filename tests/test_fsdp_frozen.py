@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 
+import pytest
 import torch
 
 _PG_VARS = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
@@ -39,10 +40,13 @@ def _one_rank(fn):
             os.environ.pop(key, None)
 
 
-def test_fsdp_frozen_head_is_not_gathered_again_for_the_fused_loss_backward(tmp_path, monkeypatch):
+@pytest.mark.parametrize("triton", ["1", "0"])
+def test_fsdp_frozen_head_is_not_gathered_again_for_the_fused_loss_backward(tmp_path, monkeypatch, triton):
     """LoRA on an untied model with the fused CE: during the fused CE's backward the frozen head is
     still its shard (FSDP2 did not gather it again); with the gather forced back on (as before), it
-    is whole. Same losses and adapters either way."""
+    is whole. Same losses and adapters either way. Without Triton (triton "0": the CE's PyTorch
+    reference, plain autograd, which saves the weight) the head is gathered for backward as before
+    (skipping it there would read a freed tensor)."""
     from torch.distributed.tensor import DTensor
     from tiny import ragged_dataset, tiny_llama
 
@@ -51,7 +55,7 @@ def test_fsdp_frozen_head_is_not_gathered_again_for_the_fused_loss_backward(tmp_
     from unsloth_dist.models.lora import add_lora
     from unsloth_dist.models.patching import patch_model
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", triton)
     data = ragged_dataset(n=12, seed=1, vocab=128, max_len=12, min_len=4)
     base = add_lora(tiny_llama(seed=0, vocab=128, hidden=64, layers=1), r=4, lora_alpha=8)
     seen = []
@@ -71,17 +75,23 @@ def test_fsdp_frozen_head_is_not_gathered_again_for_the_fused_loss_backward(tmp_
         heads.append(model.get_output_embeddings())
         seen.clear()
         _, losses, lora = _train(model, data, tmp_path / name, precision="fp32")
-        return list(seen), losses, lora
+        flag = heads[-1]._get_fsdp_state()._fsdp_param_group.unshard_in_backward  # as the last forward set it
+        return list(seen), losses, lora, flag
 
     def both():
         skipped = run("skip")
         real = patching._fsdp_head_backward_gather
-        monkeypatch.setattr(patching, "_fsdp_head_backward_gather", lambda head, ce: real(head, None))
+        monkeypatch.setattr(patching, "_fsdp_head_backward_gather", lambda head, ce, x: real(head, None, x))
         return skipped, run("gather")
 
-    (seen_skip, losses, lora), (seen_gather, ref_losses, ref_lora) = _one_rank(both)
-    assert seen_skip == [True] * 3, seen_skip  # the shard: not gathered for backward
-    assert seen_gather == [False] * 3, seen_gather  # forced: gathered, as before
+    (seen_skip, losses, lora, flag), (seen_gather, ref_losses, ref_lora, ref_flag) = _one_rank(both)
+    assert ref_flag is True
+    if triton == "1":
+        assert flag is False
+        assert seen_skip == [True] * 3, seen_skip  # the shard: not gathered for backward
+        assert seen_gather == [False] * 3, seen_gather  # forced: gathered, as before
+    else:
+        assert flag is True and seen_skip == seen_gather == []  # the reference path: gathered, as before
     assert losses == ref_losses
     for n, w in lora.items():
         assert torch.equal(w, ref_lora[n]), n

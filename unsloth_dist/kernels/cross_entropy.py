@@ -343,6 +343,15 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
+def reads_weight_in_backward(hidden: torch.Tensor, reduction: str) -> bool:
+    """Whether :func:`fused_linear_cross_entropy` on `hidden` keeps `weight` for its backward: the
+    PyTorch reference (no Triton for this device) is plain autograd (``F.linear`` saves it) and the
+    ``"none"`` reduction recomputes the logits; the Triton path with ``"sum"`` / ``"mean"`` computes
+    every gradient in the forward and does not. (An FSDP2 head of its own need not be gathered again
+    for backward then: models.patching.)"""
+    return reduction not in ("sum", "mean") or not use_triton(hidden)
+
+
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                bias: torch.Tensor | None = None, *, ignore_index: int = -100,
                                softcap: float | None = None, z_loss: float = 0.0, reduction: str = "mean",

@@ -87,6 +87,7 @@ from torch import nn
 from unsloth_dist.kernels import quant
 from unsloth_dist.kernels import (apply_rope, fused_linear_cross_entropy, glu, lora_add, lora_linear, lora_xa, qlora_linear,
                                   rms_norm)
+from unsloth_dist.kernels.cross_entropy import reads_weight_in_backward
 
 IGNORE_INDEX = -100
 OPS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "lora")
@@ -408,25 +409,26 @@ def _attention_forward(self, *args, **kwargs):
 
 
 def _lm_head_forward(self, input: torch.Tensor, unsloth_ce: Optional[dict] = None):
-    _fsdp_head_backward_gather(self, unsloth_ce)
+    _fsdp_head_backward_gather(self, unsloth_ce, input)
     if unsloth_ce is None:
         return type(self).forward(self, input)
     # runs inside lm_head's own forward: ZeRO-3 has gathered self.weight, FSDP2 has unsharded it
     return fused_linear_cross_entropy(input, self.weight, bias=self.bias, **unsloth_ce)
 
 
-def _fsdp_head_backward_gather(head: nn.Module, unsloth_ce: Optional[dict]) -> None:
-    """A head that is its own FSDP2 group (backends/fsdp.py, untied) is gathered again by FSDP2's
-    pre-backward hook. The fused CE with a sum / mean reduction computed its gradients in the forward
-    and reads no weight in backward: for a frozen head (LoRA / QLoRA) that second gather of a vocab x
-    hidden matrix is skipped. A trained head (its gradient is accumulated into the gathered weight),
-    the "none" reduction (its backward recomputes the logits) or the plain forward keep it. Set at
-    every forward, so the path each forward took decides its backward."""
-    set_flag = getattr(head, "set_unshard_in_backward", None)  # only on an FSDP2 module of its own
-    if set_flag is None:
+def _fsdp_head_backward_gather(head: nn.Module, unsloth_ce: Optional[dict], hidden: torch.Tensor) -> None:
+    """A head that is its own FSDP2 group (backends/fsdp.py marks the untied head it wraps) is
+    gathered again by FSDP2's pre-backward hook. The fused CE's Triton path with a sum / mean
+    reduction computed its gradients in the forward and reads no weight in backward: for a frozen head
+    (LoRA / QLoRA) that second gather of a vocab x hidden matrix is skipped. A trained head (its
+    gradient is accumulated into the gathered weight), the "none" reduction (its backward recomputes
+    the logits), the PyTorch reference path (plain autograd saves the weight) or the plain forward
+    keep it. Set at every forward, so the path each forward took decides its backward."""
+    if not head.__dict__.get("_unsloth_fsdp_own_group"):
         return
     frozen = not any(p.requires_grad for p in head.parameters())
-    set_flag(not (frozen and unsloth_ce is not None and unsloth_ce.get("reduction") in ("sum", "mean")))
+    skip = frozen and unsloth_ce is not None and not reads_weight_in_backward(hidden, unsloth_ce.get("reduction", "mean"))
+    head.set_unshard_in_backward(not skip)
 
 
 def _unfused_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str, ignore_index: int,
