@@ -755,7 +755,8 @@ def parse_args(argv=None):
                    help="ours, LoRA workloads: peft's LoRA forward instead of the fused update (kernels.lora_delta)")
     p.add_argument("--scaling", action="store_true",
                    help="with --gpus N > 1: run each multi-process backend at one rank too (same per-GPU batch) and "
-                        "report the scaling efficiency, tokens/s per GPU at N over that at one rank")
+                        "report the scaling efficiency, tokens/s per GPU at N over that at one rank (ours' one-rank "
+                        "ZeRO runs use the one-rank DeepSpeed config: bf16 communication, stages 1-2 without overlap_comm)")
     p.add_argument("--fsdp-head-in-root", action="store_true",
                    help="ours, fsdp: keep an untied output head in the root FSDP group, gathered from its forward to "
                         "the end of backward (the code before NOTES 32), for an A/B in the same call")

@@ -234,6 +234,8 @@ def test_fsdp_keeps_at_most_one_vocabulary_matrix_whole():
     # the untied head is whole while the loss runs (its forward): counted at that moment
     assert estimate(untied, V["fsdp"], "bf16", **kw).parts["head_gathered"] == 2 * untied.vocab * untied.hidden
     assert "head_gathered" not in estimate(tied, V["fsdp"], "bf16", **kw).parts
+    trained = estimate(untied, V["fsdp"], "bf16", **{**kw, "lora": False})  # + the head's gradient
+    assert trained.parts["head_gathered"] == 2 * 2 * untied.vocab * untied.hidden
     lora = estimate(untied, V["fsdp"], "bf16", **kw)
     T = untied.lora_params(16)
     assert lora.parts["weights"] == (2 * untied.params + 4 * T) / 2

@@ -296,8 +296,9 @@ def estimate(
             # (and, tied, the shared embedding / head)
             own_groups = 0 if m.tie_embeddings else 2 * m.vocab * m.hidden
             unsharded = pb * (2 * layer + m.root_params - own_groups)
-            # ... but the untied head is gathered while the loss runs (its forward), the peak counted below
-            head_gathered = 0.0 if m.tie_embeddings else pb * m.vocab * m.hidden
+            # ... but the untied head is gathered while the loss runs (its forward), the peak counted
+            # below; a trained one also gets its gradient there (the fused CE writes it in the forward)
+            head_gathered = 0.0 if m.tie_embeddings else pb * m.vocab * m.hidden * (1 if lora else 2)
         unsharded += 4 * 2 * (layer if not lora else m.lora_params(lora_r) / m.layers)  # unsharded grads in flight
         parts["unsharded"] = unsharded
         step_tmp = on_gpu * 4 * T / N
