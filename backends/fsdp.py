@@ -95,9 +95,9 @@ class FSDPBackend(Backend):
         if head is not None:
             # an untied head is its own group too, freed after its forward: in the root (which FSDP2
             # never reshards between forward and backward) its gathered copy stayed alive through the
-            # whole backward, e.g. 0.98 GiB of the QLoRA 8B peak at one rank (NOTES 32). Its backward
-            # gathers it again (FSDP2's pre-backward hook; the fused cross-entropy computed its
-            # gradients in the forward already) and frees it once the head's backward is done.
+            # whole backward, e.g. 0.98 GiB of the QLoRA 8B peak at one rank (NOTES 32). A trained head
+            # is gathered again for its backward (FSDP2's pre-backward hook) and freed after it; a frozen
+            # one under the fused cross-entropy's Triton path is not (its gradients came in the forward).
             fully_shard(head, reshard_after_forward=True, **kwargs)
             # the patched head forward may then skip its gather for backward (models.patching)
             head._unsloth_fsdp_own_group = hasattr(head, "set_unshard_in_backward")
@@ -209,29 +209,24 @@ def _kept_dtype(p: nn.Parameter, bf16: bool) -> Optional[torch.dtype]:
     return torch.float32 if p.requires_grad or not bf16 else torch.bfloat16
 
 
+def _untied(model: nn.Module, get: str, other: str, recurse: bool = True) -> Optional[nn.Module]:
+    """The module ``model.<get>()`` returns when it has parameters and none of them is also one of
+    ``model.<other>()``'s (tied input / output embeddings), else None."""
+    fn = getattr(model, get, None)
+    mod = fn() if callable(fn) else None
+    if not isinstance(mod, nn.Module) or mod is model or not list(mod.parameters(recurse=recurse)):
+        return None
+    fn = getattr(model, other, None)
+    twin = fn() if callable(fn) else None
+    twin_params = {id(p) for p in twin.parameters()} if isinstance(twin, nn.Module) else set()
+    return None if any(id(p) in twin_params for p in mod.parameters()) else mod
+
+
 def _untied_input_embeddings(model: nn.Module) -> Optional[nn.Module]:
     """The model's input embedding module when its weight is not also the output head's, else None."""
-    get_in = getattr(model, "get_input_embeddings", None)
-    embed = get_in() if callable(get_in) else None
-    if not isinstance(embed, nn.Module) or embed is model or not list(embed.parameters(recurse=False)):
-        return None
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    head_params = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-    if any(id(p) in head_params for p in embed.parameters()):
-        return None
-    return embed
+    return _untied(model, "get_input_embeddings", "get_output_embeddings", recurse=False)
 
 
 def _untied_output_head(model: nn.Module) -> Optional[nn.Module]:
     """The model's output head module when its weight is not also the input embedding's, else None."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if not isinstance(head, nn.Module) or head is model or not list(head.parameters()):
-        return None
-    get_in = getattr(model, "get_input_embeddings", None)
-    embed = get_in() if callable(get_in) else None
-    embed_params = {id(p) for p in embed.parameters()} if isinstance(embed, nn.Module) else set()
-    if any(id(p) in embed_params for p in head.parameters()):
-        return None
-    return head
+    return _untied(model, "get_output_embeddings", "get_input_embeddings")

@@ -26,6 +26,16 @@ def _run(tmp_path, *extra):
     return json.loads(out.read_text())
 
 
+
+def _bench():
+    """benchmarks/bench_train.py as a module (its folder is not a package)."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench_train
+    finally:
+        sys.path.pop(0)
+    return bench_train
+
 def test_bench_train_matrix_runs(tmp_path):
     res = _run(tmp_path, "--impls", "ours,hf", "--backends", "single,fsdp", "--backend-set", "forward_prefetch=1")
     recs = {(r["impl"], r["backend"]): r for r in res["records"]}
@@ -52,11 +62,7 @@ def test_bench_train_matrix_runs(tmp_path):
 
 
 def test_bench_train_flags_loss_columns_that_differ_before_any_update():
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import bench_train as B
-    finally:
-        sys.path.pop(0)
+    B = _bench()
 
     def rec(impl, backend, losses):
         return {"impl": impl, "backend": backend, "world_size": 1, "status": "ok", "tokens_per_s_per_gpu": 1.0,
@@ -78,11 +84,7 @@ def test_bench_train_rejects_unknown_backend(tmp_path):
 
 
 def test_flops_per_token_counts_lora_without_weight_grads():
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import bench_train as B
-    finally:
-        sys.path.pop(0)
+    B = _bench()
     wl_full, wl_lora = B.WORKLOADS["full-1b"], B.WORKLOADS["lora-8b"]
     n = 1_000_000
     assert B.flops_per_token(wl_full, n, 2048) == 6 * n + 12 * 16 * 2048 * 2048
@@ -100,11 +102,7 @@ def test_bench_train_qlora_under_fsdp(tmp_path):
         assert r["world_size"] == 2 and abs(r["loss_first"] - 6.238) < 0.3
         if r["impl"] == "ours":
             assert r["qlora_linear"] is False and r["step_before_read"] is False and r["head_in_root"] is True, r
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import bench_train as B
-    finally:
-        sys.path.pop(0)
+    B = _bench()
     import torch
 
     model = B.build_model(B.WORKLOADS["tiny-qlora"], torch.device("cpu"), torch.float32, 32, "sdpa")
@@ -144,11 +142,7 @@ def test_bench_train_scaling_runs_one_rank_and_n(tmp_path):
 
 
 def test_bench_train_compares_ours_with_a_baseline_at_the_same_gpu_count():
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import bench_train as B
-    finally:
-        sys.path.pop(0)
+    B = _bench()
 
     def rec(impl, n, tps):
         return {"impl": impl, "backend": "fsdp", "world_size": n, "status": "ok", "tokens_per_s_per_gpu": tps,

@@ -423,7 +423,8 @@ def _fsdp_head_backward_gather(head: nn.Module, unsloth_ce: Optional[dict], hidd
     (LoRA / QLoRA) that second gather of a vocab x hidden matrix is skipped. A trained head (its
     gradient is accumulated into the gathered weight), the "none" reduction (its backward recomputes
     the logits), the PyTorch reference path (plain autograd saves the weight) or the plain forward
-    keep it. Set at every forward, so the path each forward took decides its backward."""
+    keep it. Set at every head forward: the last one before a backward decides it (one head call per
+    forward pass in a causal LM)."""
     if not head.__dict__.get("_unsloth_fsdp_own_group"):
         return
     frozen = not any(p.requires_grad for p in head.parameters())
