@@ -91,6 +91,12 @@ class FSDPBackend(Backend):
             # after its forward (a frozen one, as under LoRA, is never gathered again; a trained one
             # is gathered again for its backward, at the end). Tied, it stays with the head in the root.
             fully_shard(embed, reshard_after_forward=True, **kwargs)
+            if hasattr(embed, "set_unshard_in_backward") and not any(p.requires_grad for p in embed.parameters()):
+                # frozen, its backward needs no weight (an embedding's only gradient is the weight's);
+                # its output may still require grad (enable_input_require_grads, as peft's
+                # prepare_model_for_kbit_training sets for checkpointing), which would make FSDP2's
+                # pre-backward hook gather it again at the end of every backward
+                embed.set_unshard_in_backward(False)
         head = _untied_output_head(model) if reshard else None
         if head is not None:
             # an untied head is its own group too, freed after its forward: in the root (which FSDP2

@@ -125,3 +125,31 @@ def test_fsdp_bf16_keeps_frozen_weights_in_bf16_with_the_same_losses(tmp_path, m
     assert losses == ref_losses  # bit for bit: the same bf16 values were computed with
     for n, w in lora.items():
         assert torch.equal(w, ref_lora[n]), n
+
+
+def test_fsdp_frozen_input_embedding_is_not_gathered_for_backward(tmp_path, monkeypatch):
+    """A frozen untied input embedding whose output requires grad (enable_input_require_grads, as
+    peft's prepare_model_for_kbit_training sets): FSDP2 would gather it again at the end of every
+    backward (its pre-backward hook, and the last layer's implicit backward prefetch) for nothing: no
+    weight gradient to compute. Counted at FSDP2's unshard: no backward gather of it goes through."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as G
+    from tiny import ragged_dataset, tiny_llama
+
+    from unsloth_dist.models.lora import add_lora
+
+    gathers = []
+    real_unshard = G.FSDPParamGroup.unshard
+
+    def unshard(self, async_op=False):
+        if (self._module_fqn.endswith("embed_tokens") and self._training_state == G.TrainingState.PRE_BACKWARD
+                and not self.is_unsharded and self.unshard_in_backward):
+            gathers.append(self._module_fqn)  # this call goes on to gather
+        return real_unshard(self, async_op)
+
+    monkeypatch.setattr(G.FSDPParamGroup, "unshard", unshard)
+    data = ragged_dataset(n=12, seed=1, vocab=128, max_len=12, min_len=4)
+    model = add_lora(tiny_llama(seed=0, vocab=128, hidden=64, layers=1), r=4, lora_alpha=8)
+    model.enable_input_require_grads()
+    _, losses, _ = _one_rank(lambda: _train(model, data, tmp_path / "e", precision="fp32"))
+    assert gathers == [], gathers
+    assert len(losses) == 3 and all(l == l for l in losses)
