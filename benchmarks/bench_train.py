@@ -195,8 +195,7 @@ def _memory_peak(args, device):
     from mem_peak import MemoryPeak
 
     return MemoryPeak(args.memory_peak if _env()[0] == 0 else None, device,
-                      f"{args.impl}_{args.backend}" + ("_no_early_stop" if args.memory_peak_no_early_stop else ""),
-                      early_stop=not args.memory_peak_no_early_stop)
+                      f"{args.impl}_{args.backend}")
 
 
 class _Profile:
@@ -575,8 +574,6 @@ def run_matrix(args) -> int:
             cmd += ["--backend-set", kv]
         if args.memory_peak:
             cmd += ["--memory-peak", str(args.memory_peak)]
-            if args.memory_peak_no_early_stop:
-                cmd.append("--memory-peak-no-early-stop")
         if args.profile_dir:
             cmd += ["--profile-dir", str(args.profile_dir)]
             if args.profile_stack:
@@ -778,9 +775,6 @@ def parse_args(argv=None):
     p.add_argument("--memory-peak", default=None,
                    help="CUDA: record the allocator history over the steps (rank 0) and write what is alive at the "
                         "peak, by call site, into this folder (IMPL_BACKEND.json; mem_peak.py); slower steps")
-    p.add_argument("--memory-peak-no-early-stop", action="store_true",
-                   help="with --memory-peak: activation checkpointing's recompute without its early stop while "
-                        "recording (see mem_peak.py: the recording lost torch's early-stop exception on torch 2.11)")
     p.add_argument("--profile-stack", action="store_true",
                    help="with --profile-dir: record Python stacks too and write the host time by call site "
                         "(IMPL_BACKEND_stacks.txt); slower profiled steps")
