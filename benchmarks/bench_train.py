@@ -309,6 +309,7 @@ def run_ours(args, wl, device, world) -> dict:
         "shuffle": False,  # the rows in order: rank r's step s is batch s * world + r, as the baselines read them
         "fused_master_adamw": _fused_adamw(args),
         **({"gradient_checkpointing_layers": args.ckpt_layers} if wl["ckpt"] and args.ckpt_layers is not None else {}),
+        **({"activation_offload": True} if args.activation_offload and wl["ckpt"] else {}),
     })
     _sync(device)
     t0 = time.perf_counter()
@@ -460,6 +461,7 @@ def run_case(args) -> int:
               "backend_set": _backend_set(args) if args.impl == "ours" and args.backend != "single" else None,
               "fused_master_adamw": None,  # ours: what the backend ran (filled in below)
               "ckpt_layers": args.ckpt_layers if args.impl == "ours" else None,
+              "activation_offload": args.activation_offload if args.impl == "ours" and wl["ckpt"] else None,
               "fused_lora": (not args.no_fused_lora) if args.impl == "ours" and wl["lora"] else None,
               "step_before_read": not args.no_step_before_read if args.impl == "ours" and args.backend == "fsdp" else None,
               "head_in_root": args.fsdp_head_in_root if args.impl == "ours" and args.backend == "fsdp" else None,
@@ -569,6 +571,8 @@ def run_matrix(args) -> int:
             cmd.append("--fsdp-head-in-root")
         if args.ckpt_layers is not None:
             cmd += ["--ckpt-layers", str(args.ckpt_layers)]
+        if args.activation_offload:
+            cmd.append("--activation-offload")
         cmd += ["--reduce-dtype", args.reduce_dtype]
         for kv in args.backend_set:
             cmd += ["--backend-set", kv]
@@ -748,6 +752,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-layers", type=int, default=None,
                    help="ours, workloads with activation checkpointing (lora-8b, qlora-8b): checkpoint only the "
                         "first K decoder layers (gradient_checkpointing_layers)")
+    p.add_argument("--activation-offload", action="store_true",
+                   help="ours, workloads with activation checkpointing: activation_offload (each checkpointed "
+                        "layer's input in pinned CPU memory until its recompute)")
     p.add_argument("--no-fused-lora", action="store_true",
                    help="ours, LoRA workloads: peft's LoRA forward instead of the fused update (kernels.lora_delta)")
     p.add_argument("--scaling", action="store_true",

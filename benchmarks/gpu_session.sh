@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks for one device session, run from the repository root on the device machine:
-#   bash benchmarks/gpu_session.sh PART [PART ...]     PART = kernels | kbench | dequant | memory | models | examples | equivalence | qdiag | layer | train
+#   bash benchmarks/gpu_session.sh PART [PART ...]     PART = kernels | kbench | dequant | memory | models | examples | equivalence | qdiag | odiag | layer | train
 # layer: env LAYER_ARGS (bench_layer.py arguments, e.g. "--variants ours,ours-compile --layers 8")
 # train: env TRAIN_WORKLOAD (full-1b | lora-8b | qlora-8b | lora-qwen3-8b), TRAIN_GPUS (1), TRAIN_BACKENDS, TRAIN_IMPLS, TRAIN_STEPS, TRAIN_WARMUP, TRAIN_TAG,
 #        TRAIN_TIMEOUT, TRAIN_PROFILE, TRAIN_PROFILE_STACK (with TRAIN_PROFILE: host time by Python call site), TRAIN_REDUCE (ours: backend.reduce_dtype),
@@ -10,6 +10,7 @@
 #        TRAIN_NO_QLORA_LINEAR=1 (ours, qlora: bitsandbytes' Linear4bit forward instead of kernels.qlora_linear),
 #        TRAIN_NO_STEP_BEFORE_READ=1 (ours, fsdp: optimizer step after the loss / norm read),
 #        TRAIN_HEAD_IN_ROOT=1 (ours, fsdp: an untied head stays in the root group, as before NOTES 32),
+#        TRAIN_OFFLOAD=1 (ours, checkpointed workloads: activation_offload), TRAIN_SEQ=N (sequence length; default the workload's),
 #        TRAIN_SCALING=1 (with TRAIN_GPUS=N: each backend at one rank too, and the scaling efficiency table),
 #        TRAIN_MEMPEAK=1 (what is alive at the peak of GPU memory, by call site: benchmarks/mem_peak.py)
 # kernels: env KERNELS_K (a pytest -k expression selecting tests of tests/test_gpu_kernels.py)
@@ -52,7 +53,8 @@ for part in "$@"; do
     layer) TAILN=20 step bench_layer 560 python3 benchmarks/bench_layer.py ${LAYER_ARGS:-} --out "$OUT/bench_layer.json" ;;
     dequant) TAILN=8 step bench_dequant 200 python3 benchmarks/bench_dequant.py --out "$OUT/bench_dequant.json" ;;
     qdiag) TAILN=12 step diag_qlora 300 python3 benchmarks/diag_qlora.py 4 ;;
-    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ${TRAIN_PROFILE_STACK:+--profile-stack} ${TRAIN_MEMPEAK:+--memory-peak $OUT/mempeak_${TRAIN_TAG:-run}} ${TRAIN_REDUCE:+--reduce-dtype $TRAIN_REDUCE} $(for kv in ${TRAIN_SET:-}; do printf -- "--backend-set %s " "$kv"; done) ${TRAIN_FUSED_ADAMW:+--fused-adamw $TRAIN_FUSED_ADAMW} ${TRAIN_CKPT_LAYERS:+--ckpt-layers $TRAIN_CKPT_LAYERS} ${TRAIN_NO_FUSED_LORA:+--no-fused-lora} ${TRAIN_NO_QLORA_LINEAR:+--no-qlora-linear} ${TRAIN_NO_STEP_BEFORE_READ:+--no-step-before-read} ${TRAIN_HEAD_IN_ROOT:+--fsdp-head-in-root} ${TRAIN_SCALING:+--scaling} ;;
+    odiag) TAILN=12 step diag_offload 300 python3 benchmarks/diag_offload.py ${ODIAG_ARGS:-} ;;
+    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ${TRAIN_PROFILE_STACK:+--profile-stack} ${TRAIN_MEMPEAK:+--memory-peak $OUT/mempeak_${TRAIN_TAG:-run}} ${TRAIN_REDUCE:+--reduce-dtype $TRAIN_REDUCE} $(for kv in ${TRAIN_SET:-}; do printf -- "--backend-set %s " "$kv"; done) ${TRAIN_FUSED_ADAMW:+--fused-adamw $TRAIN_FUSED_ADAMW} ${TRAIN_CKPT_LAYERS:+--ckpt-layers $TRAIN_CKPT_LAYERS} ${TRAIN_NO_FUSED_LORA:+--no-fused-lora} ${TRAIN_NO_QLORA_LINEAR:+--no-qlora-linear} ${TRAIN_NO_STEP_BEFORE_READ:+--no-step-before-read} ${TRAIN_HEAD_IN_ROOT:+--fsdp-head-in-root} ${TRAIN_OFFLOAD:+--activation-offload} ${TRAIN_SEQ:+--seq $TRAIN_SEQ} ${TRAIN_SCALING:+--scaling} ;;
     *) echo "unknown part $part" ;;
   esac
 done

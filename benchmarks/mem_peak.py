@@ -3,8 +3,10 @@
 `bench_train.py --memory-peak DIR` records the CUDA caching allocator's history over the training
 steps (`torch.cuda.memory._record_memory_history`) and, at the end, replays the trace of the device:
 the allocated bytes start at what was allocated when recording began (the model, its shards, ...: the
-"baseline"), every `alloc` adds its block and every `free_completed` removes it, and the live blocks at
-the highest point are grouped by the first call site outside torch itself. That names what to cut when
+"baseline"), every `alloc` adds its block and its `free_requested` removes it (as torch's allocated-bytes
+statistic does; a block used on another stream through `record_stream` is reused only at its
+`free_completed`, but it no longer counts in max_memory_allocated), and the live blocks at the highest
+point are grouped by the first call site outside torch itself. That names what to cut when
 a run's peak is just above a target (e.g. QLoRA's peak against half of transformers + peft's).
 
 The allocator keeps the last 2,000,000 trace entries: run few steps (e.g. `--steps 2 --warmup 1`), or the
@@ -61,14 +63,14 @@ def peak_live_set(trace: list, baseline: int = 0, top: int = 20, depth: int = 2)
             cur += ev["size"]
             if cur > peak:
                 peak, peak_at = cur, i
-        elif act == "free_completed":
+        elif act in ("free_requested", "free_completed"):
             cur -= sizes.pop(ev["addr"], 0)
     live: dict = {}
     for ev in trace[: peak_at + 1]:
         act = ev.get("action")
         if act == "alloc":
             live[ev["addr"]] = ev
-        elif act == "free_completed":
+        elif act in ("free_requested", "free_completed"):
             live.pop(ev["addr"], None)
     groups: dict = defaultdict(lambda: [0, 0])
     for ev in live.values():

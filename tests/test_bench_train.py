@@ -96,12 +96,14 @@ def test_bench_train_qlora_under_fsdp(tmp_path):
     failed with 'quant_state is required' when the layers lost their quant state to resharding."""
     res = _run(tmp_path, "--workload", "tiny-qlora", "--impls", "ours,hf", "--backends", "fsdp",
                "--no-qlora-linear", "--no-step-before-read", "--fsdp-head-in-root",  # the A/B flags (ours only) keep working
+               "--activation-offload",
                "--memory-peak", str(tmp_path / "mp"))  # a no-op off CUDA
     for r in res["records"]:
         assert r["status"] == "ok", r
         assert r["world_size"] == 2 and abs(r["loss_first"] - 6.238) < 0.3
         if r["impl"] == "ours":
             assert r["qlora_linear"] is False and r["step_before_read"] is False and r["head_in_root"] is True, r
+            assert r["activation_offload"] is True, r
     B = _bench()
     import torch
 

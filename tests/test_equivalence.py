@@ -90,3 +90,35 @@ def test_two_rank_launch_exits_cleanly(two_ranks):
     """The shared launch itself ended well (teardown included), not only every run's results."""
     _, proc = two_ranks
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n---- stderr ----\n{proc.stderr[-8000:]}"
+
+
+OFFLOAD_BACKENDS = ["ddp", "fsdp", "zero3"]
+OFFLOAD_VARIANTS = ["full+offload-gas2", "lora+offload-gas2"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks_offload(tmp_path_factory, deepspeed_cpu_ops):
+    out = tmp_path_factory.mktemp("two-ranks-offload")
+    proc = run_cmd(torchrun(2, WORKER, ",".join(OFFLOAD_BACKENDS), str(out), *OFFLOAD_VARIANTS), check=False)
+    return out, proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", OFFLOAD_BACKENDS)
+def test_activation_offload_trains_like_one_process(backend, reference, two_ranks_offload):
+    """gradient_checkpointing + activation_offload on 2 ranks: the layer inputs went through the host
+    copies (the worker counts them) and the run is the plain single-process one (fp32, gas 2)."""
+    out, proc = two_ranks_offload
+    for variant in OFFLOAD_VARIANTS:
+        path = out / f"{backend}-{variant}.pt"
+        if not path.is_file():
+            pytest.fail(f"{backend} {variant} did not finish (launch exit {proc.returncode}):\n"
+                        f"{proc.stdout[-4000:]}\n---- stderr ----\n{proc.stderr[-8000:]}")
+        got, ref = torch.load(path), reference[variant.split("+")[0]]
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0,
+                                   msg=lambda m: f"{backend} {variant} losses differ from one process: {m}")
+        torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0,
+                                   msg=lambda m: f"{backend} {variant} grad norms differ from one process: {m}")
+        for key, value in ref["state_dict"].items():
+            torch.testing.assert_close(got["state_dict"][key].float(), value.float(), rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, key=key: f"{backend} {variant} weight {key}: {m}")

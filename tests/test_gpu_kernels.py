@@ -332,3 +332,58 @@ def test_dequantize_4bit_on_gpu_is_bitsandbytes_bit_for_bit(_gpu, quant_type, ne
         qs32 = copy.copy(qs)
         qs32.dtype = torch.float32
         assert torch.equal(dequantize_4bit(q, qs, torch.float32), bnbf.dequantize_4bit(q, qs32)), shape
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["transformers", "patched-kernels"])
+def test_activation_offload_on_cuda(_gpu, patched):
+    """activation_offload on a GPU: the host copies on the side stream and the prefetch ahead of each
+    recompute give the gradients of plain checkpointing bit for bit (bf16, dropout in attention, two
+    micro-batches as under gradient accumulation, the freed layer inputs overwritten before backward);
+    and between forward and backward the layer inputs no longer take GPU memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unsloth_dist.models.lora import enable_gradient_checkpointing
+    from unsloth_dist.models.offload import enable_activation_offload
+
+    layers, hidden, batch, seq = 6, 1024, 2, 2048
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=2816, num_hidden_layers=layers,
+                      num_attention_heads=16, num_key_value_heads=4, attention_dropout=0.1,
+                      max_position_embeddings=seq, attn_implementation="eager")
+    ids = [torch.randint(0, 32000, (batch, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+           for i in range(2)]
+
+    def run(offload):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).train()
+        if patched:
+            from unsloth_dist.models import patch_model
+
+            patch_model(model)
+        enable_gradient_checkpointing(model, True)
+        if offload:
+            assert enable_activation_offload(model) == layers
+        held, losses = [], []
+        for i, x in enumerate(ids):
+            torch.manual_seed(100 + i)
+            before = torch.cuda.memory_allocated()
+            out = model(input_ids=x, labels=x)
+            held.append(torch.cuda.memory_allocated() - before)
+            # reuse the freed blocks of the layers' size: a layer input read after it was freed would read NaN
+            junk = [torch.full((batch, seq, hidden), float("nan"), device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2 * layers)]
+            del junk
+            out.loss.backward()
+            losses.append(out.loss.detach())
+        torch.cuda.synchronize()
+        return losses, {n: p.grad for n, p in model.named_parameters()}, held
+
+    plain_losses, plain_grads, plain_held = run(False)
+    losses, grads, held = run(True)
+    for a, b in zip(plain_losses, losses):
+        assert torch.equal(a, b)
+    for name, g in plain_grads.items():
+        assert torch.isfinite(grads[name]).all(), name
+        assert torch.equal(g, grads[name]), name
+    inputs = layers * batch * seq * hidden * 2  # bf16 layer inputs plain checkpointing holds
+    for p, o in zip(plain_held, held):
+        assert p - o >= 0.9 * inputs, (p, o, inputs)

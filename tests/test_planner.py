@@ -218,6 +218,28 @@ def test_plan_command_checkpoint_layers():
     assert r.exit_code != 0 and "needs --gradient-checkpointing" in r.output
 
 
+def test_activation_offload_keeps_one_layer_input_on_the_gpu():
+    m = PRESETS["llama-3.1-8b"]
+    kw = dict(gpus=2, seq=2048, micro_batch=4, lora=True, gradient_checkpointing=True)
+    plain = estimate(m, V["fsdp"], "bf16", **kw)
+    off = estimate(m, V["fsdp"], "bf16", activation_offload=True, **kw)
+    # 31 of the 32 bf16 layer inputs (2h bytes per token) leave the GPU; the next one to recompute stays
+    assert plain.activations - off.activations == 31 * 4 * 2048 * 2 * m.hidden
+    assert off.activation_offload and not plain.activation_offload
+    # with only the first 8 layers checkpointed, 7 of their 8 inputs leave
+    part = dict(kw, checkpoint_layers=8)
+    assert (estimate(m, V["fsdp"], "bf16", **part).activations
+            - estimate(m, V["fsdp"], "bf16", activation_offload=True, **part).activations) == 7 * 4 * 2048 * 2 * m.hidden
+    with pytest.raises(PL.ConfigError, match="--activation-offload needs --gradient-checkpointing"):
+        PL.plan(m, 2, 80, activation_offload=True)
+    from unsloth_dist.cli import app
+
+    r = CliRunner().invoke(app, ["plan", "--model", "llama-3.1-8b", "--gpus", "2", "--lora", "--json", "-p", "bf16",
+                                 "--gradient-checkpointing", "--activation-offload"])
+    assert r.exit_code == 0, r.output
+    assert all(row["activation_offload"] for row in json.loads(r.output)["rows"])
+
+
 def test_fsdp_keeps_at_most_one_vocabulary_matrix_whole():
     """fsdp (sharding full) keeps the root whole through the step but frees an untied input embedding
     and an untied head after their forwards (backends/fsdp.py): tied, the one shared vocab x hidden

@@ -26,6 +26,7 @@ from . import distributed as D
 from .config import ConfigError, load_config
 from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, WithLabels, check_sample, model_inputs, uses_varlen_attention
 from .integrations import close_reporters, make_reporters
+from .models.offload import offloadable_layers, uses_activation_offload
 
 logger = logging.getLogger("unsloth_dist")
 
@@ -128,6 +129,11 @@ class Trainer:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._ckpt_off = _layers_without_checkpointing(model, cfg.gradient_checkpointing_layers)
+        if cfg.activation_offload and not offloadable_layers(model):
+            raise ConfigError(
+                f"activation_offload: {type(model).__name__} has no transformers decoder layers (checkpointed one "
+                "by one) whose inputs could be offloaded; set activation_offload: false"
+            )
         if backend_cfg.name == "fsdp":  # a model FSDP cannot shard is refused before the process group
             from unsloth_dist.backends.fsdp import decoder_layers
 
@@ -182,7 +188,8 @@ class Trainer:
         self._cpu_group = D.cpu_group()  # the per-step counters are summed on the host
         torch.manual_seed(cfg.seed)
         if cfg.gradient_checkpointing:
-            _enable_gradient_checkpointing(model)
+            # a model whose layers already offload (use_gradient_checkpointing="unsloth") keeps doing so
+            _enable_gradient_checkpointing(model, offload=cfg.activation_offload or uses_activation_offload(model))
             for layer in self._ckpt_off:  # selective: these layers keep their activations
                 layer.gradient_checkpointing = False
         # a model patched with the fused linear cross-entropy (unsloth_dist.models) computes the
@@ -597,11 +604,11 @@ def _layers_without_checkpointing(model: nn.Module, n_checkpointed: Optional[int
     return layers[n_checkpointed:]
 
 
-def _enable_gradient_checkpointing(model: nn.Module) -> None:
+def _enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> None:
     from .models.lora import enable_gradient_checkpointing
 
     try:
-        enable_gradient_checkpointing(model, True)
+        enable_gradient_checkpointing(model, "unsloth" if offload else True)
     except ValueError as exc:
         raise ConfigError(f"gradient_checkpointing: {exc}; set gradient_checkpointing: false or use a transformers model") from None
 

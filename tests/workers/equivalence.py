@@ -1,7 +1,9 @@
 """Run one backend on a Llama built from a config and save the per-step losses and final weights.
 
     torchrun --nproc_per_node 2 tests/workers/equivalence.py BACKEND[,BACKEND...] OUT_DIR VARIANT [VARIANT...]
-    VARIANT = full-gas1 | full-gas2 | lora-gas1 | lora-gas2  (also runs with backend=single, one process)
+    VARIANT = full-gas1 | full-gas2 | lora-gas1 | lora-gas2  (also runs with backend=single, one process);
+              KIND+offload-gasN (e.g. lora+offload-gas2): with gradient checkpointing and activation_offload,
+              and a check that every layer's input went through the offload (forward and recompute)
 
 Several backends run one after another in one launch (one process group; every Trainer builds its
 own backend). OUT_DIR/BACKEND-VARIANT.pt is written once the run passed its own checks on every rank.
@@ -33,6 +35,7 @@ SHAPES = {"tiny": dict(vocab=128, hidden=64, layers=2), "medium": dict(vocab=320
 def run(backend: str, variant: str, out_dir: str) -> None:
     kind, gas = variant.split("-gas")
     gas = int(gas)
+    kind, _, extra = kind.partition("+")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     shape = SHAPES[SIZE]
     model = tiny_llama(seed=0, **shape)
@@ -51,6 +54,18 @@ def run(backend: str, variant: str, out_dir: str) -> None:
         "seed": 3,
         "disable_tqdm": True,
     }
+    offload_calls = []
+    if extra == "offload":
+        import unsloth_dist.models.offload as offload
+
+        args.update(gradient_checkpointing=True, activation_offload=True)
+        plain_run = offload._run
+
+        def counted(*a, **k):
+            offload_calls.append(1)
+            return plain_run(*a, **k)
+
+        offload._run = counted
     initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     data = ragged_dataset(n=GLOBAL_BATCH * STEPS, seed=5, vocab=shape["vocab"], max_len=SEQ, min_len=min(6, SEQ))
     evals = ragged_dataset(n=7, seed=9, vocab=shape["vocab"], max_len=SEQ, min_len=min(6, SEQ))
@@ -62,6 +77,10 @@ def run(backend: str, variant: str, out_dir: str) -> None:
         leaves = [getattr(m, "_z3_leaf", False) for m in trainer.backend.module.modules() if type(m).__name__ == "LlamaDecoderLayer"]
         assert leaves and all(leaves) == (backend == "zero3") and any(leaves) == (backend == "zero3"), leaves
     result = trainer.train()
+    if extra == "offload":
+        offload._run = plain_run
+        # each layer's input: once in the forward, once in the recompute, per micro-batch and step
+        assert len(offload_calls) == 2 * shape["layers"] * gas * STEPS, (backend, variant, len(offload_calls))
     eval_loss = trainer.evaluate()
     sd = trainer.full_state_dict()
     # every rank saw the same global losses

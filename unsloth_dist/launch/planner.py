@@ -37,7 +37,9 @@ checked by tests/test_planner.py against the tensors autograd actually saves):
     outside the layers: 12.5h (fp32) / 8.25h (bf16) / 10.5h (bf16-mixed) + 4V (fp32 log-softmax of
     the loss) + 20 per token; gradient checkpointing keeps only each layer's input (4h, or 2h
     under bf16) and recomputes one layer at a time during backward; with only the first K layers
-    checkpointed (gradient_checkpointing_layers) the other L - K keep their full activations.
+    checkpointed (gradient_checkpointing_layers) the other L - K keep their full activations; with
+    activation offload the checkpointed inputs live in CPU memory, one at a time back on the GPU
+    (the next layer's, fetched ahead of its recompute).
 Transients: at the start of backward two fp32 [tokens, V] buffers (the loss gradients); at the
 optimizer step torch's foreach AdamW allocates one fp32 temporary the size of the (local) Adam
 state, and precision bf16 on single / ddp also makes fp32 copies of the grads for the master step.
@@ -215,6 +217,7 @@ class Estimate:
     reserved: float  # + fragmentation + CUDA context: what must fit
     parts: dict[str, float] = field(default_factory=dict)
     checkpoint_layers: Optional[int] = None  # with gradient checkpointing: the first K layers (None: all)
+    activation_offload: bool = False  # with gradient checkpointing: the layer inputs in CPU memory
 
     def gib(self) -> dict[str, Any]:
         d = asdict(self)
@@ -225,10 +228,10 @@ class Estimate:
 
 
 def activation_bytes(m: ModelShape, precision: str, tokens: int, checkpointing: bool,
-                     checkpoint_layers: Optional[int] = None) -> tuple[float, float]:
+                     checkpoint_layers: Optional[int] = None, offload: bool = False) -> tuple[float, float]:
     """(saved activations, autocast weight copies) in bytes for `tokens` tokens on one GPU.
     `checkpoint_layers`: with checkpointing, how many layers (the first ones) are checkpointed
-    (None: all)."""
+    (None: all); `offload`: their inputs are kept in CPU memory (activation_offload)."""
     h, I, kv, nh, V = m.hidden, m.intermediate, m.kv_dim, m.heads, m.vocab
     small = 4 * (nh + 2)
     per_layer = {"fp32": 32 * h + 16 * I + 8 * kv, "bf16": 20 * h + 8 * I + 4 * kv,
@@ -237,7 +240,8 @@ def activation_bytes(m: ModelShape, precision: str, tokens: int, checkpointing: 
     resid = 2 * h if precision == "bf16" else 4 * h
     k = (m.layers if checkpoint_layers is None else min(checkpoint_layers, m.layers)) if checkpointing else 0
     kept = m.layers - k + (1 if k else 0)  # un-checkpointed layers, + the one being recomputed
-    acts = tokens * (k * resid + kept * per_layer + outside)
+    held = min(k, 1) if offload else k  # offloaded: only the input fetched ahead of its recompute
+    acts = tokens * (held * resid + kept * per_layer + outside)
     copies = 2.0 * (kept * m.layer_matmul_params + m.vocab * m.hidden) if precision == "bf16-mixed" else 0.0
     return float(acts), copies
 
@@ -254,6 +258,7 @@ def estimate(
     lora_r: int = 16,
     gradient_checkpointing: bool = False,
     checkpoint_layers: Optional[int] = None,
+    activation_offload: bool = False,
     zero: Optional[ZeroConfig] = None,
 ) -> Estimate:
     if precision not in PRECISIONS:
@@ -324,7 +329,8 @@ def estimate(
         persistent_grads = True
 
     tokens = micro_batch * seq
-    acts, copies = activation_bytes(m, precision, tokens, gradient_checkpointing, checkpoint_layers)
+    acts, copies = activation_bytes(m, precision, tokens, gradient_checkpointing, checkpoint_layers,
+                                    activation_offload and gradient_checkpointing)
     parts["activations"] = acts
     parts["autocast_copies"] = copies
     loss_tmp = 8.0 * tokens * m.vocab
@@ -343,6 +349,7 @@ def estimate(
         transient=max(backward - acts - copies, step - parts["grads"]) + extra,
         allocated=allocated, reserved=reserved, parts=parts,
         checkpoint_layers=checkpoint_layers if gradient_checkpointing else None,
+        activation_offload=activation_offload and gradient_checkpointing,
     )
 
 
@@ -382,7 +389,8 @@ class Plan:
 
 def plan(m: ModelShape, gpus: int, gpu_memory_gib: float = 80.0, *, precisions: tuple[str, ...] = PRECISIONS,
          micro_batch: Optional[int] = None, seq: int = 2048, lora: bool = False, lora_r: int = 16,
-         gradient_checkpointing: bool = False, checkpoint_layers: Optional[int] = None) -> Plan:
+         gradient_checkpointing: bool = False, checkpoint_layers: Optional[int] = None,
+         activation_offload: bool = False) -> Plan:
     if gpus < 1:
         raise ConfigError(f"--gpus {gpus}: must be at least 1")
     if gpu_memory_gib <= 0:
@@ -394,8 +402,10 @@ def plan(m: ModelShape, gpus: int, gpu_memory_gib: float = 80.0, *, precisions: 
     else:
         variants = [v for v in VARIANTS if v.backend != "single"]
     _check_checkpoint_layers(m, gradient_checkpointing, checkpoint_layers)
+    if activation_offload and not gradient_checkpointing:
+        raise ConfigError("--activation-offload needs --gradient-checkpointing (it offloads the inputs checkpointing keeps)")
     kw = dict(gpus=gpus, seq=seq, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
-              checkpoint_layers=checkpoint_layers)
+              checkpoint_layers=checkpoint_layers, activation_offload=activation_offload)
     rows, fits = [], {}
     for p in precisions:
         for v in variants:

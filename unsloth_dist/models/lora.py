@@ -111,8 +111,9 @@ def _linear_names(model: nn.Module) -> set[str]:
 
 
 def enable_gradient_checkpointing(model: nn.Module, mode: Union[bool, str]) -> None:
-    """True / "unsloth": non-reentrant activation checkpointing of every decoder layer ("unsloth"
-    is accepted for compatibility and means the same here: no activation offloading)."""
+    """True: non-reentrant activation checkpointing of every decoder layer. "unsloth": the same with
+    each layer's input kept in CPU memory until its recompute (activation offload,
+    :mod:`unsloth_dist.models.offload`), as Unsloth's own "unsloth" mode does."""
     if not mode:
         return
     if mode not in (True, "unsloth"):
@@ -121,6 +122,12 @@ def enable_gradient_checkpointing(model: nn.Module, mode: Union[bool, str]) -> N
     if fn is None:
         raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable()")
     fn(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "unsloth":
+        from .offload import enable_activation_offload
+
+        if not enable_activation_offload(model):
+            raise ValueError(f"use_gradient_checkpointing='unsloth': {type(model).__name__} has no transformers "
+                             "decoder layers to offload the inputs of; use True")
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "use_cache"):
         cfg.use_cache = False

@@ -1,0 +1,167 @@
+"""Activation offload for gradient checkpointing: the input of each checkpointed decoder layer is
+kept in (pinned) CPU memory between the layer's forward and its recompute in backward.
+
+Under non-reentrant checkpointing a decoder layer keeps exactly one activation from its forward to
+its backward: its input hidden states (tokens x hidden in the compute dtype), which torch's
+checkpoint holds to recompute the layer. With every layer checkpointed these inputs are what grows
+with depth x sequence length (2.1 GiB for a Llama-8B shape at 8192 tokens per micro-batch).
+:func:`offloaded_checkpoint` is a drop-in for transformers' per-layer checkpoint function that
+hands torch's checkpoint a :class:`_HostCopy` in place of that tensor:
+
+* forward: the layer runs on the original GPU tensor (so autograd connects it as usual) while a
+  copy to pinned host memory runs on a side stream; the GPU tensor is then no longer referenced
+  (its memory is reused once the copy has read it: ``record_stream``).
+* backward: the recompute gets the tensor back from the host copy. When layer i's recompute starts,
+  the copy back of layer i-1's input (the next layer backward reaches) starts on the side stream,
+  so in steady state the transfers overlap the recompute and backward of the layer before.
+
+The recompute reads exactly the bytes the forward read, so losses and gradients are bit-identical
+to plain checkpointing. Everything else is torch's checkpoint with ``use_reentrant=False``
+(early stop, RNG state, the backends' hooks): only the layer input changes where it lives. On a
+machine without CUDA the "host copy" is a clone in CPU memory (the mechanism runs, nothing is
+saved), which is what the CPU tests exercise.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from functools import partial
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+_local = threading.local()  # the last host copy made on this thread (links a forward's layers)
+_streams: dict[int, Any] = {}
+_anchors: dict[Any, torch.Tensor] = {}
+
+
+def _side_stream(device: torch.device):
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    s = _streams.get(idx)
+    if s is None:
+        s = _streams[idx] = torch.cuda.Stream(device=idx)
+    return s
+
+
+def _anchor(device: torch.device) -> torch.Tensor:
+    """An empty tensor on `device`, passed to torch's checkpoint beside the host copy: checkpoint
+    stashes the RNG state of the devices of its tensor arguments, and the layer input (which would
+    name the device) is no longer one of them. Without it a recompute on CUDA would draw other
+    dropout masks than the forward did."""
+    t = _anchors.get(device)
+    if t is None:
+        t = _anchors[device] = torch.empty(0, device=device)
+    return t
+
+
+class _HostCopy:
+    """A layer input while it lives on the host. `get()` returns the original tensor on its first
+    call (the forward) and a device copy of the host copy on every later call (the recompute)."""
+
+    __slots__ = ("_tensor", "_host", "_copied", "_prefetched", "_prev", "_cuda", "_recomputed",
+                 "requires_grad", "device", "__weakref__")
+
+    def __init__(self, t: torch.Tensor, prev: Optional["_HostCopy"]) -> None:
+        self.requires_grad = t.requires_grad
+        self.device = t.device
+        self._cuda = t.device.type == "cuda"
+        self._tensor: Optional[torch.Tensor] = t
+        self._prefetched: Optional[tuple[torch.Tensor, Any]] = None
+        self._recomputed = False
+        self._prev = weakref.ref(prev) if prev is not None else None
+        if self._cuda:
+            stream = _side_stream(t.device)
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written on the compute stream
+            with torch.cuda.stream(stream):
+                host.copy_(t.detach(), non_blocking=True)
+                self._copied = torch.cuda.Event()
+                self._copied.record(stream)
+            t.record_stream(stream)  # t's memory is not reused before the copy has read it
+        else:
+            host = t.detach().clone()
+            self._copied = None
+        self._host = host
+
+    def _to_device(self, stream) -> tuple[torch.Tensor, Any]:
+        cur = torch.cuda.current_stream(self.device)
+        out = torch.empty(self._host.shape, dtype=self._host.dtype, device=self.device)  # owned by `cur`
+        stream.wait_stream(cur)  # `out`'s block may still be read or written by earlier kernels of `cur`
+        stream.wait_event(self._copied)
+        with torch.cuda.stream(stream):
+            out.copy_(self._host, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return out, done
+
+    def prefetch(self) -> None:
+        """Start the copy back to the device on the side stream (the recompute will need it next)."""
+        if self._cuda and self._tensor is None and self._prefetched is None and not self._recomputed:
+            self._prefetched = self._to_device(_side_stream(self.device))
+
+    def get(self) -> torch.Tensor:
+        t = self._tensor
+        if t is not None:  # the forward: the original tensor, then forget it
+            self._tensor = None
+            return t
+        self._recomputed = True
+        if not self._cuda:
+            out = self._host.clone()
+        else:
+            fetched, self._prefetched = self._prefetched, None
+            if fetched is None:
+                fetched = self._to_device(_side_stream(self.device))
+            out, done = fetched
+            torch.cuda.current_stream(self.device).wait_event(done)
+            prev = self._prev() if self._prev is not None else None
+            if prev is not None:  # the layer before this one is recomputed next
+                prev.prefetch()
+        return out.requires_grad_(self.requires_grad)
+
+
+def _run(function: Callable, box: _HostCopy, anchor: Optional[torch.Tensor], *args: Any) -> Any:
+    return function(box.get(), *args)
+
+
+def offloaded_checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
+    """torch's non-reentrant checkpoint of ``function(*args)`` with ``args[0]`` (the layer's hidden
+    states) kept in host memory until the recompute. Other calls (no grad, a first argument that
+    is not a tensor) are plain checkpoints."""
+    kwargs.setdefault("use_reentrant", False)
+    if kwargs["use_reentrant"]:
+        raise ValueError("activation offload works with non-reentrant checkpointing only (use_reentrant=False)")
+    if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
+        return checkpoint(function, *args, **kwargs)
+    x = args[0]
+    prev = getattr(_local, "last", None)
+    box = _HostCopy(x, prev() if prev is not None else None)
+    _local.last = weakref.ref(box)
+    anchor = _anchor(x.device) if x.device.type == "cuda" else None
+    return checkpoint(partial(_run, function), box, anchor, *args[1:], **kwargs)
+
+
+def offloadable_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules transformers checkpoints one by one (its decoder layers)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in offloadable_layers(model)
+            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")]
+
+
+def enable_activation_offload(model: nn.Module) -> int:
+    """Make every module of `model` that transformers checkpoints (its decoder layers, after
+    ``gradient_checkpointing_enable``) offload its input; returns how many do."""
+    layers = _checkpointed_layers(model)
+    for m in layers:
+        m._gradient_checkpointing_func = offloaded_checkpoint
+    return len(layers)
+
+
+def uses_activation_offload(model: nn.Module) -> bool:
+    return any(m._gradient_checkpointing_func is offloaded_checkpoint for m in _checkpointed_layers(model))
