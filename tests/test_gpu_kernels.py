@@ -13,6 +13,9 @@ Liger-Kernel's is).
 """
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -339,7 +342,10 @@ def test_activation_offload_on_cuda(_gpu, patched):
     """activation_offload on a GPU: the host copies on the side stream and the prefetch ahead of each
     recompute give the gradients of plain checkpointing bit for bit (bf16, dropout in attention, two
     micro-batches as under gradient accumulation, the freed layer inputs overwritten before backward);
-    and between forward and backward the layer inputs no longer take GPU memory."""
+    and between forward and backward the layer inputs are no longer held. (The allocated-bytes drop is
+    checked loosely: once freed blocks wait for the side stream's copy, later allocations land in other
+    blocks, whose unsplit remainders the allocator counts as allocated: on the H200, 36 of the 50 MB
+    of layer inputs showed as freed in one run of this test after the others, all of them run alone.)"""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from unsloth_dist.models.lora import enable_gradient_checkpointing
@@ -362,12 +368,18 @@ def test_activation_offload_on_cuda(_gpu, patched):
         enable_gradient_checkpointing(model, True)
         if offload:
             assert enable_activation_offload(model) == layers
-        held, losses = [], []
+        held, losses, alive, seen = [], [], [], []
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(
+                lambda m, a, k: seen.append(weakref.ref(a[0] if a else k["hidden_states"])), with_kwargs=True)
         for i, x in enumerate(ids):
             torch.manual_seed(100 + i)
+            seen.clear()
             before = torch.cuda.memory_allocated()
             out = model(input_ids=x, labels=x)
+            gc.collect()
             held.append(torch.cuda.memory_allocated() - before)
+            alive.append(sum(r() is not None for r in seen))
             # reuse the freed blocks of the layers' size: a layer input read after it was freed would read NaN
             junk = [torch.full((batch, seq, hidden), float("nan"), device="cuda", dtype=torch.bfloat16)
                     for _ in range(2 * layers)]
@@ -375,10 +387,11 @@ def test_activation_offload_on_cuda(_gpu, patched):
             out.loss.backward()
             losses.append(out.loss.detach())
         torch.cuda.synchronize()
-        return losses, {n: p.grad for n, p in model.named_parameters()}, held
+        return losses, {n: p.grad for n, p in model.named_parameters()}, held, alive
 
-    plain_losses, plain_grads, plain_held = run(False)
-    losses, grads, held = run(True)
+    plain_losses, plain_grads, plain_held, plain_alive = run(False)
+    losses, grads, held, alive = run(True)
+    assert plain_alive == [layers, layers] and alive == [0, 0], (plain_alive, alive)
     for a, b in zip(plain_losses, losses):
         assert torch.equal(a, b)
     for name, g in plain_grads.items():
@@ -386,4 +399,4 @@ def test_activation_offload_on_cuda(_gpu, patched):
         assert torch.equal(g, grads[name]), name
     inputs = layers * batch * seq * hidden * 2  # bf16 layer inputs plain checkpointing holds
     for p, o in zip(plain_held, held):
-        assert p - o >= 0.9 * inputs, (p, o, inputs)
+        assert p - o >= 0.5 * inputs, (p, o, inputs)
