@@ -57,9 +57,11 @@ def test_offload_is_bit_identical_and_frees_the_layer_inputs(dropout):
     assert offload_alive == [False, False, False]
 
 
-def test_dropout_masks_are_the_ones_of_the_forward():
-    """The recompute must draw the forward's dropout masks (torch's checkpoint restores the RNG state):
-    with dropout, the gradients differ from a run without it, and offload reproduces them exactly."""
+def test_dropout_makes_the_bit_identical_check_meaningful():
+    """The dropout case above compares offload with plain checkpointing, bit for bit: it checks that the
+    recompute draws the forward's masks only if dropout changes the gradients at all, which it does.
+    (On CPU torch's checkpoint always restores the CPU RNG; the CUDA RNG, which needs the empty device
+    tensor offload passes along, is checked by the GPU test.)"""
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     _, with_dropout, _ = _step(_model(0.3), ids)
     _, without, _ = _step(_model(0.0), ids)
@@ -94,7 +96,7 @@ def test_unsloth_mode_offloads_and_the_trainer_keeps_it(tmp_path):
 
 
 def test_bad_settings_are_refused_before_training(tmp_path):
-    with pytest.raises(ConfigError, match="activation_offload is set but gradient_checkpointing is false"):
+    with pytest.raises(ConfigError, match="activation_offload: true but gradient_checkpointing is false"):
         load_config({"max_steps": 1, "activation_offload": True})
     mlp = torch.nn.Sequential(torch.nn.Embedding(128, 8), torch.nn.Linear(8, 128))
     with pytest.raises(ConfigError, match="activation_offload: Sequential has no transformers decoder layers"):
@@ -105,3 +107,36 @@ def test_bad_settings_are_refused_before_training(tmp_path):
         from unsloth_dist.models.offload import offloaded_checkpoint
 
         offloaded_checkpoint(lambda x: x * 2, torch.ones(2, requires_grad=True), use_reentrant=True)
+
+
+def test_hidden_states_passed_by_keyword_are_offloaded_too():
+    import unsloth_dist.models.offload as O
+
+    model = _model()
+    enable_activation_offload(model)
+    plain = _model()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    for m in (model, plain):  # every decoder layer called with hidden_states=... instead of positionally
+        for layer in m.model.layers:
+            layer.register_forward_pre_hook(
+                lambda mod, a, k: ((), {**k, "hidden_states": a[0]}) if a else None, with_kwargs=True)
+    calls = []
+    run = O._run
+    O._run = lambda *a, **k: calls.append(1) or run(*a, **k)
+    try:
+        loss, grads, _ = _step(model, ids)
+    finally:
+        O._run = run
+    assert len(calls) == 2 * 3  # forward and recompute of the 3 layers went through the host copies
+    loss_p, grads_p, _ = _step(plain, ids)
+    assert torch.equal(loss, loss_p) and all(torch.equal(grads[n], grads_p[n]) for n in grads)
+
+
+def test_explicit_false_turns_offload_off_for_an_unsloth_model(tmp_path):
+    model = add_lora(tiny_llama(seed=0, layers=2), r=4, use_gradient_checkpointing="unsloth")
+    trainer, _ = _train(tmp_path, "off", model, gradient_checkpointing=True, activation_offload=False)
+    assert not uses_activation_offload(trainer.model)
+    model = add_lora(tiny_llama(seed=0, layers=2), r=4, use_gradient_checkpointing="unsloth")
+    trainer, _ = _train(tmp_path, "off2", model, activation_offload=False)  # the model's own checkpointing stays
+    assert not uses_activation_offload(trainer.model)
+    assert all(layer.gradient_checkpointing for layer in trainer.model.base_model.model.model.layers)

@@ -619,15 +619,18 @@ class TrainConfig(_Strict):
         "from the first; the others keep their activations (no recompute for them: faster, at the activation "
         "memory of each such layer). Unset: every layer. More than the model has is an error.",
     )
-    activation_offload: bool = Field(
-        False,
+    activation_offload: Optional[bool] = Field(
+        None,
         description="With `gradient_checkpointing: true`: keep the input of each checkpointed decoder layer "
         "(the one activation checkpointing holds per layer, tokens x hidden) in pinned CPU memory instead of "
         "on the GPU: copied out on a side stream during the forward, back ahead of the layer's recompute in "
-        "backward. Frees layers x tokens x hidden x 2 bytes of GPU memory (2 GiB for an 8B model at 8192 "
-        "tokens per micro-batch) for PCIe traffic that overlaps the compute; losses and gradients are "
-        "bit-identical. What `use_gradient_checkpointing=\"unsloth\"` switches on. On a machine without "
-        "CUDA the copies stay in CPU memory and save nothing.",
+        "backward. Frees layers x tokens x hidden x 2 bytes of GPU memory (4 under fp32 / bf16-mixed; 2 GiB "
+        "for an 8B model at 8192 tokens per micro-batch in bf16) for PCIe traffic that overlaps the compute; "
+        "losses and gradients are bit-identical. Costs pinned host memory per rank: about the same bytes "
+        "when the batch shape is fixed (packing), up to ~4x when the padded length varies. Unset: as the "
+        "model was set up (`use_gradient_checkpointing=\"unsloth\"` in get_peft_model / from_pretrained "
+        "switches it on); true: on; false: off, also for such a model. On a machine without CUDA the copies "
+        "stay in CPU memory and save nothing.",
     )
     fused_master_adamw: Optional[bool] = Field(
         None,
@@ -745,7 +748,7 @@ class TrainConfig(_Strict):
             )
         if self.activation_offload and not self.gradient_checkpointing:
             raise ValueError(
-                "activation_offload is set but gradient_checkpointing is false: it offloads what checkpointing "
+                "activation_offload: true but gradient_checkpointing is false: it offloads what checkpointing "
                 "keeps of each layer; set gradient_checkpointing: true, or leave activation_offload unset"
             )
         if self.fused_master_adamw is True and (self.backend.name not in ("single", "ddp", "auto") or self.precision != "bf16"):

@@ -26,7 +26,7 @@ from . import distributed as D
 from .config import ConfigError, load_config
 from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, WithLabels, check_sample, model_inputs, uses_varlen_attention
 from .integrations import close_reporters, make_reporters
-from .models.offload import offloadable_layers, uses_activation_offload
+from .models.offload import disable_activation_offload, offloadable_layers, uses_activation_offload
 
 logger = logging.getLogger("unsloth_dist")
 
@@ -188,10 +188,13 @@ class Trainer:
         self._cpu_group = D.cpu_group()  # the per-step counters are summed on the host
         torch.manual_seed(cfg.seed)
         if cfg.gradient_checkpointing:
-            # a model whose layers already offload (use_gradient_checkpointing="unsloth") keeps doing so
-            _enable_gradient_checkpointing(model, offload=cfg.activation_offload or uses_activation_offload(model))
+            # unset: a model whose layers already offload (use_gradient_checkpointing="unsloth") keeps doing so
+            offload = cfg.activation_offload if cfg.activation_offload is not None else uses_activation_offload(model)
+            _enable_gradient_checkpointing(model, offload=offload)
             for layer in self._ckpt_off:  # selective: these layers keep their activations
                 layer.gradient_checkpointing = False
+        elif cfg.activation_offload is False:
+            disable_activation_offload(model)  # a model set up with "unsloth" checkpoints without offload
         # a model patched with the fused linear cross-entropy (unsloth_dist.models) computes the
         # token-loss sum inside its own forward, so the [tokens, vocab] logits never exist
         self.fused_loss = bool(getattr(model, "unsloth_fused_loss", False))

@@ -15,6 +15,11 @@ hands torch's checkpoint a :class:`_HostCopy` in place of that tensor:
   the copy back of layer i-1's input (the next layer backward reaches) starts on the side stream,
   so in steady state the transfers overlap the recompute and backward of the layer before.
 
+Host memory: torch's pinned-memory cache rounds each buffer up to a power of two and keeps it for
+reuse by requests of the same size class: 1x the layer inputs of a step where the batch shape is fixed
+(packing, or a padded length that does not vary; 64 MiB per 8B-layer input at 8192 tokens), up to ~4x
+where the padded length varies from step to step. Every rank of a node pays its own.
+
 The recompute reads exactly the bytes the forward read, so losses and gradients are bit-identical
 to plain checkpointing. Everything else is torch's checkpoint with ``use_reentrant=False``
 (early stop, RNG state, the backends' hooks): only the layer input changes where it lives. On a
@@ -23,6 +28,7 @@ saved), which is what the CPU tests exercise.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from functools import partial
@@ -32,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+logger = logging.getLogger("unsloth_dist")
 _local = threading.local()  # the last host copy made on this thread (links a forward's layers)
 _streams: dict[int, Any] = {}
 _anchors: dict[Any, torch.Tensor] = {}
@@ -94,6 +101,9 @@ class _HostCopy:
             out.copy_(self._host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
+        # a prefetched copy that is never used (its box dies first: backward through part of the
+        # graph only, an error mid-backward) must not be reused before the side stream wrote it
+        out.record_stream(stream)
         return out, done
 
     def prefetch(self) -> None:
@@ -132,7 +142,18 @@ def offloaded_checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
     kwargs.setdefault("use_reentrant", False)
     if kwargs["use_reentrant"]:
         raise ValueError("activation offload works with non-reentrant checkpointing only (use_reentrant=False)")
-    if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
+    if not torch.is_grad_enabled():
+        return checkpoint(function, *args, **kwargs)
+    if not args and isinstance(function, partial) and isinstance(function.keywords.get("hidden_states"), torch.Tensor):
+        # the layer was called with hidden_states=...: transformers put it in the partial; pass it first
+        keywords = dict(function.keywords)
+        args = (keywords.pop("hidden_states"),)
+        function = partial(function.func, *function.args, **keywords)
+    if not args or not isinstance(args[0], torch.Tensor):
+        if not getattr(_local, "warned", False):
+            _local.warned = True
+            logger.warning("activation offload: a checkpointed layer was called without its hidden states as a "
+                           "tensor (first argument or hidden_states=); that call is checkpointed without offload")
         return checkpoint(function, *args, **kwargs)
     x = args[0]
     prev = getattr(_local, "last", None)
@@ -165,3 +186,12 @@ def enable_activation_offload(model: nn.Module) -> int:
 
 def uses_activation_offload(model: nn.Module) -> bool:
     return any(m._gradient_checkpointing_func is offloaded_checkpoint for m in _checkpointed_layers(model))
+
+
+def disable_activation_offload(model: nn.Module) -> int:
+    """Plain non-reentrant checkpointing again for the layers that offload; returns how many."""
+    layers = [m for m in offloadable_layers(model)
+              if getattr(m, "_gradient_checkpointing_func", None) is offloaded_checkpoint]
+    for m in layers:
+        m._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+    return len(layers)
