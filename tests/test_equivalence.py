@@ -39,9 +39,20 @@ def two_ranks(tmp_path_factory, deepspeed_cpu_ops):
     """Every backend on 2 gloo ranks, one after another in one torchrun (one process group; every
     Trainer builds its own backend): the start-up is paid once. Each backend is checked by its own
     test; a run that failed (and the ones after it, which did not run) fail theirs with the output."""
-    out = tmp_path_factory.mktemp("two-ranks")
-    proc = run_cmd(torchrun(2, WORKER, ",".join(BACKENDS), str(out), *VARIANTS), check=False)
-    return out, proc
+    return _launch(tmp_path_factory, "two-ranks", BACKENDS, VARIANTS)
+
+
+def _launch(tmp_path_factory, name, backends, variants):
+    out = tmp_path_factory.mktemp(name)
+    return out, run_cmd(torchrun(2, WORKER, ",".join(backends), str(out), *variants), check=False)
+
+
+def _result(out, proc, backend, variant):
+    path = out / f"{backend}-{variant}.pt"
+    if not path.is_file():
+        pytest.fail(f"{backend} {variant} did not finish (launch exit {proc.returncode}):\n"
+                    f"{proc.stdout[-4000:]}\n---- stderr ----\n{proc.stderr[-8000:]}")
+    return torch.load(path)
 
 
 @pytest.mark.slow
@@ -51,11 +62,7 @@ def test_backend_matches_single_process(backend, reference, two_ranks):
     for variant in VARIANTS:
         kind = variant.split("-")[0]
         ref = reference[kind]
-        path = out / f"{backend}-{variant}.pt"
-        if not path.is_file():
-            pytest.fail(f"{backend} {variant} did not finish (launch exit {proc.returncode}):\n"
-                        f"{proc.stdout[-4000:]}\n---- stderr ----\n{proc.stderr[-8000:]}")
-        got = torch.load(path)
+        got = _result(out, proc, backend, variant)
         assert got["world_size"] == 2 and got["backend"] == backend.split("-")[0]
         assert len(got["losses"]) == len(ref["losses"]) == 8
         torch.testing.assert_close(
@@ -98,9 +105,7 @@ OFFLOAD_VARIANTS = ["full+offload-gas2", "lora+offload-gas2"]
 
 @pytest.fixture(scope="module")
 def two_ranks_offload(tmp_path_factory, deepspeed_cpu_ops):
-    out = tmp_path_factory.mktemp("two-ranks-offload")
-    proc = run_cmd(torchrun(2, WORKER, ",".join(OFFLOAD_BACKENDS), str(out), *OFFLOAD_VARIANTS), check=False)
-    return out, proc
+    return _launch(tmp_path_factory, "two-ranks-offload", OFFLOAD_BACKENDS, OFFLOAD_VARIANTS)
 
 
 @pytest.mark.slow
@@ -110,11 +115,7 @@ def test_activation_offload_trains_like_one_process(backend, reference, two_rank
     copies (the worker counts them) and the run is the plain single-process one (fp32, gas 2)."""
     out, proc = two_ranks_offload
     for variant in OFFLOAD_VARIANTS:
-        path = out / f"{backend}-{variant}.pt"
-        if not path.is_file():
-            pytest.fail(f"{backend} {variant} did not finish (launch exit {proc.returncode}):\n"
-                        f"{proc.stdout[-4000:]}\n---- stderr ----\n{proc.stderr[-8000:]}")
-        got, ref = torch.load(path), reference[variant.split("+")[0]]
+        got, ref = _result(out, proc, backend, variant), reference[variant.split("+")[0]]
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0,
                                    msg=lambda m: f"{backend} {variant} losses differ from one process: {m}")
         torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0,
