@@ -226,6 +226,7 @@ def test_activation_offload_keeps_one_layer_input_on_the_gpu():
     # 31 of the 32 bf16 layer inputs (2h bytes per token) leave the GPU; the next one to recompute stays
     assert plain.activations - off.activations == 31 * 4 * 2048 * 2 * m.hidden
     assert off.activation_offload and not plain.activation_offload
+    assert off.host_offload == plain.activations - off.activations and plain.host_offload == 0  # moved, not lost
     # with only the first 8 layers checkpointed, 7 of their 8 inputs leave
     part = dict(kw, checkpoint_layers=8)
     assert (estimate(m, V["fsdp"], "bf16", **part).activations
@@ -237,7 +238,11 @@ def test_activation_offload_keeps_one_layer_input_on_the_gpu():
     r = CliRunner().invoke(app, ["plan", "--model", "llama-3.1-8b", "--gpus", "2", "--lora", "--json", "-p", "bf16",
                                  "--gradient-checkpointing", "--activation-offload"])
     assert r.exit_code == 0, r.output
-    assert all(row["activation_offload"] for row in json.loads(r.output)["rows"])
+    rows = json.loads(r.output)["rows"]
+    assert all(row["activation_offload"] and row["host_offload"] == 0.484 for row in rows)  # GiB: 31 bf16 inputs of 16 MiB (2048 x 4096) at micro-batch 1
+    r = CliRunner().invoke(app, ["plan", "--model", "llama-3.1-8b", "--gpus", "2", "--lora", "-p", "bf16",
+                                 "--gradient-checkpointing", "--activation-offload", "--seq", "8192"])
+    assert r.exit_code == 0 and "pinned host memory per GPU" in r.output, r.output
 
 
 def test_fsdp_keeps_at_most_one_vocabulary_matrix_whole():

@@ -218,10 +218,11 @@ class Estimate:
     parts: dict[str, float] = field(default_factory=dict)
     checkpoint_layers: Optional[int] = None  # with gradient checkpointing: the first K layers (None: all)
     activation_offload: bool = False  # with gradient checkpointing: the layer inputs in CPU memory
+    host_offload: float = 0.0  # bytes of those inputs in pinned host memory (with a fixed batch shape)
 
     def gib(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("weights", "grads", "optimizer", "activations", "transient", "allocated", "reserved"):
+        for k in ("weights", "grads", "optimizer", "activations", "transient", "allocated", "reserved", "host_offload"):
             d[k] = round(d[k] / GiB, 3)
         d["parts"] = {k: round(v / GiB, 3) for k, v in self.parts.items()}
         return d
@@ -333,6 +334,10 @@ def estimate(
                                     activation_offload and gradient_checkpointing)
     parts["activations"] = acts
     parts["autocast_copies"] = copies
+    # what offload moves to pinned host memory per rank (torch's pinned cache rounds each buffer up to a
+    # power of two and keeps buffers per size: up to ~4x this when the padded length varies)
+    host = (activation_bytes(m, precision, tokens, gradient_checkpointing, checkpoint_layers)[0] - acts
+            if activation_offload and gradient_checkpointing else 0.0)
     loss_tmp = 8.0 * tokens * m.vocab
     extra = parts.get("unsharded", 0.0) + parts.get("buckets", 0.0) + parts.get("gathered", 0.0)
     static = parts["weights"] + parts["master"] + parts["adam"] + extra
@@ -349,7 +354,7 @@ def estimate(
         transient=max(backward - acts - copies, step - parts["grads"]) + extra,
         allocated=allocated, reserved=reserved, parts=parts,
         checkpoint_layers=checkpoint_layers if gradient_checkpointing else None,
-        activation_offload=activation_offload and gradient_checkpointing,
+        activation_offload=activation_offload and gradient_checkpointing, host_offload=host,
     )
 
 
