@@ -286,7 +286,6 @@ def run_ours(args, wl, device, world) -> dict:
         from unsloth_dist.models import patching
 
         patching._frozen_4bit_linear = lambda base, x: None
-    _reset_peak(device)  # the peak is training's: building / quantizing the random model is not counted
     steps = args.warmup + args.steps
     vocab = wl["shape"]["vocab_size"]
     rows = [{"input_ids": r} for b in random_batches(steps * world, args.micro, args.seq, vocab, 1) for r in b.tolist()]
@@ -310,8 +309,12 @@ def run_ours(args, wl, device, world) -> dict:
         "fused_master_adamw": _fused_adamw(args),
         **({"gradient_checkpointing_layers": args.ckpt_layers} if wl["ckpt"] and args.ckpt_layers is not None else {}),
         **({"activation_offload": True} if args.activation_offload and wl["ckpt"] else {}),
+        # the baselines' AdamW runs at a constant rate without weight decay: the loss columns compare
+        "lr_scheduler_type": "constant", "weight_decay": 0.0,
     })
-    _sync(device)
+    # the peak is training's: building the random model on every GPU (unsharded) and the backend's
+    # wrapping are not counted; what the wrapping keeps (shards, masters) is, as the allocation it is
+    _reset_peak(device)
     t0 = time.perf_counter()
     mem = _memory_peak(args, device)
     mem.start([*trainer.backend.module.named_parameters(), *trainer.backend.module.named_buffers()])
@@ -356,7 +359,6 @@ def run_hf(args, wl, device, world, liger: bool) -> dict:
     if wl["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    _reset_peak(device)  # the peak is training's: building / quantizing the random model is not counted
     if backend != "single" and not dist.is_initialized():
         if backend.startswith("zero"):
             import deepspeed
@@ -367,7 +369,7 @@ def run_hf(args, wl, device, world, liger: bool) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
 
     def adamw(ps):
-        return torch.optim.AdamW(ps, lr=1e-5, fused=cuda)
+        return torch.optim.AdamW(ps, lr=1e-5, weight_decay=0.0, fused=cuda)
 
     autocast = bf16 and backend in ("single", "ddp")
     engine = None
@@ -403,6 +405,7 @@ def run_hf(args, wl, device, world, liger: bool) -> dict:
         engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=adamw(params), config=ds_cfg,
                                                  dist_init_required=False)
         fwd = engine
+    _reset_peak(device)  # after wrapping, as for ours (see run_ours)
     rank = dist.get_rank() if dist.is_initialized() else 0
     vocab = wl["shape"]["vocab_size"]
     batches = random_batches((args.warmup + args.steps) * world, args.micro, args.seq, vocab, 1)[rank::world]
@@ -744,8 +747,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--micro", type=int, default=None, help="micro-batch per GPU")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
-                   help="bf16: ours precision bf16, baselines autocast / bf16 mixed precision")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "bf16-mixed", "fp32"],
+                   help="ours' precision. bf16: bf16 parameters, fp32 masters (single / ddp without autocast); "
+                        "bf16-mixed: fp32 parameters under bf16 autocast, as the single / ddp baselines run. "
+                        "The baselines run autocast (single / ddp), FSDP2's bf16 MixedPrecisionPolicy or DeepSpeed "
+                        "bf16 under either; fp32: everyone in fp32")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--no-kernels", action="store_true", help="ours without the Triton kernels")

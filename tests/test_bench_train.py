@@ -61,6 +61,22 @@ def test_bench_train_matrix_runs(tmp_path):
     assert "Δloss" in res["table"]  # the loss columns' gap, step 1 and max, beside the ratio
 
 
+def test_bench_train_bf16_mixed_runs_ours_under_autocast_like_the_baseline(tmp_path):
+    """--precision bf16-mixed: ours with fp32 parameters under bf16 autocast, the policy the single / ddp
+    baselines run, so the kernels can be compared without the bf16-parameter change; the same batches,
+    the same constant learning rate and no weight decay on both sides keep the loss columns together."""
+    out = tmp_path / "mixed.json"
+    cmd = [sys.executable, str(BENCH), "--workload", "tiny", "--gpus", "1", "--steps", "2", "--warmup", "1",
+           "--precision", "bf16-mixed", "--impls", "ours,hf", "--backends", "single", "--strict", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = {r["impl"]: r for r in json.loads(out.read_text())["records"]}
+    assert recs["ours"]["precision"] == recs["hf"]["precision"] == "bf16-mixed"
+    ours, hf = recs["ours"]["losses"], recs["hf"]["losses"]
+    assert len(ours) == 3 and ours != [ours[0]] * 3
+    assert all(abs(a - b) < 2e-5 * abs(b) for a, b in zip(ours, hf)), (ours, hf)
+
+
 def test_bench_train_flags_loss_columns_that_differ_before_any_update():
     B = _bench()
 
