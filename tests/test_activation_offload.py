@@ -83,6 +83,10 @@ def test_trainer_activation_offload_trains_like_plain_checkpointing(tmp_path):
                                 activation_offload=True)
     assert uses_activation_offload(trainer.model)
     assert offloaded == plain
+    from unsloth_dist.models.offload import host_pool
+
+    pool = host_pool(torch.device("cpu"))  # the host buffers were given back when training ended
+    assert pool.bytes == 0 and pool.in_use == 0
 
 
 def test_unsloth_mode_offloads_and_the_trainer_keeps_it(tmp_path):
@@ -140,3 +144,52 @@ def test_explicit_false_turns_offload_off_for_an_unsloth_model(tmp_path):
     trainer, _ = _train(tmp_path, "off2", model, activation_offload=False)  # the model's own checkpointing stays
     assert not uses_activation_offload(trainer.model)
     assert all(layer.gradient_checkpointing for layer in trainer.model.base_model.model.model.layers)
+
+
+def test_host_pool_reuses_best_fit_and_releases_what_growth_outdates():
+    from unsloth_dist.models.offload import HostPool
+
+    pool = HostPool(pinned=False)
+    a = pool.take(70_000)  # rounded up to a power of two
+    assert a.numel() == 1 << 17 and pool.bytes == 1 << 17 and pool.in_use == 1
+    b = pool.take(10)
+    assert b.numel() == 1 << 16 and pool.bytes == 3 << 16
+    pool.give(a)
+    pool.give(b)
+    assert pool.take(1000) is b  # the smallest free buffer that fits, not the first
+    assert pool.take(100_000) is a
+    pool.give(a)
+    pool.give(b)
+    c = pool.take(200_000)  # larger than every free buffer: a new one, and the outgrown ones go
+    assert c.numel() == 1 << 18 and pool.bytes == 1 << 18 and pool.in_use == 1
+    pool.give(c)
+    pool.clear()
+    assert pool.bytes == 0
+
+
+def test_offload_with_varying_lengths_keeps_one_buffer_per_layer_and_exact_gradients(monkeypatch):
+    """Steps of different padded lengths draw on one pool: every host buffer comes back after the
+    backward, one step's layers never share a buffer (the gradients equal plain checkpointing's at
+    every length), and the pool holds no more than the layers x the largest input (rounded up)."""
+    import unsloth_dist.models.offload as O
+
+    monkeypatch.setattr(O, "_MIN_BUFFER", 1)
+    monkeypatch.setattr(O, "_pools", {})
+    model, plain = _model(), _model()
+    enable_activation_offload(model)
+    gen = torch.Generator().manual_seed(3)
+    largest = 0
+    for length in (8, 32, 16, 24, 40, 4, 40):
+        ids = torch.randint(0, 128, (2, length), generator=gen)
+        for m in (model, plain):
+            m.zero_grad(set_to_none=True)
+        loss, grads, _ = _step(model, ids)
+        loss_p, grads_p, _ = _step(plain, ids)
+        assert torch.equal(loss, loss_p) and all(torch.equal(grads[n], grads_p[n]) for n in grads), length
+        pool = O.host_pool(torch.device("cpu"))
+        assert pool.in_use == 0, length  # every layer's buffer came back once its backward ran
+        nbytes = 2 * length * 64 * 4  # one layer input: batch x length x hidden, fp32
+        largest = max(largest, 1 << (nbytes - 1).bit_length())
+        assert pool.bytes <= 3 * largest, (length, pool.bytes, largest)
+    # torch's cache alone would have kept a set per size class seen (4 classes here): 3 x (sum) bytes
+    assert pool.bytes == 3 * largest

@@ -340,8 +340,9 @@ def test_dequantize_4bit_on_gpu_is_bitsandbytes_bit_for_bit(_gpu, quant_type, ne
 @pytest.mark.parametrize("patched", [False, True], ids=["transformers", "patched-kernels"])
 def test_activation_offload_on_cuda(_gpu, patched):
     """activation_offload on a GPU: the host copies on the side stream and the prefetch ahead of each
-    recompute give the gradients of plain checkpointing bit for bit (bf16, dropout in attention, two
-    micro-batches as under gradient accumulation, the freed layer inputs overwritten before backward);
+    recompute give the gradients of plain checkpointing bit for bit (bf16, dropout in attention, three
+    micro-batches of different lengths as under gradient accumulation, the freed layer inputs
+    overwritten before backward; the pinned pool ends at one buffer per layer);
     and between forward and backward the layer inputs are no longer held. (The allocated-bytes drop is
     checked loosely: once freed blocks wait for the side stream's copy, later allocations land in other
     blocks, whose unsplit remainders the allocator counts as allocated: on the H200, 36 of the 50 MB
@@ -349,14 +350,17 @@ def test_activation_offload_on_cuda(_gpu, patched):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from unsloth_dist.models.lora import enable_gradient_checkpointing
-    from unsloth_dist.models.offload import enable_activation_offload
+    from unsloth_dist.models.offload import enable_activation_offload, host_pool
 
     layers, hidden, batch, seq = 6, 1024, 2, 2048
     cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=2816, num_hidden_layers=layers,
                       num_attention_heads=16, num_key_value_heads=4, attention_dropout=0.1,
                       max_position_embeddings=seq, attn_implementation="eager")
-    ids = [torch.randint(0, 32000, (batch, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(i))
-           for i in range(2)]
+    # three micro-batches as under gradient accumulation, of three padded lengths: the pinned pool
+    # grows (1024 -> 2048 tokens: new buffers, the outgrown ones released) and serves a shorter one
+    lengths = (seq // 2, seq, 3 * seq // 4)
+    ids = [torch.randint(0, 32000, (batch, n), device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+           for i, n in enumerate(lengths)]
 
     def run(offload):
         torch.manual_seed(0)
@@ -368,6 +372,7 @@ def test_activation_offload_on_cuda(_gpu, patched):
         enable_gradient_checkpointing(model, True)
         if offload:
             assert enable_activation_offload(model) == layers
+            host_pool(torch.device("cuda")).clear()  # the growth from the shortest length on
         held, losses, alive, seen = [], [], [], []
         for layer in model.model.layers:
             layer.register_forward_pre_hook(
@@ -381,7 +386,7 @@ def test_activation_offload_on_cuda(_gpu, patched):
             held.append(torch.cuda.memory_allocated() - before)
             alive.append(sum(r() is not None for r in seen))
             # reuse the freed blocks of the layers' size: a layer input read after it was freed would read NaN
-            junk = [torch.full((batch, seq, hidden), float("nan"), device="cuda", dtype=torch.bfloat16)
+            junk = [torch.full((batch, x.shape[1], hidden), float("nan"), device="cuda", dtype=torch.bfloat16)
                     for _ in range(2 * layers)]
             del junk
             out.loss.backward()
@@ -391,12 +396,14 @@ def test_activation_offload_on_cuda(_gpu, patched):
 
     plain_losses, plain_grads, plain_held, plain_alive = run(False)
     losses, grads, held, alive = run(True)
-    assert plain_alive == [layers, layers] and alive == [0, 0], (plain_alive, alive)
+    assert plain_alive == [layers] * 3 and alive == [0] * 3, (plain_alive, alive)
+    pool = host_pool(torch.device("cuda"))  # one pinned buffer per layer, of the longest input's size
+    assert pool.in_use == 0 and pool.bytes == layers * batch * seq * hidden * 2, (pool.in_use, pool.bytes)
     for a, b in zip(plain_losses, losses):
         assert torch.equal(a, b)
     for name, g in plain_grads.items():
         assert torch.isfinite(grads[name]).all(), name
         assert torch.equal(g, grads[name]), name
-    inputs = layers * batch * seq * hidden * 2  # bf16 layer inputs plain checkpointing holds
-    for p, o in zip(plain_held, held):
+    for p, o, n in zip(plain_held, held, lengths):
+        inputs = layers * batch * n * hidden * 2  # bf16 layer inputs plain checkpointing holds
         assert p - o >= 0.5 * inputs, (p, o, inputs)

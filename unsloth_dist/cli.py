@@ -391,8 +391,8 @@ def plan(
         out.print(f"[bold green]recommended:[/bold green] backend {r.backend}, precision {r.precision}, micro-batch "
                   f"{r.micro_batch} (~{r.reserved / PL.GiB:.1f} GiB per GPU). {result.reason}")
         if r.host_offload:
-            out.print(f"activation offload: ~{r.host_offload / PL.GiB:.1f} GiB of pinned host memory per GPU at a fixed "
-                      "batch shape (packing), up to ~4x that when the padded length varies")
+            out.print(f"activation offload: ~{r.host_offload / PL.GiB:.1f} GiB of pinned host memory per GPU (one buffer "
+                      "per checkpointed layer, each layer input at the longest micro-batch rounded up to a power of two)")
     else:
         err.print(f"[bold red]nothing fits:[/bold red] {result.reason}")
         raise typer.Exit(1)

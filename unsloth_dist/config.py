@@ -626,8 +626,9 @@ class TrainConfig(_Strict):
         "on the GPU: copied out on a side stream during the forward, back ahead of the layer's recompute in "
         "backward. Frees layers x tokens x hidden x 2 bytes of GPU memory (4 under fp32 / bf16-mixed; 2 GiB "
         "for an 8B model at 8192 tokens per micro-batch in bf16) for PCIe traffic that overlaps the compute; "
-        "losses and gradients are bit-identical. Costs pinned host memory per rank: about the same bytes "
-        "when the batch shape is fixed (packing), up to ~4x when the padded length varies. Unset: as the "
+        "losses and gradients are bit-identical. Costs pinned host memory per rank: one buffer per layer, "
+        "the longest micro-batch's layer input rounded up to a power of two (shorter ones reuse them; "
+        "`unsloth-dist plan --activation-offload` prints it). Unset: as the "
         "model was set up (`use_gradient_checkpointing=\"unsloth\"` in get_peft_model / from_pretrained "
         "switches it on); true: on; false: off, also for such a model. On a machine without CUDA the copies "
         "stay in CPU memory and save nothing.",

@@ -26,7 +26,8 @@ from . import distributed as D
 from .config import ConfigError, load_config
 from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, WithLabels, check_sample, model_inputs, uses_varlen_attention
 from .integrations import close_reporters, make_reporters
-from .models.offload import disable_activation_offload, offloadable_layers, uses_activation_offload
+from .models.offload import (disable_activation_offload, offloadable_layers, release_host_memory,
+                             uses_activation_offload)
 
 logger = logging.getLogger("unsloth_dist")
 
@@ -456,6 +457,7 @@ class Trainer:
         finally:
             stop.restore()
             close_reporters(self._reporters, failed)
+            release_host_memory()  # activation offload's pinned buffers: not held past training
         if bar is not None:
             bar.close()
         result.global_step = self.global_step

@@ -218,7 +218,7 @@ class Estimate:
     parts: dict[str, float] = field(default_factory=dict)
     checkpoint_layers: Optional[int] = None  # with gradient checkpointing: the first K layers (None: all)
     activation_offload: bool = False  # with gradient checkpointing: the layer inputs in CPU memory
-    host_offload: float = 0.0  # bytes of those inputs in pinned host memory (with a fixed batch shape)
+    host_offload: float = 0.0  # pinned host memory the offloaded inputs take per rank (offload_host_bytes)
 
     def gib(self) -> dict[str, Any]:
         d = asdict(self)
@@ -245,6 +245,15 @@ def activation_bytes(m: ModelShape, precision: str, tokens: int, checkpointing: 
     acts = tokens * (held * resid + kept * per_layer + outside)
     copies = 2.0 * (kept * m.layer_matmul_params + m.vocab * m.hidden) if precision == "bf16-mixed" else 0.0
     return float(acts), copies
+
+
+def offload_host_bytes(m: ModelShape, precision: str, tokens: int, checkpoint_layers: Optional[int] = None) -> float:
+    """Pinned host memory activation offload holds per rank: one buffer per checkpointed layer, its
+    input's bytes rounded up to a power of two (models/offload.HostPool; `tokens` the longest micro-batch:
+    shorter ones reuse these buffers)."""
+    k = m.layers if checkpoint_layers is None else min(checkpoint_layers, m.layers)
+    per_input = tokens * (2 * m.hidden if precision == "bf16" else 4 * m.hidden)
+    return float(k * (1 << (int(per_input) - 1).bit_length())) if k and per_input else 0.0
 
 
 def estimate(
@@ -334,9 +343,7 @@ def estimate(
                                     activation_offload and gradient_checkpointing)
     parts["activations"] = acts
     parts["autocast_copies"] = copies
-    # what offload moves to pinned host memory per rank (torch's pinned cache rounds each buffer up to a
-    # power of two and keeps buffers per size: up to ~4x this when the padded length varies)
-    host = (activation_bytes(m, precision, tokens, gradient_checkpointing, checkpoint_layers)[0] - acts
+    host = (offload_host_bytes(m, precision, tokens, checkpoint_layers)
             if activation_offload and gradient_checkpointing else 0.0)
     loss_tmp = 8.0 * tokens * m.vocab
     extra = parts.get("unsharded", 0.0) + parts.get("buckets", 0.0) + parts.get("gathered", 0.0)

@@ -15,16 +15,21 @@ hands torch's checkpoint a :class:`_HostCopy` in place of that tensor:
   the copy back of layer i-1's input (the next layer backward reaches) starts on the side stream,
   so in steady state the transfers overlap the recompute and backward of the layer before.
 
-Host memory: torch's pinned-memory cache rounds each buffer up to a power of two and keeps it for
-reuse by requests of the same size class: 1x the layer inputs of a step where the batch shape is fixed
-(packing, or a padded length that does not vary; 64 MiB per 8B-layer input at 8192 tokens), up to ~4x
-where the padded length varies from step to step. Every rank of a node pays its own.
+Host memory: the host copies come from a per-device pool of pinned buffers (:class:`HostPool`),
+each a power of two of bytes (what torch's pinned-memory cache would round it to anyway), reused
+best-fit across sizes: a buffer of a long step's layer input holds a shorter step's too. When a
+request is larger than every free buffer, the free buffers smaller than it are released (and torch's
+pinned cache emptied of them), so the pool never holds more than the most inputs alive at once
+(about the number of checkpointed layers) times the largest input rounded up to a power of two: 1x
+the offloaded bytes of the longest step where that size is a power of two (e.g. 64 MiB per 8B-layer
+input at 8192 tokens), under 2x otherwise, however the padded length varies from step to step (with
+torch's cache alone, one set of buffers per size class: up to ~4x). Every rank of a node pays its own.
 
 The recompute reads exactly the bytes the forward read, so losses and gradients are bit-identical
 to plain checkpointing. Everything else is torch's checkpoint with ``use_reentrant=False``
 (early stop, RNG state, the backends' hooks): only the layer input changes where it lives. On a
 machine without CUDA the "host copy" is a clone in CPU memory (the mechanism runs, nothing is
-saved), which is what the CPU tests exercise.
+saved; the pool's buffers are plain CPU tensors), which is what the CPU tests exercise.
 """
 from __future__ import annotations
 
@@ -42,6 +47,88 @@ logger = logging.getLogger("unsloth_dist")
 _local = threading.local()  # the last host copy made on this thread (links a forward's layers)
 _streams: dict[int, Any] = {}
 _anchors: dict[Any, torch.Tensor] = {}
+_pools: dict[Any, "HostPool"] = {}
+_MIN_BUFFER = 1 << 16
+
+
+def _empty_pinned_cache() -> None:
+    """Give torch's cached, unused pinned blocks back to the driver (torch >= 2.12 public API, the
+    private one before)."""
+    fn = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if fn is not None:
+        fn()
+
+
+class HostPool:
+    """Host buffers (flat uint8) for the offloaded layer inputs of one device, reused best-fit.
+
+    `take(n)` hands out the smallest free buffer of at least n bytes, or a new one of n rounded up
+    to a power of two. A new one means no free buffer was large enough: the free buffers smaller
+    than the request are released then (lengths grew; the new size serves every request they
+    could), so the pool stays at most (buffers in use at once) x (largest request, rounded).
+    `give(buf)` returns a buffer once its host copy is gone. Reuse needs no event: on a GPU every
+    copy into or out of these buffers runs on the device's one side stream, in the order issued,
+    and the host never touches them."""
+
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self.bytes = 0  # held by the pool: free + in use
+        self.in_use = 0  # buffers handed out and not yet given back
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fits:
+                buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+                self.in_use += 1
+                return buf
+            size = max(_MIN_BUFFER, 1 << max(0, nbytes - 1).bit_length())
+            smaller = [b for b in self._free if b.numel() < size]
+            if smaller:
+                self._free = [b for b in self._free if b.numel() >= size]
+                self.bytes -= sum(b.numel() for b in smaller)
+            self.in_use += 1
+            self.bytes += size
+        if smaller:
+            del smaller  # back to torch's pinned cache, which gives them back to the driver now (rare:
+            if self.pinned:  # only when the largest input grows to a new power of two)
+                _empty_pinned_cache()
+        return torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buf)
+            self.in_use -= 1
+
+    def clear(self) -> None:
+        """Drop the free buffers (e.g. after training; in-use ones return to the emptied pool)."""
+        with self._lock:
+            self.bytes -= sum(b.numel() for b in self._free)
+            self._free = []
+        if self.pinned:
+            _empty_pinned_cache()
+
+
+def host_pool(device: torch.device) -> HostPool:
+    """The pool of host buffers the offloaded inputs of tensors on `device` use."""
+    key = (device.type, device.index if device.type != "cuda" or device.index is not None else torch.cuda.current_device())
+    pool = _pools.get(key)
+    if pool is None:
+        pool = _pools[key] = HostPool(pinned=device.type == "cuda")
+    return pool
+
+
+def release_host_memory() -> int:
+    """Give back the free pinned buffers of every pool (the Trainer calls it when training ends);
+    returns the bytes released."""
+    released = 0
+    for pool in list(_pools.values()):
+        before = pool.bytes
+        pool.clear()
+        released += before - pool.bytes
+    return released
 
 
 def _side_stream(device: torch.device):
@@ -78,9 +165,13 @@ class _HostCopy:
         self._prefetched: Optional[tuple[torch.Tensor, Any]] = None
         self._recomputed = False
         self._prev = weakref.ref(prev) if prev is not None else None
+        pool = host_pool(t.device)
+        nbytes = t.numel() * t.element_size()
+        buf = pool.take(nbytes)
+        weakref.finalize(self, pool.give, buf)
+        host = buf[:nbytes].view(t.dtype).view(t.shape)
         if self._cuda:
             stream = _side_stream(t.device)
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written on the compute stream
             with torch.cuda.stream(stream):
                 host.copy_(t.detach(), non_blocking=True)
@@ -88,7 +179,7 @@ class _HostCopy:
                 self._copied.record(stream)
             t.record_stream(stream)  # t's memory is not reused before the copy has read it
         else:
-            host = t.detach().clone()
+            host.copy_(t.detach())
             self._copied = None
         self._host = host
 
