@@ -12,7 +12,12 @@ Layout of `<output_dir>`:
 A checkpoint is written into `.checkpoint-<step>.tmp/`, flushed to disk, and renamed into
 place only once every rank has finished; `latest` is replaced atomically after that, and old
 checkpoints of the same run (resumes included) are pruned (`save_total_limit`) only then. A save
-killed half-way leaves a `.tmp` directory that is never taken for a checkpoint.
+killed half-way leaves a `.tmp` directory that is never taken for a checkpoint. Saving a step that
+already has a checkpoint moves the old copy aside (`.checkpoint-<step>.old`) before the new one
+is renamed in; a save killed between those two renames leaves two complete hidden copies and no
+`checkpoint-<step>`, which :func:`recover_interrupted` (run by every resume and save) renames back,
+the newer first. Directories are deleted by renaming them to `.<name>.deleting` first, so a
+deletion killed half-way never leaves a directory that looks like a complete checkpoint.
 """
 from __future__ import annotations
 
@@ -64,6 +69,56 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _remove_dir(path: Path) -> None:
+    """Delete a directory so that it never looks half there: renamed to a hidden `.deleting` name
+    first (atomic), then removed; a leftover of a killed deletion goes at the next prune."""
+    trash = path.with_name(f".{path.name.lstrip('.')}.deleting")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover_interrupted(output_dir: Any, cleanup: bool = False) -> list[Path]:
+    """Put back a checkpoint a save killed between its two renames left hidden: for a step with no
+    `checkpoint-<step>` but a complete `.checkpoint-<step>.tmp` (the new copy, written in full) or
+    `.old` (the previous copy), that copy is renamed back, the new one first. Safe to run on every
+    rank at once (a rename another rank made first is skipped). `cleanup` (rank 0, when saving):
+    also delete the hidden copies a checkpoint in place makes stale. Returns the restored directories."""
+    out = Path(output_dir)
+    restored: list[Path] = []
+    if not out.is_dir():
+        return restored
+    steps = set()
+    for hidden in out.glob(f".{PREFIX}*"):
+        for suffix in (".tmp", ".old"):
+            step = hidden.name[len(PREFIX) + 1:-len(suffix)]
+            if hidden.name.endswith(suffix) and step.isdigit():
+                steps.add(step)
+    for step in sorted(steps, key=int):
+        final = out / f"{PREFIX}{step}"
+        if final.exists():
+            continue
+        for copy in (out / f".{PREFIX}{step}.tmp", out / f".{PREFIX}{step}.old"):
+            if is_complete(copy):
+                try:
+                    os.replace(copy, final)
+                except OSError:  # another rank restored it (or a copy is already in place)
+                    pass
+                else:
+                    restored.append(final)
+                break
+    if cleanup:
+        for step in steps:
+            old = out / f".{PREFIX}{step}.old"
+            if (out / f"{PREFIX}{step}").exists() and old.exists():
+                _remove_dir(old)
+    return restored
+
+
 def resolve(spec: Any, output_dir: str) -> Optional[Path]:
     """The checkpoint directory `resume_from_checkpoint` names, or None for a fresh start.
 
@@ -73,6 +128,7 @@ def resolve(spec: Any, output_dir: str) -> Optional[Path]:
         return None
     out = Path(output_dir)
     if spec is True or spec == "latest":
+        recover_interrupted(out)
         marker = out / LATEST
         if marker.is_file():
             path = out / marker.read_text().strip()
@@ -221,8 +277,9 @@ def save(trainer, losses: list[float]) -> Path:
     rank = trainer.rank
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        recover_interrupted(out, cleanup=True)  # a complete copy left hidden by a killed save is put back first
         if tmp.exists():
-            shutil.rmtree(tmp)  # left by a save that was killed
+            _remove_dir(tmp)  # left by a save that was killed
         tmp.mkdir()
     D.barrier()
     t0 = time.perf_counter()
@@ -258,10 +315,10 @@ def save(trainer, losses: list[float]) -> Path:
             # copy is moved aside and deleted only once the new one is in place
             old = out / f".{PREFIX}{step}.old"
             if old.exists():
-                shutil.rmtree(old)
+                _remove_dir(old)
             os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)  # (killed between the two: recover_interrupted puts tmp back)
+            _remove_dir(old)
         else:
             os.replace(tmp, final)
         _write_atomic(out / LATEST, final.name)
@@ -277,9 +334,11 @@ def _prune(out: Path, limit: Optional[int], keep: Path, run_id: str) -> None:
     output_dir, not resumed) are never deleted."""
     if not limit:
         return
+    for trash in out.glob(f".{PREFIX}*.deleting"):  # deletions a killed process left unfinished
+        shutil.rmtree(trash, ignore_errors=True)
     found = [p for _, p in list_checkpoints(out) if p != keep and read_meta(p).get("run_id") == run_id]
     for p in found[: max(0, len(found) - (limit - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove_dir(p)
 
 
 def load(trainer, path: Path) -> dict:
