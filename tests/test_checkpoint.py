@@ -144,6 +144,7 @@ def runs(tmp_path_factory, deepspeed_cpu_ops):
     kill_step = random.randint(5, 7)
     print(f"killing rank 1 after step {kill_step}")
     r.batch("full-2", 2, [{"name": f"full-{b}", "backend": b, "mode": "full"} for b in ALL[1:]] + [
+        {"name": "lora-zero3", "backend": "zero3", "mode": "full", "args": {"lora": True}},
         {"name": "sigterm", "backend": "ddp", "mode": "sigterm", "rest": ["3", "1"]},
         {"name": "nan-skip", "backend": "ddp", "mode": "nan", "rest": ["3", "skip"]},
         {"name": "kill-rank", "backend": "ddp", "mode": "kill-rank", "rest": [str(kill_step), "1"]},
@@ -170,6 +171,7 @@ def runs(tmp_path_factory, deepspeed_cpu_ops):
     r.batch("resume-2", 2, [resume(f"resume-{b}", b, ckpt4(b)) for b in ALL[1:]]
             + [resume(k, CROSS[k][1], ckpt4(CROSS[k][0])) for k, v in CROSS.items() if v[2] == 2]
             + [again("sigterm", "ddp"), again("kill-rank", "ddp")]
+            + [dict(resume("zero2-fp32-to-bf16", "zero2", ckpt4("zero2")), args={"precision": "bf16"})]
             + [{"name": "raise", "backend": "fsdp", "mode": "raise", "rest": ["2", "1"]}], timeout=400)
     return r
 
@@ -207,6 +209,18 @@ def test_resume_on_other_world_size_or_backend(case, runs):
     assert not list(out.glob(".convert-*")), "the conversion scratch directory is removed"
 
 
+def test_zero_resume_under_another_precision_goes_through_the_conversion(runs):
+    """DeepSpeed names and lays out its files by its optimizer (fp32 / bf16): an fp32 ZeRO-2
+    checkpoint resumed with precision bf16 is converted (before: a FileNotFoundError after the
+    process group and the model were set up). bf16 compute: the losses within bf16 rounding."""
+    reference = result(runs.out("full-zero2"), "full")
+    out = runs.out("zero2-fp32-to-bf16")
+    resumed = result(out, "resume")
+    assert resumed["start_step"] == 4 and resumed["global_step"] == 8
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(reference["losses"][4:]), rtol=2e-3, atol=0)
+    assert not list(out.glob(".convert-*"))
+
+
 def test_resume_with_another_global_batch_is_refused_before_start(runs, tmp_path):
     proc = launch("single", tmp_path, "resume", str(runs.out("full-zero2") / "checkpoint-4"), nproc=1, check=False,
                   env={"WORKER_ARGS": json.dumps({"gradient_accumulation_steps": 1})})
@@ -235,6 +249,23 @@ def test_consolidate_writes_the_weights_of_the_step(runs, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "unsloth_dist", "checkpoint", "inspect", str(tmp_path / "nope")],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_consolidate_of_zero3_lora_has_the_frozen_weights_and_the_cli_refuses_a_peft_folder(runs, tmp_path):
+    """Under ZeRO-3 the frozen base lives in every rank's model-state fragments, not in DeepSpeed's
+    optimizer state: the consolidated weights are all of the model's, bit for bit. The CLI does not
+    write peft-named tensors as a Hugging Face folder (it would load as fresh weights): it says how
+    to export the adapter or the merged model instead."""
+    src = runs.out("lora-zero3")
+    weights = checkpoint.consolidated_weights(src / "checkpoint-8")
+    full = result(src, "full")["state_dict"]
+    assert set(weights) == set(full) and any("base_layer" in k for k in full)
+    for k, v in full.items():
+        torch.testing.assert_close(weights[k], v.float(), rtol=0, atol=0, msg=k)
+    proc = subprocess.run([sys.executable, "-m", "unsloth_dist", "checkpoint", "consolidate", str(src / "checkpoint-8"),
+                           "-o", str(tmp_path / "export")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "LoRA run" in proc.stderr and "save_merged" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "export" / "model.safetensors").exists()
 
 
 def test_exception_on_one_rank_ends_every_rank(runs):

@@ -163,3 +163,36 @@ def test_model_save_pretrained_after_multi_rank_training(tmp_path, deepspeed_cpu
         for k in want:
             assert got[k].shape == want[k].shape and got[k].numel() > 0, (name, k, got[k].shape)
             assert torch.equal(got[k], want[k]), (name, k)
+
+
+def test_reexport_over_a_previous_export_is_one_atomic_swap(tmp_path, monkeypatch):
+    """A previous export (files only) is exchanged for the new one in one step: no file-by-file
+    moves that a crash could stop half-way (new weights beside the old adapter_config.json); a file
+    the user added there stays; the previous weights do not."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from unsloth_dist.models import export
+
+    base_dir = make_model_dir(tmp_path / "m")
+    out = tmp_path / "adapter"
+    save_lora_adapter(_lora(AutoModelForCausalLM.from_pretrained(base_dir)), None, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "old.safetensors").write_text("a previous export's extra weights")
+    if not export._exchange(tmp_path / "m", tmp_path / "m"):
+        pytest.skip("no renameat2 RENAME_EXCHANGE here")
+
+    def no_moves(*a, **k):  # what the file-by-file path does; a crash there would be half-written
+        raise KeyboardInterrupt("killed mid-move")
+
+    monkeypatch.setattr(export.os, "replace", no_moves)
+    from peft import LoraConfig, get_peft_model
+
+    r8 = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                        LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    save_lora_adapter(r8, None, out)
+    monkeypatch.undo()
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "old.safetensors").exists()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(out))  # loads, shapes agree
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

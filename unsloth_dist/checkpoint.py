@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -210,13 +211,18 @@ def check_same_trainable(meta: dict, module) -> None:
     )
 
 
-def needs_conversion(meta: dict, *, backend_format: str, backend_name: str, world_size: int) -> bool:
+def needs_conversion(meta: dict, *, backend_format: str, backend_name: str, world_size: int,
+                     precision: Optional[str] = None) -> bool:
     """Whether the backend cannot read the checkpoint natively: another format, or a DeepSpeed
-    checkpoint of another stage or world size. DCP reshards natively across world sizes and
-    between single / ddp / fsdp."""
+    checkpoint of another stage, world size or precision (DeepSpeed names and lays out its files
+    by its bf16 / fp16 / fp32 optimizer). DCP reshards natively across world sizes and between
+    single / ddp / fsdp, and its fp32 state does not depend on the precision."""
     if meta["format"] != backend_format:
         return True
-    return backend_format == "deepspeed" and (meta["world_size"] != world_size or meta["backend"] != backend_name)
+    if backend_format != "deepspeed":
+        return False
+    other_precision = precision is not None and meta.get("precision") not in (None, precision)
+    return meta["world_size"] != world_size or meta["backend"] != backend_name or other_precision
 
 
 def _rng_state() -> dict:
@@ -357,7 +363,7 @@ def load(trainer, path: Path) -> dict:
     check_same_trainable(meta, trainer.backend.module)
     backend = trainer.backend
     if needs_conversion(meta, backend_format=backend.checkpoint_format, backend_name=backend.name,
-                        world_size=trainer.world_size):
+                        world_size=trainer.world_size, precision=trainer.cfg.precision):
         scratch = Path(trainer.cfg.output_dir) / f".convert-{meta['step']}.tmp"
         if trainer.rank == 0:
             if scratch.exists():
@@ -462,10 +468,16 @@ def _read_deepspeed(state_dir: Path, work: Path, step_fallback: int) -> tuple[di
     )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         ds_to_universal.main(args)
-    # weights DeepSpeed does not optimise (frozen ones) come from the module state (stages 1-2)
+    # weights DeepSpeed does not optimise (frozen ones) come from the module state (stages 1-2), or
+    # under ZeRO-3 from every rank's fragment of them (`frozen_param_fragments`, in rank order)
     model: dict[str, torch.Tensor] = {}
     shapes: dict[str, torch.Size] = {}
-    states = sorted(tag_dir.glob("*model_states.pt"))
+
+    def rank_of(p: Path) -> int:
+        m = re.search(r"zero_pp_rank_(\d+)_", p.name)
+        return int(m.group(1)) if m else 0
+
+    states = sorted(tag_dir.glob("*model_states.pt"), key=rank_of)
     if states:
         sd = torch.load(states[0], weights_only=False, map_location="cpu")
         for group in sd.get("param_shapes") or []:
@@ -473,6 +485,19 @@ def _read_deepspeed(state_dir: Path, work: Path, step_fallback: int) -> tuple[di
         for k, v in (sd.get("module") or {}).items():
             if torch.is_tensor(v) and v.numel() > 0:  # ZeRO-3 keeps empty placeholders here
                 model[k] = v.float() if v.is_floating_point() else v
+        frozen = {k: torch.Size(v) for k, v in (sd.get("frozen_param_shapes") or {}).items() if k not in model}
+        if frozen:
+            frags = [sd.get("frozen_param_fragments") or {}]
+            frags += [torch.load(p, weights_only=False, map_location="cpu").get("frozen_param_fragments") or {}
+                      for p in states[1:]]
+            for k, shape in frozen.items():
+                parts = [f[k].reshape(-1) for f in frags if k in f]
+                flat = torch.cat(parts) if parts else torch.empty(0)
+                if flat.numel() < shape.numel():
+                    raise CheckpointError(f"{tag_dir}: the frozen weight {k} has {flat.numel()} of its "
+                                          f"{shape.numel()} values in the model-state files; the checkpoint is incomplete")
+                t = flat[: shape.numel()].reshape(shape)
+                model[k] = t.float() if t.is_floating_point() else t
     optim: dict[str, dict] = {}
     for pdir in sorted((uni / "zero").iterdir()):
         if not pdir.is_dir():

@@ -457,6 +457,14 @@ def checkpoint_consolidate(
     import torch
 
     weights = consolidated_weights(p)
+    peft_key = next((k for k in weights if ".lora_A." in k or ".base_layer." in k or k.startswith("base_model.model.")), None)
+    if peft_key is not None:
+        with _guard():
+            raise UserError(
+                f"{p} is a checkpoint of a LoRA run (peft parameter names such as {peft_key}): a folder of these "
+                "would load as a model with freshly initialised weights. Export the adapter or the merged model "
+                "from a Trainer instead: resume it (resume_from_checkpoint, max_steps = the checkpoint's step "
+                f"{meta['step']}) and call unsloth_dist.models.export.save_lora_adapter / save_merged")
     target = getattr(torch, dtypes[dtype])
     tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     dest = Path(output)

@@ -593,7 +593,10 @@ class TrainConfig(_Strict):
     save_on_sigterm: bool = Field(
         True,
         description="On SIGTERM (preemption) every rank finishes the current step, a checkpoint is saved, "
-        "and training returns cleanly; resume with resume_from_checkpoint: latest.",
+        "and training returns cleanly; resume with resume_from_checkpoint: latest. The rest of the step and "
+        "the save must fit in the time the launcher or scheduler waits before SIGKILL (torchrun's agent: 30 s "
+        "after it forwards the SIGTERM; Slurm: KillWait, often 30 s); past it the ranks are killed and the "
+        "last periodic checkpoint (save_steps) is what resumes.",
     )
     seed: int = Field(
         42,

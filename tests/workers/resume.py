@@ -33,7 +33,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tiny import ragged_dataset, tiny_llama  # noqa: E402
+from tiny import add_lora, ragged_dataset, tiny_llama  # noqa: E402
 
 from unsloth_dist import Trainer  # noqa: E402
 
@@ -67,6 +67,7 @@ def run(backend: str, out_dir: str, mode: str, rest: list[str], extra: dict) -> 
         "disable_tqdm": True,
         "save_steps": 4,
     }
+    lora = extra.pop("lora", False)  # a peft LoRA model (tests/tiny.add_lora) instead of full fine-tuning
     args.update(extra)
     callbacks = []
     resume = None
@@ -93,6 +94,8 @@ def run(backend: str, out_dir: str, mode: str, rest: list[str], extra: dict) -> 
         args["nan_policy"] = rest[1]
         args["save_steps"] = None
     model = tiny_llama(seed=0)
+    if lora:
+        model = add_lora(model)
     if mode == "nan":
         bad_step = int(rest[0])
         state = {"step": 0}

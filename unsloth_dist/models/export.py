@@ -5,8 +5,10 @@ Both take a trainer (``unsloth_dist.Trainer`` or the seed API's ``UnslothTrainer
 weights (FSDP2 shards, ZeRO-3 partitions) onto rank 0. Only rank 0 writes. A plain module or a
 consolidated state dict works too (one process).
 
-Writes are atomic: everything goes to a temporary sibling directory that is renamed onto
-``out_dir`` when complete, so a crash never leaves a half-written export behind.
+Writes are atomic: everything goes to a temporary sibling directory that is renamed onto (or, over
+a previous export, swapped with) ``out_dir`` when complete, so a crash never leaves a half-written
+export behind; the exception is an ``out_dir`` with subdirectories (a training output_dir with its
+checkpoints), into which the files are moved one by one (see :class:`_AtomicDir`).
 
 * :func:`save_lora_adapter` -> ``adapter_config.json`` + ``adapter_model.safetensors`` written by
   peft's own ``save_pretrained`` (given the gathered state dict): ``PeftModel.from_pretrained(base,
@@ -91,12 +93,35 @@ def gather_state(trainer_or_state: Any, model: Optional[nn.Module] = None):
         f"export needs a Trainer, a model or a state dict, not {type(trainer_or_state).__name__}")
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system does not offer it."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE) == 0
+
+
 class _AtomicDir:
     """Write into a temporary sibling directory; on success it becomes `out_dir` (a rename when
-    `out_dir` does not exist yet). Into an existing `out_dir` (the training output_dir with its
-    checkpoints, as transformers' save_model() writes) the export's files are moved one by one,
-    replacing files of the same name; a previous export's other weight files (``*.safetensors``, their
-    index) are removed so they cannot be loaded with the new config. Nothing else there is touched."""
+    `out_dir` does not exist yet). An existing `out_dir` holding files only (a previous export) is
+    swapped for the new one in one atomic step where the system offers it (Linux renameat2), after
+    its files that are not the previous export's weights (``*.safetensors``, their index) were linked
+    into the new one: a crash leaves the old export or the new one, whole. Into an `out_dir` with
+    subdirectories (the training output_dir with its checkpoints, as transformers' save_model()
+    writes), or without the atomic swap, the export's files are moved in one by one, weights first
+    and the files pointing at them last, replacing files of the same name; a previous export's other
+    weight files are removed so they cannot be loaded with the new config (not atomic: a crash in
+    between can leave new weights beside the old config). Nothing else there is touched."""
 
     def __init__(self, out_dir: Union[str, os.PathLike]) -> None:
         self.out = Path(out_dir).expanduser().resolve()
@@ -118,8 +143,21 @@ class _AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise NotADirectoryError(f"{self.out} exists and is not a directory; export into a directory")
         new = {p.name for p in self.tmp.iterdir()}
+        stale = lambda n: n.endswith(".safetensors") or n.endswith(".safetensors.index.json")  # noqa: E731
+        if all(p.is_file() for p in self.out.iterdir()):
+            for p in self.out.iterdir():  # what the new export does not replace stays (tokenizer, notes...)
+                if p.name not in new and not stale(p.name):
+                    try:
+                        os.link(p, self.tmp / p.name)
+                    except OSError:
+                        shutil.copy2(p, self.tmp / p.name)
+            if _exchange(self.tmp, self.out):
+                shutil.rmtree(self.tmp, ignore_errors=True)  # now the previous export
+                return False
+            for name in [p.name for p in self.tmp.iterdir() if p.name not in new]:
+                (self.tmp / name).unlink()  # no atomic swap: the file-by-file path below
         for p in self.out.iterdir():  # the previous export's weights, not part of this one
-            if p.is_file() and p.name not in new and (p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json")):
+            if p.is_file() and p.name not in new and stale(p.name):
                 p.unlink()
         # weights first, the files that point at them (index, config) last
         for name in sorted(new, key=lambda n: (n.endswith(".json"), n)):
