@@ -11,6 +11,7 @@
 #        TRAIN_NO_STEP_BEFORE_READ=1 (ours, fsdp: optimizer step after the loss / norm read),
 #        TRAIN_HEAD_IN_ROOT=1 (ours, fsdp: an untied head stays in the root group, as before NOTES 32),
 #        TRAIN_OFFLOAD=1 (ours, checkpointed workloads: activation_offload), TRAIN_SEQ=N (sequence length; default the workload's),
+#        TRAIN_PRECISION=bf16-mixed (ours under the baselines' autocast policy; default bf16),
 #        TRAIN_SCALING=1 (with TRAIN_GPUS=N: each backend at one rank too, and the scaling efficiency table),
 #        TRAIN_MEMPEAK=1 (what is alive at the peak of GPU memory, by call site: benchmarks/mem_peak.py)
 # kernels: env KERNELS_K (a pytest -k expression selecting tests of tests/test_gpu_kernels.py)
@@ -54,7 +55,7 @@ for part in "$@"; do
     dequant) TAILN=8 step bench_dequant 200 python3 benchmarks/bench_dequant.py --out "$OUT/bench_dequant.json" ;;
     qdiag) TAILN=12 step diag_qlora 300 python3 benchmarks/diag_qlora.py 4 ;;
     odiag) TAILN=12 step diag_offload 300 python3 benchmarks/diag_offload.py ${ODIAG_ARGS:-} ;;
-    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ${TRAIN_PROFILE_STACK:+--profile-stack} ${TRAIN_MEMPEAK:+--memory-peak $OUT/mempeak_${TRAIN_TAG:-run}} ${TRAIN_REDUCE:+--reduce-dtype $TRAIN_REDUCE} $(for kv in ${TRAIN_SET:-}; do printf -- "--backend-set %s " "$kv"; done) ${TRAIN_FUSED_ADAMW:+--fused-adamw $TRAIN_FUSED_ADAMW} ${TRAIN_CKPT_LAYERS:+--ckpt-layers $TRAIN_CKPT_LAYERS} ${TRAIN_NO_FUSED_LORA:+--no-fused-lora} ${TRAIN_NO_QLORA_LINEAR:+--no-qlora-linear} ${TRAIN_NO_STEP_BEFORE_READ:+--no-step-before-read} ${TRAIN_HEAD_IN_ROOT:+--fsdp-head-in-root} ${TRAIN_OFFLOAD:+--activation-offload} ${TRAIN_SEQ:+--seq $TRAIN_SEQ} ${TRAIN_SCALING:+--scaling} ;;
+    train) TAILN=30 step bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run} ${TRAIN_TIMEOUT:-560} python3 benchmarks/bench_train.py --workload ${TRAIN_WORKLOAD:-full-1b} --gpus ${TRAIN_GPUS:-1} ${TRAIN_BACKENDS:+--backends $TRAIN_BACKENDS} ${TRAIN_IMPLS:+--impls $TRAIN_IMPLS} --steps ${TRAIN_STEPS:-12} --warmup ${TRAIN_WARMUP:-3} --out "$OUT/bench_train_${TRAIN_WORKLOAD:-full-1b}_${TRAIN_TAG:-run}.json" ${TRAIN_PROFILE:+--profile-dir $OUT/profile_${TRAIN_TAG:-run}} ${TRAIN_PROFILE_STACK:+--profile-stack} ${TRAIN_MEMPEAK:+--memory-peak $OUT/mempeak_${TRAIN_TAG:-run}} ${TRAIN_REDUCE:+--reduce-dtype $TRAIN_REDUCE} $(for kv in ${TRAIN_SET:-}; do printf -- "--backend-set %s " "$kv"; done) ${TRAIN_FUSED_ADAMW:+--fused-adamw $TRAIN_FUSED_ADAMW} ${TRAIN_CKPT_LAYERS:+--ckpt-layers $TRAIN_CKPT_LAYERS} ${TRAIN_NO_FUSED_LORA:+--no-fused-lora} ${TRAIN_NO_QLORA_LINEAR:+--no-qlora-linear} ${TRAIN_NO_STEP_BEFORE_READ:+--no-step-before-read} ${TRAIN_HEAD_IN_ROOT:+--fsdp-head-in-root} ${TRAIN_OFFLOAD:+--activation-offload} ${TRAIN_SEQ:+--seq $TRAIN_SEQ} ${TRAIN_PRECISION:+--precision $TRAIN_PRECISION} ${TRAIN_SCALING:+--scaling} ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -39,6 +39,9 @@ def test_a_save_killed_between_its_renames_is_put_back_and_resumed(tmp_path, mon
     monkeypatch.setattr(ckpt.os, "replace", real)
     assert not (tmp_path / "checkpoint-4").exists()  # both copies complete, both hidden
     assert ckpt.is_complete(tmp_path / ".checkpoint-4.tmp") and ckpt.is_complete(tmp_path / ".checkpoint-4.old")
+    keep = tmp_path.parent / f"{tmp_path.name}-copy"
+    shutil.copytree(tmp_path, keep)  # the same state, resumed by its path instead of 'latest'
+    assert ckpt.resolve(str(keep / "checkpoint-4"), str(keep)) == keep / "checkpoint-4"
     # 'latest' (which names checkpoint-4) finds it again: the new copy, put back
     assert ckpt.resolve("latest", str(tmp_path)) == tmp_path / "checkpoint-4"
     assert not (tmp_path / "checkpoint-4" / "first-copy").exists()

@@ -140,6 +140,8 @@ def resolve(spec: Any, output_dir: str) -> Optional[Path]:
         return found[-1][1] if found else None
     path = Path(spec)
     if not path.is_dir():
+        recover_interrupted(path.parent)  # a save of it killed between its renames left it hidden
+    if not path.is_dir():
         raise CheckpointError(f"resume_from_checkpoint: {str(path)!r} does not exist; give a checkpoint-* directory or 'latest'")
     if not is_complete(path):
         read_meta(path)  # raises with the explanation
