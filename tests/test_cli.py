@@ -128,3 +128,29 @@ def test_console_script_exists():
     assert exe, "the unsloth-dist script is missing: pip install -e ."
     proc = subprocess.run([exe, "train", "missing.yaml"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.startswith("error: config file 'missing.yaml' does not exist")
+
+
+def test_train_a_recipe_with_a_data_section_trains_on_it(tmp_path):
+    """`unsloth-dist train` with a config whose data: section names files trains on those files
+    (tokenized with --model's tokenizer), and without --model says it needs one."""
+    sys.path.insert(0, str(ROOT / "tests" / "workers"))
+    from data_common import SHIPPED, bpe_tokenizer
+
+    from tiny import tiny_llama
+
+    tok = bpe_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_llama(seed=0, vocab=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'out'}\nmax_steps: 2\nprecision: fp32\ndisable_tqdm: true\n"
+                   f"per_device_train_batch_size: 4\ndata:\n  paths: [{SHIPPED / 'instructions.jsonl'}]\n"
+                   f"  max_seq_length: 64\n  cache_dir: {tmp_path / 'cache'}\n")
+    proc = subprocess.run([sys.executable, "-m", "unsloth_dist", "train", str(cfg), "--backend", "single"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "data: section" in proc.stderr and "--model" in proc.stderr, proc.stderr
+    proc = run_cmd([sys.executable, "-m", "unsloth_dist", "train", str(cfg), "--backend", "single",
+                    "--model", str(model_dir)])
+    assert "backend=single world_size=1 steps=2" in proc.stdout
+    # the files were tokenized: the cache holds them (the byte-level default corpus would not be cached)
+    assert any((tmp_path / "cache").iterdir())

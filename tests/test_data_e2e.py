@@ -82,6 +82,16 @@ def test_trainer_builds_the_data_section_of_its_config(tmp_path):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     with pytest.raises(ConfigError, match="tokenizer"):
         Trainer(tiny_llama(seed=0, vocab=len(tok)), None, args=args, backend="single")
+    # the tokenized samples get the checks rows in memory get, before any process group: token ids
+    # past the model's vocabulary (else an IndexError / device assert at step 1) ...
+    with pytest.raises(ConfigError, match=f"outside the model's vocabulary of {len(tok) - 50}"):
+        Trainer(tiny_llama(seed=0, vocab=len(tok) - 50), None, args=args, tokenizer=tok, backend="single")
+    # ... and samples longer than learned position embeddings (GPT-2: an IndexError at step 1)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ConfigError, match="past the 16 positions of GPT2LMHeadModel"):
+        Trainer(gpt2, None, args=args, tokenizer=tok, backend="single")
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

@@ -1,9 +1,9 @@
 """Model and data building shared by `examples/train.py` and `unsloth-dist train`.
 
-A recipe YAML is a `TrainConfig`; it has no `model:` / `data:` section yet (TrainConfig
-rejects unknown keys), so the model and data come from `RecipeOptions`, which both entry
-points fill from the same command-line options (--model, --text, --seq-len, --hidden,
---layers). When a model / data section lands in TrainConfig these options become its defaults.
+A recipe YAML is a `TrainConfig`. Its `data:` section, when there is one, is the training data
+(tokenized with the tokenizer of `--model`, which it then needs). Otherwise the model and data
+come from `RecipeOptions`, which both entry points fill from the same command-line options
+(--model, --text, --seq-len, --hidden, --layers).
 
 Without `model` a small Llama is built from a config and trained as a byte-level language model
 (one token per UTF-8 byte, so nothing is downloaded), by default on this package's own
@@ -104,12 +104,21 @@ def train_recipe(cfg, opts: RecipeOptions, echo: Callable[[str], None] = print) 
     from .trainer import Trainer
 
     opts.check()
+    if getattr(cfg, "data", None) is not None:  # the config's data: section is the training data
+        if opts.model is None:
+            raise RecipeError("the config has a data: section, which is tokenized with the model's tokenizer: pass "
+                              "--model <a local Hugging Face model directory> (the built-in byte-level model has none)")
+        if opts.text:
+            raise RecipeError("--text and the config's data: section both give the training data; keep one")
     model, tokenizer = build_model(opts)
-    train, evals = build_datasets(opts, tokenizer)
-    trainer = Trainer(model, train, args=cfg, eval_dataset=evals, tokenizer=tokenizer)
-    before = trainer.evaluate()
+    if getattr(cfg, "data", None) is not None:
+        trainer = Trainer(model, None, args=cfg, tokenizer=tokenizer)
+    else:
+        train, evals = build_datasets(opts, tokenizer)
+        trainer = Trainer(model, train, args=cfg, eval_dataset=evals, tokenizer=tokenizer)
+    before = trainer.evaluate() if trainer.eval_dataset is not None else float("nan")
     result = trainer.train()
-    after = trainer.evaluate()
+    after = trainer.evaluate() if trainer.eval_dataset is not None else float("nan")
     summary = {
         "backend": trainer.backend.name,
         "world_size": trainer.world_size,

@@ -167,6 +167,8 @@ class Trainer:
                 _check_rows(ds, name, model, self.env.rank)
             else:
                 check_sample(ds[0], 0, name)
+                if hasattr(ds, "max_token_id") and hasattr(ds, "longest_sample"):  # the data section's
+                    _check_tokenized(ds, name, model, self.env.rank)
         checkpoint.validate_resume_config(cfg, backend_cfg.name, self.env.world_size,
                                           num_samples=len(train_dataset) if train_dataset is not None else None,
                                           model=model)
@@ -564,6 +566,24 @@ def _check_rows(ds: Sequence[dict], name: str, model: nn.Module, rank: int) -> N
                     "adding tokens (model.resize_token_embeddings(len(tokenizer)))"
                 )
     _check_positions(model, longest, f"the longest {name} sample", rank)
+
+
+def _check_tokenized(ds: Any, name: str, model: nn.Module, rank: int) -> None:
+    """The data section's tokenized samples, as `_check_rows` checks rows in memory: token ids inside
+    the model's vocabulary and the longest sample against the model's positions (from the cache's
+    token arrays and lengths, without reading the samples one by one)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    top = ds.max_token_id()
+    if vocab is not None and top >= vocab:
+        raise ConfigError(
+            f"data: the tokenized {name} has token id {top}, outside the model's vocabulary of {vocab} (input "
+            "embeddings); pass the model's own tokenizer, or resize the embeddings after adding tokens "
+            "(model.resize_token_embeddings(len(tokenizer)))"
+        )
+    longest = ds.longest_sample()
+    if longest:
+        _check_positions(model, longest, f"the longest {name} sample", rank)
 
 
 def _check_positions(model: nn.Module, length: int, what: str, rank: int, exact: bool = True) -> None:

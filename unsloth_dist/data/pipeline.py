@@ -127,6 +127,18 @@ class TokenizedDataset(torch.utils.data.Dataset):
         labels = torch.where(torch.from_numpy(trained), ids_t, IGNORE_INDEX)
         return {"input_ids": ids_t, "labels": labels, "position_ids": torch.from_numpy(pos.astype(np.int64))}
 
+    def _refs(self):
+        return (ref for row in self.rows for ref in (row if self.packed else [row]))
+
+    def max_token_id(self) -> int:
+        """The largest token id of the cached samples this dataset reads (-1 when there are none)."""
+        used = sorted({e for e, _ in self._refs()})
+        return max((int(self.entries[e]._open()[0].max()) for e in used if self.entries[e].meta["n_tokens"]), default=-1)
+
+    def longest_sample(self) -> int:
+        """The most tokens of one sample (a packed row's positions restart per sample)."""
+        return max((int(self.entries[e].lengths[i]) for e, i in self._refs()), default=0)
+
     def sample_lengths(self) -> list[int]:
         if not self.packed:
             return [int(self.entries[e].lengths[i]) for e, i in self.rows]
