@@ -97,3 +97,25 @@ def test_a_file_without_usable_rows_is_an_error(tmp_path, content, match):
     assert str(p) in str(info.value)
     assert not [d for d in (tmp_path / "cache").glob("*") if d.is_dir() and not d.name.startswith(".")] \
         if (tmp_path / "cache").exists() else True
+
+
+def test_a_row_the_chat_template_refuses_is_named(tmp_path):
+    """A template's raise_exception (a system message under a template that only alternates user /
+    assistant) names the file and row and follows data.missing_field, instead of a bare jinja error."""
+    from data_common import word_tokenizer
+
+    from unsloth_dist.data import DataConfig, build_datasets
+    from unsloth_dist.data.sources import DataError
+
+    strict = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+              "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
+    ok = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": ok}) + "\n" + json.dumps({"messages": [{"role": "system", "content": "be"}] + ok}) + "\n")
+    tok = word_tokenizer(chat_template=strict)
+    cfg = dict(paths=[str(path)], cache_dir=str(tmp_path / "cache"), max_seq_length=64)
+    with pytest.raises(DataError, match=r"d\.jsonl line 2: field 'messages' is refused by the chat template: Conversation roles"):
+        build_datasets(DataConfig(**cfg), tok, seed=0)
+    train, _, rep = build_datasets(DataConfig(**cfg, missing_field="skip"), tok, seed=0)
+    assert len(train) == 1

@@ -237,3 +237,26 @@ def test_shipped_dataset_is_what_the_generator_writes():
         assert (SHIPPED / name).read_text() == text, f"examples/data/{name} is stale: run python examples/make_dataset.py"
     assert (SHIPPED / "LICENSE").is_file() and "Apache" in (SHIPPED / "LICENSE").read_text()
     assert sum(len(t.encode()) for t in files.values()) < 1_000_000
+
+
+def test_single_chat_json_csv_json_cells_and_corrupt_parquet(tmp_path):
+    """Edge cases of the readers: a .json file that is one chat ({"messages": [...]}) is one row, not
+    a wrapper of its turns; a CSV column holding a chat as JSON is parsed under any name data.fields
+    maps; a file that is not Parquet is named in the error."""
+    from unsloth_dist.data.sources import DataError
+
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"messages": chat}))
+    train, _, rep = _build(tmp_path, [str(one)])
+    assert rep.n_samples == 1 and len(train) == 1
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dialog"])
+        w.writerow([json.dumps(chat)])
+    train, _, rep = _build(tmp_path, [str(tmp_path / "m.csv")], format="chat", fields={"messages": "dialog"})
+    assert rep.n_samples == 1 and len(train) == 1
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
+        _build(tmp_path, [str(bad)])

@@ -180,7 +180,14 @@ def _process(encoder: Encoder, fmt: str, fields: dict, row: Any) -> tuple:
         return ("skip", "empty", "")
     if isinstance(sample, MissingField):
         return ("missing", sample.field, sample.detail)
-    out = encoder.encode(sample)
+    try:
+        out = encoder.encode(sample)
+    except Exception as exc:  # the chat template refused the row (raise_exception: roles must alternate, ...)
+        from jinja2 import TemplateError
+
+        if not isinstance(exc, TemplateError):
+            raise
+        return ("missing", "messages", f"is refused by the chat template: {exc}")
     if isinstance(out, Skip):
         return ("skip", out.reason, "")
     return ("ok", out)

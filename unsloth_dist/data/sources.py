@@ -237,7 +237,8 @@ def _json(path: str) -> RowStream:
             if pos >= len(buf):
                 # one object: the rows are its single list of objects ({"data": [...]}), or it is one row
                 lists = [v for v in first.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
-                if len(lists) == 1 and len(first) == 1:
+                # (a single chat, {"messages": [...]}, is one row, not a wrapper of its turns)
+                if len(lists) == 1 and len(first) == 1 and next(iter(first)) not in ("messages", "conversations"):
                     for n, obj in enumerate(lists[0], start=1):
                         yield n, obj
                 else:
@@ -262,13 +263,16 @@ def _csv(path: str, delimiter: str) -> RowStream:
         reader = csv.DictReader(f, delimiter=delimiter)
         for n, row in enumerate(reader, start=1):
             row = {k: v for k, v in row.items() if k is not None}
-            # a cell holding JSON (a chat's messages) is parsed
+            # a cell holding JSON (a chat's messages, under any column name data.fields may map) is parsed
             for k, v in row.items():
-                if isinstance(v, str) and v[:1] in "[{" and k in ("messages", "conversations"):
+                if isinstance(v, str) and (v.lstrip()[:2] == "[{" or (v[:1] in "[{" and k in ("messages", "conversations"))):
                     try:
-                        row[k] = json.loads(v)
+                        parsed = json.loads(v)
                     except json.JSONDecodeError:
-                        pass
+                        continue
+                    if k in ("messages", "conversations") or (
+                            isinstance(parsed, list) and parsed and all(isinstance(x, dict) for x in parsed)):
+                        row[k] = parsed
             yield n, row
 
 
@@ -285,7 +289,10 @@ def _need(module: str, what: str):
 def _parquet(path: str) -> RowStream:
     pq = _need("pyarrow.parquet", f"the Parquet file {path}")
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow's ArrowInvalid / OSError: not a Parquet file, truncated, ...
+        raise DataError(f"{path}: not a readable Parquet file ({exc}); check the file (or its extension)") from None
     n = 0
     for batch in pf.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
