@@ -123,6 +123,25 @@ def test_template_that_is_not_prefix_stable_falls_back_to_content_search():
     assert trained == "I am fine thanks <|im_end|> five <|im_end|> no <|im_end|>".split()
 
 
+def test_fallback_places_contents_exactly_and_trains_no_header():
+    """A template that is not prefix-stable (a header counting the messages) and an assistant reply
+    ("a") that also occurs inside the header's text ("assistant"): the contents' places come from
+    the template itself (a render with markers), so neither the header nor the next turn's opening
+    is trained; the end-of-turn token right after each reply is."""
+    counting = (
+        "{{ 'turns ' ~ (messages|length) ~ '\n' }}{% for m in messages %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    tok = word_tokenizer(extra_text="turns 1 2 3 4 a s why", chat_template=counting)
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "why"}, {"role": "assistant", "content": "s"}]
+    enc = _encoder(tok).encode(chat)
+    assert enc.template_fallback
+    trained = [t for t, m in zip(tok.convert_ids_to_tokens(enc.input_ids), enc.trained) if m]
+    assert trained == "a <|im_end|> s <|im_end|>".split()
+
+
 def test_truncation_policies():
     tok = word_tokenizer()
     full = _encoder(tok).encode(CHAT)

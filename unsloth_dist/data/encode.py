@@ -20,6 +20,7 @@ prompt tokens the model sees at inference are the ones it is conditioned on in t
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -93,7 +94,14 @@ class Encoder:
             return regions, False
         except _NotPrefixStable:
             pass
-        # fallback: each message's content, in order
+        placed = self._placed_contents(msgs, full)
+        if placed is not None:
+            for i, m in enumerate(msgs):
+                if m["role"] == "assistant" and i in placed:
+                    nxt = min((placed[j][0] for j in placed if j > i), default=len(full))
+                    regions.append((placed[i][0], placed[i][1], nxt))
+            return regions, True
+        # last resort (the template rewrites the contents): each message's content found in order
         regions, cursor = [], 0
         starts = []
         for m in msgs:
@@ -111,6 +119,32 @@ class Encoder:
             nxt = next((s[0] for s in starts[i + 1 :] if s is not None), len(full))
             regions.append((starts[i][0], starts[i][1], nxt))
         return regions, True
+
+    def _placed_contents(self, msgs: list, full: str) -> Optional[dict[int, tuple[int, int]]]:
+        """Where the template puts each message's content, exactly: the chat rendered with a marker
+        in place of every content splits into the template's own text and the contents; when the
+        real contents put back between those pieces give `full`, their places are known (no text
+        search, which can match inside a header). None when the template changes the contents."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(msgs))]
+        try:
+            skeleton = self._render([dict(m, content=marks[i]) for i, m in enumerate(msgs)], False)
+        except Exception:
+            return None
+        parts = re.split("\ue000(\\d+)\ue001", skeleton)  # text, index, text, index, ..., text
+        placed: dict[int, tuple[int, int]] = {}
+        rebuilt, pos = [], 0
+        for k, part in enumerate(parts):
+            if k % 2 == 0:
+                piece = part
+            else:
+                i = int(part)
+                if i in placed or i >= len(msgs) or not isinstance(msgs[i].get("content"), str):
+                    return None
+                piece = msgs[i]["content"]
+                placed[i] = (pos, pos + len(piece))
+            rebuilt.append(piece)
+            pos += len(piece)
+        return placed if "".join(rebuilt) == full else None
 
     def _render_empty_prompt(self) -> str:
         try:
@@ -157,7 +191,12 @@ class Encoder:
             # the tokens that close the turn: up to the first special token, no trailing whitespace
             tail = [t for t in tail_tokens(ce, limit) if not trained[t]]
             special_at = next((k for k, t in enumerate(tail) if ids[t] in self.special_ids), None)
-            if special_at is not None:
+            if fallback:
+                # the limit is the next message's content, past the next header: only an end-of-turn
+                # special token right after the content (whitespace between) closes the turn
+                chosen = (tail[: special_at + 1] if special_at is not None
+                          and all(is_blank(t) for t in tail[:special_at]) else [])
+            elif special_at is not None:
                 chosen = tail[: special_at + 1]
             else:
                 chosen = list(tail)
