@@ -315,7 +315,8 @@ def accelerate_config_path(environ: Optional[Mapping[str, str]] = None) -> Optio
         except OSError:
             return None
         args = [a.decode(errors="replace") for a in argv if a]
-        if any(a.endswith("accelerate") or a == "launch" for a in args[:4]) and "launch" in args:
+        if (any(a.endswith("accelerate") or a == "launch" for a in args[:4]) and "launch" in args) or any(
+                a.endswith("accelerate-launch") or a == "accelerate.commands.launch" for a in args[:4]):
             for i, a in enumerate(args):
                 for flag in ("--config_file", "--config-file"):
                     if a == flag and i + 1 < len(args):
@@ -377,9 +378,14 @@ def check_accelerate_launch(cfg: TrainConfig, environ: Optional[Mapping[str, str
                 f"use backend: auto (the accelerate config decides) or regenerate it with "
                 f"`unsloth-dist config accelerate --backend {b.name}`"
             )
-        if isinstance(b, FSDPConfig) and b.sharding != wanted.get("sharding", "full"):
+        # FSDP2 spells SHARD_GRAD_OP as full sharding without resharding after forward: compare what runs
+        effective = ("grad_op" if isinstance(b, FSDPConfig) and b.sharding == "full"
+                     and not b.resolved_reshard_after_forward else getattr(b, "sharding", None))
+        if isinstance(b, FSDPConfig) and effective != wanted.get("sharding", "full"):
             raise AccelerateLaunchError(
-                f"backend.sharding is {b.sharding!r} but the accelerate config asks for {wanted.get('sharding')!r} "
+                f"backend.sharding is {b.sharding!r}"
+                + (" with reshard_after_forward: false (FSDP2's grad_op)" if effective != b.sharding else "")
+                + f" but the accelerate config asks for {wanted.get('sharding')!r} "
                 "(FSDP_SHARDING_STRATEGY / FSDP_RESHARD_AFTER_FORWARD); regenerate the accelerate config"
             )
     if wanted is None and b.name in ("fsdp", "zero1", "zero2", "zero3") and world > 1:
@@ -398,10 +404,17 @@ def check_accelerate_launch(cfg: TrainConfig, environ: Optional[Mapping[str, str
         ds_path, ds = _deepspeed_config_file(env)
         if ds_path is not None:
             for key, field in (("gradient_accumulation_steps", "gradient_accumulation_steps"),
-                               ("gradient_clipping", "max_grad_norm")):
+                               ("gradient_clipping", "max_grad_norm"),
+                               ("train_micro_batch_size_per_gpu", "per_device_train_batch_size")):
                 _check_launch_number(cfg, field, ds.get(key), _ds_source(ds_path), key, None,
                                      f'set {key} to {getattr(cfg, field)} (or "auto") in that file, or set '
                                      f"{field}: {ds.get(key)} in the TrainConfig")
+            total = _launch_number(ds.get("train_batch_size"), f"train_batch_size in {_ds_source(ds_path)}")
+            if total is not None and total != cfg.global_batch(world):
+                raise AccelerateLaunchError(
+                    f"{_ds_source(ds_path)} has train_batch_size {ds.get('train_batch_size')} but the TrainConfig's "
+                    f"global batch at {world} processes is {cfg.global_batch(world)} (per_device_train_batch_size x "
+                    'gradient_accumulation_steps x processes); set it to that (or "auto") in that file')
     else:
         ds_path, ds = None, {}
     _check_launch_precision(cfg, env, ds_path, ds)
