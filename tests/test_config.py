@@ -891,3 +891,28 @@ def test_fp16_mixed_refused_when_auto_resolves_to_fsdp():
     assert backend.name == "fsdp"
     with pytest.raises(ConfigError, match="fp16-mixed is not supported with backend fsdp, which backend: auto chose"):
         D.check_runtime(cfg, backend, env)
+
+
+def test_force_single_with_a_ddp_backend_makes_its_own_one_rank_group(tmp_path):
+    """UNSLOTH_FORCE_SINGLE_GPU=1 under a launcher's WORLD_SIZE=2 with backend ddp: the one-rank group
+    the backend needs is this process's own (before, it joined the launcher's group and waited for a
+    second rank until dist_timeout_s)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from tiny import tiny_llama, ragged_dataset\n"
+        "from unsloth_dist import Trainer, distributed as D\n"
+        f"t = Trainer(tiny_llama(seed=0), ragged_dataset(n=8), backend='ddp', args=dict(output_dir={str(tmp_path)!r}, "
+        "max_steps=1, per_device_train_batch_size=2, precision='fp32', disable_tqdm=True, dist_timeout_s=20))\n"
+        "r = t.train(); print('world', t.world_size, 'steps', r.global_step); D.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(UNSLOTH_FORCE_SINGLE_GPU="1", WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT="1", TORCHELASTIC_USE_AGENT_STORE="True")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "world 1 steps 1" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

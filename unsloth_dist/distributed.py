@@ -214,7 +214,12 @@ def init_process_group(cfg: TrainConfig, backend, env: LaunchEnv, device: torch.
             port = sock.getsockname()[1]
         for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
+            if env.force_single:  # UNSLOTH_FORCE_SINGLE_GPU: the launcher's values would join its group
+                os.environ[key] = value
+            else:
+                os.environ.setdefault(key, value)
+        if env.force_single:
+            os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # (torchrun's store is for its own group)
     dist_backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
     if device.type == "cuda":
