@@ -158,8 +158,8 @@ def launch(
     """Start `unsloth-dist train CONFIG` under torchrun, the DeepSpeed launcher or accelerate launch.
 
     Arguments after `--` go to `train` unchanged (e.g. `-- --model DIR --seq-len 512`).
-    Several nodes: run the same command on every node with its --node-rank (torchrun, accelerate,
-    deepspeed without --hosts), or once on node 0 with --launcher deepspeed --hosts h1,h2."""
+    Several nodes: run the same command on every node with its --node-rank (torchrun, accelerate),
+    or once on node 0 with --launcher deepspeed --hosts h1,h2 (DeepSpeed needs the hostfile)."""
     from .launch import commands as C
     from .launch.accelerate_config import CONFIG_PATH_VAR, write_accelerate_config
 

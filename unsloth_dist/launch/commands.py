@@ -6,8 +6,8 @@ torchrun      python -m torch.distributed.run --nproc_per_node N --nnodes M --no
               --master_addr A --master_port P -m unsloth_dist train CONFIG ...
 deepspeed     deepspeed --num_gpus N --master_port P --no_local_rank --module unsloth_dist train ...
               several nodes: with --hosts a hostfile (`host slots=N` lines) and --hostfile (run it on
-              node 0, DeepSpeed reaches the others over pdsh/ssh); without --hosts, --no_ssh
-              --node_rank R --num_nodes M (run it on every node, like torchrun)
+              node 0, DeepSpeed reaches the others over pdsh/ssh); without --hosts several
+              nodes are refused (DeepSpeed reads the node list from a hostfile even with --no_ssh)
 accelerate    accelerate launch --config_file F -m unsloth_dist train CONFIG ..., F generated
               from the recipe by unsloth_dist.launch.accelerate_config
 """
@@ -57,6 +57,14 @@ class LaunchSpec:
                 )
             if len(self.hosts) != self.nnodes:
                 raise ConfigError(f"--hosts lists {len(self.hosts)} host(s) but --nnodes is {self.nnodes}; make them agree")
+        if self.launcher == "deepspeed" and self.nnodes > 1 and not self.hosts:
+            # DeepSpeed's runner reads the node list from a hostfile even with --no_ssh (0.19: "Num nodes
+            # is >1 but no extra nodes available via hostfile"); it cannot start node by node like torchrun
+            raise ConfigError(
+                f"--launcher deepspeed with --nnodes {self.nnodes} needs --hosts h0,h1,... (node 0 first; it "
+                "writes DeepSpeed's hostfile and starts every node over ssh from node 0), or use --launcher "
+                "torchrun / accelerate on every node with --node-rank"
+            )
         if self.nnodes > 1 and not self.master_addr:
             raise ConfigError(
                 f"--nnodes {self.nnodes} needs --master-addr: the address of node 0 that every node can reach "
@@ -104,7 +112,7 @@ def deepspeed_command(spec: LaunchSpec, hostfile: Optional[str] = None) -> list[
         cmd += ["--num_nodes", str(spec.nnodes)]
         if hostfile:
             cmd += ["--hostfile", str(hostfile)]
-        else:
+        else:  # (LaunchSpec.check refuses this for unsloth-dist launch; kept for a caller with its own hostfile)
             cmd += ["--no_ssh", "--node_rank", str(spec.node_rank)]
     if spec.master_addr:
         cmd += ["--master_addr", spec.master_addr]
