@@ -171,3 +171,23 @@ def test_fsdp_without_reshard_matches_its_generated_grad_op_config_and_ds_file_b
     f.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": plain.global_batch(world),
                              "train_micro_batch_size_per_gpu": "auto"}))
     assert check_accelerate_launch(plain, env)["name"] == "zero2"
+
+
+def test_settings_of_the_accelerate_file_are_not_dropped_under_a_named_backend():
+    """An accelerate file that offloads (ZeRO optimizer, FSDP parameters) or checkpoints activations,
+    launched with a recipe that names the backend without them: an error naming the field, not a run
+    without the file's setting (under backend: auto the file's backend, offload included, runs)."""
+    base = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    cfg = load_config(ROOT / "configs" / "tiny_llama.yaml")
+    zero2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+             "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
+    with pytest.raises(AccelerateLaunchError, match="offload_optimizer 'cpu'.*backend.offload_optimizer 'none'"):
+        check_accelerate_launch(load_config(cfg, backend="zero2"), base | zero2)
+    assert check_accelerate_launch(load_config(cfg, backend="auto"), base | zero2)["offload_optimizer"] == "cpu"
+    assert check_accelerate_launch(load_config(cfg, backend={"name": "zero2", "offload_optimizer": "cpu"}),
+                                   base | zero2)["name"] == "zero2"
+    with pytest.raises(AccelerateLaunchError, match="cpu_offload"):
+        check_accelerate_launch(load_config(cfg, backend="fsdp"), base | FSDP_ENV | {"FSDP_OFFLOAD_PARAMS": "true"})
+    with pytest.raises(AccelerateLaunchError, match="fsdp_activation_checkpointing"):
+        check_accelerate_launch(load_config(cfg, backend="fsdp", gradient_checkpointing=False),
+                                base | FSDP_ENV | {"FSDP_ACTIVATION_CHECKPOINTING": "true"})

@@ -388,6 +388,21 @@ def check_accelerate_launch(cfg: TrainConfig, environ: Optional[Mapping[str, str
                 + f" but the accelerate config asks for {wanted.get('sharding')!r} "
                 "(FSDP_SHARDING_STRATEGY / FSDP_RESHARD_AFTER_FORWARD); regenerate the accelerate config"
             )
+        # what the file turns on beyond the backend's name must not be dropped silently (under
+        # backend: auto it is the backend; a named backend keeps its own fields)
+        for key in ("offload_optimizer", "offload_param", "cpu_offload"):
+            if key in wanted and hasattr(b, key) and getattr(b, key) != wanted[key]:
+                raise AccelerateLaunchError(
+                    f"the accelerate config asks for {key} {wanted[key]!r} but the TrainConfig has backend.{key} "
+                    f"{getattr(b, key)!r}; set backend.{key}: {wanted[key]} (or backend: auto), or regenerate the "
+                    "accelerate config from this recipe"
+                )
+    if _truthy(env.get("FSDP_ACTIVATION_CHECKPOINTING")) and not cfg.gradient_checkpointing:
+        raise AccelerateLaunchError(
+            "the accelerate config has fsdp_activation_checkpointing: true (FSDP_ACTIVATION_CHECKPOINTING) but the "
+            "TrainConfig has gradient_checkpointing: false; set gradient_checkpointing: true, or regenerate the "
+            "accelerate config from this recipe"
+        )
     if wanted is None and b.name in ("fsdp", "zero1", "zero2", "zero3") and world > 1:
         raise AccelerateLaunchError(
             f"the TrainConfig asks for backend {b.name!r} but accelerate was started with a multi-GPU (DDP) "
