@@ -15,6 +15,7 @@ from unsloth_dist.launch.accelerate_config import AccelerateLaunchError, check_a
 from unsloth_dist.launch.deepspeed_config import deepspeed_config
 
 BASE = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+MULTI_GPU = BASE | {"ACCELERATE_DYNAMO_BACKEND": "NO"}  # accelerate's plain multi-GPU launch sets both
 # what accelerate 1.15 exports for a DeepSpeed config with deepspeed_config_file: no stage, no
 # accumulation / clipping variables (they are in the file), and mixed_precision's default "no"
 DS_FILE_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no",
@@ -119,7 +120,7 @@ def test_explicit_mixed_precision_is_checked_even_with_a_file(tmp_path):
 @pytest.mark.parametrize("mp, precision", [("no", "fp32"), ("no", "bf16-mixed"), ("no", "bf16"), ("bf16", "bf16"),
                                            ("bf16", "bf16-mixed"), ("fp16", "fp16-mixed"), ("BF16", "bf16-mixed")])
 def test_matching_mixed_precision_is_accepted(mp, precision):
-    assert check_accelerate_launch(cfg(precision=precision), BASE | {"ACCELERATE_MIXED_PRECISION": mp}) is None
+    assert check_accelerate_launch(cfg(precision=precision), MULTI_GPU | {"ACCELERATE_MIXED_PRECISION": mp}) is None
 
 
 @pytest.mark.parametrize("mp, precision, says", [
@@ -132,7 +133,7 @@ def test_matching_mixed_precision_is_accepted(mp, precision):
 ])
 def test_mixed_precision_disagreeing_with_trainconfig_is_an_error(mp, precision, says):
     with pytest.raises(AccelerateLaunchError) as exc:
-        check_accelerate_launch(cfg(precision=precision), BASE | {"ACCELERATE_MIXED_PRECISION": mp})
+        check_accelerate_launch(cfg(precision=precision), MULTI_GPU | {"ACCELERATE_MIXED_PRECISION": mp})
     for s in says:
         assert s in str(exc.value), str(exc.value)
 

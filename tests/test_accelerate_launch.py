@@ -137,7 +137,8 @@ def test_launch_disagreeing_with_recipe_is_an_error():
     with pytest.raises(AccelerateLaunchError, match="backend 'zero2'.*launches 'fsdp'"):
         check_accelerate_launch(load_config(cfg, backend="zero2"), base | FSDP_ENV)
     with pytest.raises(AccelerateLaunchError, match="multi-GPU"):
-        check_accelerate_launch(load_config(cfg, backend="fsdp"), base | {"ACCELERATE_MIXED_PRECISION": "no"})
+        check_accelerate_launch(load_config(cfg, backend="fsdp"),
+                                base | {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"})
 
 
 def test_process_count_check_reads_the_config_file(tmp_path):

@@ -417,6 +417,17 @@ def test_env_launcher_without_torchelastic():
     assert D.read_launch_env(raw).launcher == "env"
 
 
+def test_a_stray_mixed_precision_export_does_not_make_torchrun_accelerate():
+    # a shell that exported ACCELERATE_MIXED_PRECISION (accelerate's own launches also set
+    # ACCELERATE_DYNAMO_BACKEND) stays a torchrun launch, and no accelerate check runs
+    from unsloth_dist.launch.accelerate_config import check_accelerate_launch
+
+    raw = dict(TORCHRUN, ACCELERATE_MIXED_PRECISION="fp16")
+    assert D.read_launch_env(raw).launcher == "torchrun"
+    assert check_accelerate_launch(TrainConfig(**BASE, precision="bf16"), raw) is None
+    assert D.read_launch_env(dict(raw, ACCELERATE_DYNAMO_BACKEND="NO")).launcher == "accelerate"
+
+
 def test_accelerate_deepspeed_stage3():
     raw = dict(TORCHRUN, ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
                ACCELERATE_MIXED_PRECISION="bf16")

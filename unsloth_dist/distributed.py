@@ -61,6 +61,16 @@ def _truthy(value: Optional[str]) -> bool:
     return str(value).lower() in ("1", "true", "yes", "on")
 
 
+def launched_by_accelerate(env: Mapping[str, str]) -> bool:
+    """Whether `accelerate launch` started this process. Its DeepSpeed / FSDP launches set
+    ACCELERATE_USE_DEEPSPEED / ACCELERATE_USE_FSDP; its plain multi-GPU and single-process
+    launches set ACCELERATE_MIXED_PRECISION together with ACCELERATE_DYNAMO_BACKEND. The mixed
+    precision variable alone (a user's shell export) does not make a torchrun launch accelerate's."""
+    if _truthy(env.get("ACCELERATE_USE_DEEPSPEED")) or _truthy(env.get("ACCELERATE_USE_FSDP")):
+        return True
+    return "ACCELERATE_MIXED_PRECISION" in env and "ACCELERATE_DYNAMO_BACKEND" in env
+
+
 def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     """Read rank / world size and which launcher started us, checking they agree."""
     env = os.environ if environ is None else environ
@@ -70,7 +80,7 @@ def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     local_rank = _int_var(env, "LOCAL_RANK", 0)
     local_world = _int_var(env, "LOCAL_WORLD_SIZE", None) or _int_var(env, "LOCAL_SIZE", None)
 
-    if _truthy(env.get("ACCELERATE_USE_DEEPSPEED")) or _truthy(env.get("ACCELERATE_USE_FSDP")) or "ACCELERATE_MIXED_PRECISION" in env:
+    if launched_by_accelerate(env):
         launcher = "accelerate"
     elif "CROSS_RANK" in env and "LOCAL_SIZE" in env:
         launcher = "deepspeed"

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..config import ConfigError, FSDPConfig, TrainConfig, ZeroConfig, parse_backend
-from ..distributed import LaunchError
+from ..distributed import LaunchError, launched_by_accelerate
 
 CONFIG_PATH_VAR = "UNSLOTH_DIST_ACCELERATE_CONFIG"
 
@@ -339,10 +339,7 @@ def check_accelerate_launch(cfg: TrainConfig, environ: Optional[Mapping[str, str
     process count (backend, accumulation, clipping and precision, from the env or accelerate's
     deepspeed_config_file). Raises AccelerateLaunchError naming the disagreement and the fix."""
     env = os.environ if environ is None else environ
-    is_accelerate = "ACCELERATE_MIXED_PRECISION" in env or _truthy(env.get("ACCELERATE_USE_FSDP")) or _truthy(
-        env.get("ACCELERATE_USE_DEEPSPEED")
-    )
-    if not is_accelerate:
+    if not launched_by_accelerate(env):
         return None
     wanted = backend_from_accelerate_env(env)
     world = int(env.get("WORLD_SIZE") or 1)
