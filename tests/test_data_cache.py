@@ -130,3 +130,24 @@ def test_two_ranks_tokenize_once_and_train(tmp_path):
     assert losses == r1["losses"] and len(losses) == 6
     assert all(map(lambda x: x == x and abs(x) < 1e6, losses))
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_use_cache_false_waits_for_this_launchs_entry(tmp_path, monkeypatch):
+    """Plain torchrun launches share their launcher variables (run id "none", port 29500): with
+    use_cache false a waiting rank must not take the entry an earlier launch left."""
+    from unsloth_dist.data import cache as C
+
+    for k, v in {"TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = DataConfig(paths=[str(_write(tmp_path / "d.jsonl", ROWS))], cache_dir=str(tmp_path / "c"), use_cache=False,
+                     max_seq_length=64, cache_wait_timeout_s=0.3)
+    tok = word_tokenizer()
+    build_datasets(cfg, tok)  # the earlier launch's rank 0
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(C, "_PROCESS_START", C._PROCESS_START + 10 * C.SAME_LAUNCH_S)  # a later launch
+    with pytest.raises(DataError, match="waited"):
+        build_datasets(cfg, tok)
+    monkeypatch.setattr(C, "_PROCESS_START", C._PROCESS_START - 10 * C.SAME_LAUNCH_S + 5)  # the same launch
+    build_datasets(cfg, tok)

@@ -182,13 +182,31 @@ def _launch_id() -> str:
     return "|".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"))
 
 
+# The launcher variables above repeat across plain `torchrun` launches (run id "none", port 29500):
+# an entry also records when the process that built it started, and the ranks of one launch start
+# within this many seconds of each other. An entry from an earlier launch with the same variables
+# counts only if the two launches started within a minute of each other.
+SAME_LAUNCH_S = 60.0
+
+
+def launch_stamp() -> dict:
+    """What a cache entry records of the launch that built it (see `coordinate`)."""
+    return {"launch_id": _launch_id(), "process_start": _PROCESS_START}
+
+
+def _same_launch(info: dict) -> bool:
+    try:
+        return info.get("launch_id") == _launch_id() and abs(float(info["process_start"]) - _PROCESS_START) <= SAME_LAUNCH_S
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def coordinate(root: Path, key: str, build: Callable[[], Path], *, reuse: bool, timeout_s: float) -> tuple[CacheEntry, bool]:
     """The cache entry `key`, built by one rank only. Returns (entry, whether this process built it).
     `build()` writes and commits the entry (returning its path) or raises."""
     root = Path(root)
     final = root / key
     rank, world, has_group = launch_rank()
-    launch = _launch_id()
 
     def ready() -> bool:
         if not (final / "meta.json").is_file():
@@ -196,7 +214,7 @@ def coordinate(root: Path, key: str, build: Callable[[], Path], *, reuse: bool, 
         if reuse:
             return True
         try:  # use_cache: false -- only an entry built by this launch counts
-            return json.loads((final / "meta.json").read_text()).get("launch_id") == launch
+            return _same_launch(json.loads((final / "meta.json").read_text()))
         except (OSError, json.JSONDecodeError):
             return False
 
@@ -232,8 +250,8 @@ def coordinate(root: Path, key: str, build: Callable[[], Path], *, reuse: bool, 
             if world > 1:
                 root.mkdir(parents=True, exist_ok=True)
                 tmp = root / f".{key}.error.{os.getpid()}"
-                tmp.write_text(json.dumps({"launch_id": launch, "error": f"{type(exc).__name__}: {exc}",
-                                           "host": socket.gethostname()}))
+                tmp.write_text(json.dumps(launch_stamp() | {"error": f"{type(exc).__name__}: {exc}",
+                                                            "host": socket.gethostname()}))
                 os.replace(tmp, error_marker)
             raise
         return CacheEntry(final), True
@@ -247,7 +265,7 @@ def coordinate(root: Path, key: str, build: Callable[[], Path], *, reuse: bool, 
         if error_marker.exists():
             try:
                 info = json.loads(error_marker.read_text())
-                fresh = info.get("launch_id") == launch and error_marker.stat().st_mtime >= _PROCESS_START - 120
+                fresh = _same_launch(info)
             except (OSError, json.JSONDecodeError):
                 info, fresh = {}, False
             if fresh:

@@ -299,7 +299,7 @@ def _entry_for(sources: Sequence[Source], cfg: DataConfig, tokenizer: Any) -> tu
         try:
             reports = tokenize_sources(sources, cfg, tokenizer, writer)
             return writer.commit({"reports": [r.to_dict() for r in reports], "key_parts": parts,
-                                  "launch_id": C._launch_id(), "sources": [s.name for s in sources]})
+                                  **C.launch_stamp(), "sources": [s.name for s in sources]})
         except BaseException:
             writer.abort()
             raise
