@@ -108,6 +108,24 @@ def test_sharegpt_roles_are_mapped():
     assert isinstance(bad, MissingField) and "alien" in bad.detail
 
 
+def test_chat_rows_with_other_speaker_names_are_trained():
+    # Gemma-style "model" replies (and ShareGPT's names inside "messages") were rendered as an
+    # unknown role and the row skipped as no_target
+    from unsloth_dist.data.formats import row_to_sample
+
+    row = {"messages": [{"role": "Human", "content": "hi there"}, {"role": "model", "content": "hello friend"},
+                        {"role": "user", "content": "again"}, {"role": "gpt", "content": "sure thing"}]}
+    msgs = row_to_sample(row, "chat", {})
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    odd = row_to_sample({"messages": [{"role": "ipython", "content": "x"}]}, "chat", {})
+    assert odd[0]["role"] == "ipython"  # roles a template may know pass through
+    tok = word_tokenizer("hi there hello friend again sure thing")
+    enc = _encoder(tok).encode(msgs)
+    assert not isinstance(enc, Skip)
+    assert [tok.convert_ids_to_tokens(r) for r in _trained_runs(tok, enc)] == [
+        ["hello", "friend", "<|im_end|>"], ["sure", "thing", "<|im_end|>"]]
+
+
 def test_template_that_is_not_prefix_stable_falls_back_to_content_search():
     # renders the final assistant turn differently from earlier ones (like templates that strip
     # reasoning from history): prefixes are not prefixes of the whole

@@ -41,7 +41,7 @@ from .sources import DataError
 __all__ = ["cache_key", "tokenizer_fingerprint", "CacheWriter", "CacheEntry", "coordinate", "launch_rank"]
 
 logger = logging.getLogger("unsloth_dist.data")
-PIPELINE_VERSION = 2  # 2: exact content places for templates that are not prefix-stable; one-chat .json files; CSV chat cells
+PIPELINE_VERSION = 3  # 2: exact content places for templates that are not prefix-stable; one-chat .json files; CSV chat cells; 3: chat role aliases
 _PROCESS_START = time.time()
 
 

@@ -38,8 +38,9 @@ class DataConfig(_Strict):
       and a folder written by `datasets.Dataset.save_to_disk` is read as that dataset.
     - `format`: `auto` detects it from the first row's fields: `text` (plain text, every token
       trained), `instruction` (`instruction` / optional `input` / `output` / optional `system`,
-      Alpaca), `chat` (`messages`: a list of `{role, content}`), `sharegpt` (`conversations`: a
-      list of `{from, value}`, `human`/`gpt`/`system` mapped to user/assistant/system).
+      Alpaca), `chat` (`messages`: a list of `{role, content}`; the roles `human` / `gpt` / `model` /
+      `bot` read as user / assistant), `sharegpt` (`conversations`: a list of `{from, value}`,
+      `human`/`gpt`/`system` mapped to user/assistant/system).
     - `template`: None uses the tokenizer's own chat template (the built-in `default` when it has
       none); otherwise a built-in name (`default`, `chatml`, `llama3`, `alpaca`) or a Jinja string.
     - `train_on_completions_only`: labels only the assistant turns (their content and the
@@ -66,7 +67,7 @@ class DataConfig(_Strict):
         "auto",
         description="How a row is read: `text` (a `text` field, every token trained), `instruction` "
         "(Alpaca: `instruction`, optional `input`, `output`, optional `system`), `chat` (`messages`: a "
-        "list of `{role, content}`), `sharegpt` (`conversations`: a list of `{from, value}`). `auto` "
+        "list of `{role, content}`; roles `human` / `gpt` / `model` / `bot` read as user / assistant), `sharegpt` (`conversations`: a list of `{from, value}`). `auto` "
         "detects it from the first row's fields.",
     )
     template: Optional[str] = Field(

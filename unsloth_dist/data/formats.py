@@ -3,7 +3,7 @@
 - text:        {"text": ...}
 - instruction: {"instruction": ..., "input": optional, "output": ..., "system": optional}  (Alpaca)
                -> [system?, user: instruction (+ "\\n\\n" + input), assistant: output]
-- chat:        {"messages": [{"role": ..., "content": ...}, ...]}
+- chat:        {"messages": [{"role": ..., "content": ...}, ...]}  (speaker aliases: CHAT_ROLE_ALIASES)
 - sharegpt:    {"conversations": [{"from": ..., "value": ...}, ...]}  (roles mapped below)
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-__all__ = ["detect_format", "row_to_sample", "MissingField", "Empty", "SHAREGPT_ROLES"]
+__all__ = ["detect_format", "row_to_sample", "MissingField", "Empty", "SHAREGPT_ROLES", "CHAT_ROLE_ALIASES"]
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
@@ -19,6 +19,11 @@ SHAREGPT_ROLES = {
     "tool": "tool", "function": "tool", "observation": "tool", "function_call": "assistant",
 }
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# other datasets' names for the speakers in "messages" rows (Gemma-style "model", ShareGPT's names
+# carried over): the chat templates and completion-only labels know only user / assistant, so a
+# "model" reply would be rendered as an unknown role and never trained
+CHAT_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant",
+                     "chatgpt": "assistant"}
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,8 @@ def row_to_sample(row: Mapping, fmt: str, fields: Mapping[str, str]) -> Union[Sa
                 if mapped is None:
                     return MissingField(f"{key}[{i}].{role_key}", f"has the unknown speaker {role!r}")
                 role = mapped
+            elif isinstance(role, str):
+                role = CHAT_ROLE_ALIASES.get(role.lower(), role)
             if not isinstance(content, str):
                 return MissingField(f"{key}[{i}].{content_key}", f"is a {type(content).__name__}, not a string")
             msgs.append({"role": str(role), "content": content})
