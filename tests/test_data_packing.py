@@ -173,3 +173,13 @@ def test_trainer_forward_on_packed_batch_matches_unpacked(tmp_path):
         pytest.xfail("Trainer._forward_loss_sum passes the 2-D attention_mask for packed batches; it must call "
                      "unsloth_dist.data.model_inputs(batch, device) (see the data pipeline report)")
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def test_user_packed_rows_get_the_same_targets_in_both_collate_paths():
+    # a row the user packed (position_ids restarting at 0, labels = ids): the padded path trained
+    # the second sample's first token as if predicted from the first sample's last one
+    row = {"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [5, 6, 7, 8, 9, 10, 11], "position_ids": [0, 1, 2, 3, 0, 1, 2]}
+    padded = PadCollator(0)([row, {"input_ids": [3, 4], "labels": [3, 4], "position_ids": [0, 1]}])
+    flat = PadCollator(0, flatten_packed=True)([row])
+    assert padded["labels"][0].tolist() == flat["labels"][0].tolist() == [-100, 6, 7, 8, -100, 10, 11]
+    assert padded["labels"][1].tolist()[:2] == [-100, 4]

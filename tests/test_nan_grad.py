@@ -98,8 +98,9 @@ def test_fp16_overflow_skipped_by_the_scaler_holds_the_lr_schedule(tmp_path, mon
     assert all(math.isfinite(x) for x in result.losses)
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in recs if "lr" in r]
-    # warmup 1/4, 2/4 of 1e-3 ...: step 2's update was skipped, so step 2 logs the LR step 1 had
-    assert lrs == pytest.approx([2.5e-4, 2.5e-4, 5e-4, 7.5e-4]), lrs
+    # the rate each step ran with, warmup 0/4, 1/4, 2/4 of 1e-3: step 2's update was skipped, so the
+    # schedule held and step 3 runs at step 2's rate
+    assert lrs == pytest.approx([0.0, 2.5e-4, 2.5e-4, 5e-4]), lrs
     assert [r["step"] for r in recs if r.get("overflow_skipped")] == [2]
     assert trainer.backend.scaler.get_scale() == scale / 2
 

@@ -515,7 +515,9 @@ class TrainConfig(_Strict):
         None,
         gt=0,
         description="Passes over the training data (fractions allowed); used only when max_steps is not "
-        "set. One of the two is required.",
+        "set. One of the two is required. The steps are ceil(epochs x samples / global batch): the passes "
+        "run on into one another, so where the data is not a multiple of the global batch the batch that "
+        "ends a pass is completed from the next pass (no sample is left out).",
     )
     max_steps: Optional[int] = Field(
         None,
@@ -549,8 +551,9 @@ class TrainConfig(_Strict):
     logging_steps: int = Field(
         1,
         gt=0,
-        description="Every this many optimizer steps rank 0 appends loss, learning rate, grad norm, tokens/s "
-        "and peak memory to output_dir/metrics.jsonl (and to report_to). The last step is always logged.",
+        description="Every this many optimizer steps rank 0 appends the loss (the mean over the steps since the "
+        "last record, as transformers logs it), the learning rate the step used, grad norm, tokens/s and peak "
+        "memory to output_dir/metrics.jsonl (and to report_to). The last step is always logged.",
     )
     eval_steps: Optional[int] = Field(
         None,
@@ -607,7 +610,8 @@ class TrainConfig(_Strict):
         True,
         description="Shuffle the training samples: each epoch is a permutation drawn from seed + epoch. false: "
         "every epoch reads the samples in the dataset's own order (a curriculum, or to feed exactly the "
-        "batches another loop reads in order).",
+        "batches another loop reads in order). Either way the epochs follow one another as one stream cut "
+        "into global batches (see num_train_epochs).",
     )
     gradient_checkpointing: bool = Field(
         False,

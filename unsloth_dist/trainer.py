@@ -231,7 +231,7 @@ class Trainer:
     def total_steps(self) -> int:
         if self.cfg.max_steps is not None:
             return self.cfg.max_steps
-        return max(1, math.ceil(self.cfg.num_train_epochs * self.sampler.steps_per_epoch))
+        return self.sampler.steps_for_epochs(self.cfg.num_train_epochs)
 
     def _make_scheduler(self, total: int):
         from transformers import get_scheduler
@@ -275,14 +275,16 @@ class Trainer:
         return token_loss_sum(logits, batch["labels"])
 
     def _log(self, record: dict) -> None:
+        # callbacks see every record on every rank (as transformers' on_log: a rank's
+        # state.log_history is complete); the file and the reporters are rank 0's
+        for cb in self.callbacks:
+            if hasattr(cb, "on_log"):
+                cb.on_log(self, record)
         if self.rank != 0:
             return
         self._metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for cb in self.callbacks:
-            if hasattr(cb, "on_log"):
-                cb.on_log(self, record)
         for reporter in self._reporters:
             reporter.log(record)
 
@@ -338,6 +340,7 @@ class Trainer:
             self.model.train()
             t_start = time.perf_counter()
             t_log, tokens_since_log = t_start, 0
+            window_loss, window_steps = 0.0, 0  # the logged loss: the mean of the steps since the last log
             it = iter(self._loader(self.global_step, total))
             upcoming = [next(it) for _ in range(gas)] if self.global_step < total else []
             for step in range(self.global_step, total):
@@ -412,6 +415,7 @@ class Trainer:
                         f"step {step + 1}: {what}; training stopped (nan_policy: stop). Lower the learning_rate, "
                         "check the data of this step, or set nan_policy: skip"
                     )
+                lr_used = self.lr_scheduler.get_last_lr()[0]  # the rate this step's update used
                 if what is None and not self.backend.step_applied():
                     # an fp16 loss scaler skipped the update (overflow): the LR schedule waits for it
                     self._log({"step": step + 1, "overflow_skipped": True})
@@ -422,6 +426,8 @@ class Trainer:
                 self._loss_history.append(global_loss)
                 result.grad_norms.append(grad_norm)
                 tokens_since_log += n_tokens
+                if what is None:
+                    window_loss, window_steps = window_loss + global_loss, window_steps + 1
                 for cb in self.callbacks:
                     if hasattr(cb, "on_step_end"):
                         cb.on_step_end(self, self.global_step, global_loss)
@@ -430,8 +436,8 @@ class Trainer:
                     record = {
                         "step": self.global_step,
                         "epoch": self.global_step / self.sampler.steps_per_epoch,
-                        "loss": global_loss,
-                        "lr": self.lr_scheduler.get_last_lr()[0],
+                        "loss": window_loss / window_steps if window_steps else global_loss,
+                        "lr": lr_used,
                         "grad_norm": grad_norm,
                         "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
                         "peak_mem_gib": _peak_memory_gib(self.device),
@@ -439,10 +445,11 @@ class Trainer:
                         "world_size": self.world_size,
                     }
                     t_log, tokens_since_log = now, 0
+                    window_loss, window_steps = 0.0, 0
                     self._log(record)
                     if bar is not None:
                         bar.set_postfix(
-                            loss=f"{global_loss:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{grad_norm:.3f}",
+                            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{grad_norm:.3f}",
                             tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.1f}G",
                         )
                 if bar is not None:

@@ -71,6 +71,8 @@ class PadCollator:
             if positions is not None:
                 if s.get("position_ids") is not None:
                     positions[i, :n] = torch.tensor(_as_list(s["position_ids"]))
+                    # nothing is predicted across a packed sample's start (as in the flattened path)
+                    labels[i, :n] = labels[i, :n].masked_fill(positions[i, :n] == 0, IGNORE_INDEX)
                 else:
                     positions[i, :n] = torch.arange(n)
                 positions[i, n:] = torch.arange(length - n)
