@@ -70,6 +70,7 @@ class FSDPBackend(Backend):
         for b in model.buffers():
             if b.is_floating_point():
                 b.data = b.data.float()
+        _broadcast_from_rank0(model)
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                  reduce_dtype=torch.bfloat16 if self.bcfg.reduce_dtype == "bf16" else torch.float32)
@@ -236,3 +237,17 @@ def _untied_input_embeddings(model: nn.Module) -> Optional[nn.Module]:
 def _untied_output_head(model: nn.Module) -> Optional[nn.Module]:
     """The model's output head module when its weight is not also the input embedding's, else None."""
     return _untied(model, "get_output_embeddings", "get_input_embeddings")
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(model: nn.Module) -> None:
+    """Every rank starts from rank 0's weights, as DDP and DeepSpeed make sure at wrapping:
+    `fully_shard` keeps each rank's own slice, so a model built differently per rank (a script
+    seeding with seed + rank, adapters initialised after rank-dependent draws) would train a mix
+    of the ranks' inits. Packed quantized weights (uint8 / int8 storage) come from the checkpoint
+    file on every rank and are left alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            dist.broadcast(t.data, src=0)

@@ -66,3 +66,20 @@ def test_every_sample_is_read_once_per_pass_when_the_data_is_not_a_multiple_of_t
     s16 = GlobalBatchSampler(16, 4, seed=3, shuffle=True)
     assert [i for st in range(4, 8) for i in s16.global_batch(st)] == s16.epoch_order(1)
     assert s16.steps_for_epochs(3) == 12 and s16.steps_for_epochs(0.5) == 2
+
+
+@pytest.mark.slow
+def test_ranks_start_from_rank0_weights_and_draw_their_own_dropout(tmp_path, deepspeed_cpu_ops):
+    """2 gloo ranks that built different weights (base and LoRA adapters): ddp, fsdp and zero2 all
+    start from rank 0's (FSDP2's fully_shard alone kept each rank's own slice), and the ranks'
+    LoRA dropout masks differ (one seed everywhere gave them the same masks)."""
+    import os
+
+    from conftest import ROOT, run_cmd, torchrun
+
+    proc = run_cmd(torchrun(2, os.path.join(ROOT, "tests", "workers", "rank_rng.py"), str(tmp_path), "ddp,fsdp,zero2"))
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    res = json.loads(line[len("RESULT "):])
+    for backend, r in res.items():
+        assert r["start_is_rank0"] and r["compared"] > 20, (backend, r)
+        assert not r["same_masks"], backend

@@ -604,7 +604,9 @@ class TrainConfig(_Strict):
     seed: int = Field(
         42,
         description="Seeds torch and the order of the data: the sequence of global batches depends only on "
-        "seed and global batch size, never on the world size or backend.",
+        "seed and global batch size, never on the world size or backend. Every backend starts each rank from "
+        "rank 0's weights; from there rank r's torch RNG is seeded with seed + r, so the ranks draw different "
+        "dropout masks, as the micro-batches of one process do.",
     )
     shuffle: bool = Field(
         True,

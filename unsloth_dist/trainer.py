@@ -205,6 +205,10 @@ class Trainer:
 
         self.backend = make_backend(cfg, backend_cfg, self.env, self.device)
         self.model = self.backend.setup(model, self._make_optimizer)
+        # the weights are rank 0's on every rank now (each backend broadcasts them at setup); from
+        # here each rank draws its own dropout masks, as the micro-batches of one process would
+        # (the same seed everywhere gave every rank's micro-batch the same mask)
+        torch.manual_seed(cfg.seed + self.rank)
         from .models.export import install_save_pretrained
 
         install_save_pretrained(self)  # model.save_pretrained(dir) right after multi-rank training
