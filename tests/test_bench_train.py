@@ -139,11 +139,12 @@ def test_bench_train_qlora_under_fsdp(tmp_path):
 
 def test_bench_train_qwen3_lora_workload(tmp_path):
     """The Qwen3-shaped LoRA workload (q_norm / k_norm before RoPE, under checkpointing) builds and
-    trains for ours (every kernel patched, the fused LoRA update) and transformers + peft, 2 ranks."""
-    res = _run(tmp_path, "--workload", "tiny-qwen3-lora", "--impls", "ours,hf", "--backends", "ddp")
+    trains for ours (every kernel patched, the fused LoRA update) and transformers + peft (one
+    process: the multi-rank paths are the matrix test's)."""
+    res = _run(tmp_path, "--workload", "tiny-qwen3-lora", "--impls", "ours,hf", "--backends", "single")
     recs = {r["impl"]: r for r in res["records"]}
     for r in recs.values():
-        assert r["status"] == "ok" and r["world_size"] == 2, r
+        assert r["status"] == "ok" and r["world_size"] == 1, r
     assert set(recs["ours"]["kernels"]) >= {"rms_norm", "rope", "swiglu", "fused_cross_entropy", "lora"}
     assert recs["ours"]["fused_lora"] is True
     for r in recs.values():  # a random model on random tokens: about ln(vocab 512)
