@@ -83,3 +83,19 @@ def test_ranks_start_from_rank0_weights_and_draw_their_own_dropout(tmp_path, dee
     for backend, r in res.items():
         assert r["start_is_rank0"] and r["compared"] > 20, (backend, r)
         assert not r["same_masks"], backend
+
+
+def test_a_checkpoint_of_the_old_order_resumes_with_a_notice(caplog):
+    from unsloth_dist import checkpoint as C
+
+    meta = {"format_version": C.FORMAT_VERSION, "global_batch_size": 4,
+            "data": {"num_samples": 10, "shuffle": True, "seed": 1}}
+    with caplog.at_level("WARNING", logger="unsloth_dist"):
+        C.check_compatible(meta, backend_format="dcp", backend_name="single", world_size=1, global_batch=4,
+                           shuffle=True, seed=1, num_samples=10)
+    assert "dropped the last 2 sample(s) of every epoch" in caplog.text
+    caplog.clear()
+    meta["data"]["order"] = 2
+    C.check_compatible(meta, backend_format="dcp", backend_name="single", world_size=1, global_batch=4,
+                       shuffle=True, seed=1, num_samples=10)
+    assert "dropped" not in caplog.text

@@ -22,6 +22,7 @@ deletion killed half-way never leaves a directory that looks like a complete che
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -34,6 +35,8 @@ import torch
 
 from . import distributed as D
 from .config import ConfigError
+
+logger = logging.getLogger("unsloth_dist")
 
 PREFIX = "checkpoint-"
 META = "unsloth_checkpoint.json"
@@ -182,6 +185,13 @@ def check_compatible(meta: dict, *, backend_format: str, backend_name: str, worl
             f"{num_samples}; the data order (and the epoch) would not carry on where it stopped. Resume with "
             f"the same training data, {fresh}"
         )
+    if data.get("order", 1) == 1 and data["num_samples"] % global_batch:
+        logger.warning(
+            "the checkpoint was written by a version that dropped the last %d sample(s) of every epoch; this "
+            "version runs the epochs on into one another, so after the first epoch boundary the run reads "
+            "other batches than that version would have (no sample is repeated or skipped within a pass)",
+            data["num_samples"] % global_batch,
+        )
 
 
 def trainable_shapes(module) -> dict[str, list[int]]:
@@ -312,7 +322,8 @@ def save(trainer, losses: list[float]) -> Path:
             "trainable": trainable_shapes(trainer.backend.module),
             "run_id": trainer.run_id,  # the run (kept across resumes) whose checkpoints save_total_limit prunes
             # what fixes the data order: a resume must read the same samples in the same order
-            "data": {"num_samples": len(trainer.train_dataset), "shuffle": cfg.shuffle, "seed": cfg.seed},
+            # order 2: the epochs run on into one another (before, each epoch's tail was dropped)
+            "data": {"num_samples": len(trainer.train_dataset), "shuffle": cfg.shuffle, "seed": cfg.seed, "order": 2},
             "losses": losses,
             "config": cfg.model_dump(mode="json"),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
