@@ -147,3 +147,97 @@ def test_qlora_load_forward_train_step_and_merged_export(model_dir, bnb, tmp_pat
         m = merged(input_ids=IDS).logits
     # bf16 compute in the 4-bit forward vs fp32 in the merged model
     assert (m - trained).abs().max() < 0.02 * trained.abs().max() + 0.02
+
+
+# ------------------------------------------------------------------ unsloth's own arguments and notebook lines
+
+
+def test_unsloth_from_pretrained_arguments_are_accepted(model_dir, caplog, monkeypatch):
+    """unsloth's from_pretrained arguments load (they went to the model constructor and crashed); the
+    vLLM-only ones warn once; max_seq_length None is the model's; rope_scaling reaches the config;
+    load_in_4bit not given: a notice (unsloth's default is 4-bit); load_in_8bit: a clear error."""
+    from unsloth_dist.models import loader
+
+    monkeypatch.setattr(loader, "_NOTICED", set())
+    with caplog.at_level(logging.WARNING, logger="unsloth_dist"):
+        model, tok = FastLanguageModel.from_pretrained(
+            model_dir, max_seq_length=None, dtype=None, full_finetuning=False, fast_inference=True, fix_tokenizer=True,
+            rope_scaling=None, use_exact_model_name=False, token=None, device_map="auto", trust_remote_code=False,
+            revision=None, max_lora_rank=16, gpu_memory_utilization=0.6, random_state=3407)
+        FastLanguageModel.from_pretrained(model_dir, fast_inference=True, load_in_4bit=False)
+    assert model.max_seq_length == 4096 and tok.model_max_length == 4096  # the config's max_position_embeddings
+    assert caplog.text.count("vLLM options") == 1 and caplog.text.count("load_in_4bit not given") == 1
+    scaled, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=False,
+                                                  rope_scaling={"type": "linear", "factor": 2.0})
+    rope = scaled.config.rope_parameters
+    assert rope["rope_type"] == "linear" and rope["factor"] == 2.0 and rope["rope_theta"] == 10000.0
+    assert scaled.model.rotary_emb.rope_type == "linear"
+    with pytest.raises(ValueError, match="load_in_8bit=True is not supported"):
+        FastLanguageModel.from_pretrained(model_dir, load_in_8bit=True)
+
+
+def test_full_finetuning_and_continued_pretraining_targets(model_dir):
+    """full_finetuning=True: no quantization, every weight trains, get_peft_model leaves it as is;
+    "embed_tokens" / "lm_head" in target_modules are trained in full (modules_to_save), as unsloth does."""
+    full, _ = FastLanguageModel.from_pretrained(model_dir, full_finetuning=True, load_in_4bit=True)
+    assert type(full.model.layers[0].self_attn.q_proj).__name__ == "Linear"  # not quantized
+    assert FastLanguageModel.get_peft_model(full, r=4) is full
+    assert all(p.requires_grad for p in full.parameters())
+    model, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
+    pm = FastLanguageModel.get_peft_model(model, r=4, target_modules=targets)
+    cfg = pm.peft_config["default"]
+    assert set(cfg.target_modules) == set(targets[:7]) and set(cfg.modules_to_save) >= {"embed_tokens", "lm_head"}
+    trained = {n for n, p in pm.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert any("embed_tokens.modules_to_save" in n for n in trained) and any("lm_head.modules_to_save" in n for n in trained)
+
+
+def test_for_inference_pads_left_and_for_training_restores(model_dir):
+    """for_inference: left padding (batched generation equals one-by-one), no checkpointing, eval mode;
+    for_training: right padding, checkpointing as before (or as asked), train mode."""
+    model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=32, load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+    layers = model.get_base_model().model.layers
+    assert tok.padding_side == "right" and all(layer.gradient_checkpointing for layer in layers)
+    FastLanguageModel.for_inference(model)
+    assert tok.padding_side == "left" and not model.training
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    with torch.no_grad():
+        alone = model.generate(**tok(["the cat"], return_tensors="pt"), max_new_tokens=4, do_sample=False)[0, -4:]
+        batch = tok(["the cat", "the dog sat on the mat and ran"], return_tensors="pt", padding=True)
+        both = model.generate(**batch, max_new_tokens=4, do_sample=False)[0, -4:]
+    assert alone.tolist() == both.tolist()
+    FastLanguageModel.for_training(model)
+    assert tok.padding_side == "right" and model.training and all(layer.gradient_checkpointing for layer in layers)
+    FastLanguageModel.for_inference(model)
+    FastLanguageModel.for_training(model, use_gradient_checkpointing=False)
+    assert not any(layer.gradient_checkpointing for layer in layers)
+
+
+def test_model_save_pretrained_merged_notebook_line(model_dir, tmp_path):
+    """model.save_pretrained_merged(dir, tokenizer, save_method=...) on the model get_peft_model returns."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=32, load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        ref = model.eval()(input_ids=IDS).logits
+    model.save_pretrained_merged(str(tmp_path / "merged"), tok, save_method="merged_16bit")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    import json
+
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    with torch.no_grad():
+        assert (merged(input_ids=IDS).logits - ref).abs().max() < 0.05  # bf16 rounding
+    model.save_pretrained_merged(str(tmp_path / "lora"), tok, save_method="lora")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, str(tmp_path / "lora")).eval()(input_ids=IDS).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="save_method='merged_4bit'"):
+        model.save_pretrained_merged(str(tmp_path / "q"), tok, save_method="merged_4bit")

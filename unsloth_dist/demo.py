@@ -568,7 +568,7 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] = print) -> dict:
         eval_steps=max(1, opts.max_steps // 3),  # the held-out loss on the loss panel of the plot
     )
     model, tokenizer = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=opts.max_seq_length,
-                                                         dtype=None)
+                                                         dtype=None, load_in_4bit=False)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise DemoError(f"--model {str(model_dir)!r}: its tokenizer has no chat template; the demo trains chat answers")
     model = FastLanguageModel.get_peft_model(model, r=opts.lora_r, lora_alpha=2 * opts.lora_r, random_state=opts.seed)

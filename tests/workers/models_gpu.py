@@ -79,7 +79,8 @@ def qlora(backend: str, model_dir: str, out_dir: str) -> None:
 def generate(device_map: str, model_dir: str, out_json: str) -> None:
     dm = json.loads(device_map) if device_map.startswith("{") else device_map
     model, tok = FastLanguageModel.from_pretrained(model_dir, device_map=dm, dtype=torch.bfloat16
-                                                   if torch.cuda.is_available() else torch.float32)
+                                                   if torch.cuda.is_available() else torch.float32,
+                                                   load_in_4bit=False)
     FastLanguageModel.for_inference(model)
     first = next(model.parameters()).device
     ids = torch.tensor([[5, 9, 17, 33, 40, 41, 42, 43], [60, 61, 62, 63, 64, 65, 66, 67]], device=first)

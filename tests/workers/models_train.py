@@ -25,7 +25,7 @@ STEPS = int(os.environ.get("MT_STEPS", "8"))
 
 
 def run(model_dir: str, out_dir: str, backend: str) -> None:
-    model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=64, device_map="auto")
+    model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=64, device_map="auto", load_in_4bit=False)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=7)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     world = int(os.environ.get("WORLD_SIZE", "1"))

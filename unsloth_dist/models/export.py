@@ -1,9 +1,20 @@
 """Exports from any backend: the LoRA adapter (peft's layout) and the merged 16-bit model.
 
-Both take a trainer (``unsloth_dist.Trainer`` or the seed API's ``UnslothTrainer``) and then are
-*collective*: every rank must call them, because ``trainer.full_state_dict()`` gathers the
-weights (FSDP2 shards, ZeRO-3 partitions) onto rank 0. Only rank 0 writes. A plain module or a
-consolidated state dict works too (one process).
+Both take a trainer (``unsloth_dist.Trainer`` or the seed API's ``UnslothTrainer``), a plain module or
+a consolidated state dict. Only rank 0 writes. Whether every rank must call them depends on where the
+weights are:
+
+* sharded backends (fsdp, zero3): *collective* -- every rank must call them, because
+  ``trainer.full_state_dict()`` gathers the shards onto rank 0. They first check that every rank came
+  (a gloo ``monitored_barrier``; rank 0 waits at most :data:`ARRIVAL_TIMEOUT_S` seconds, bounded by
+  the process-group timeout): a call on rank 0 alone (``if trainer.is_world_process_zero():``) is then a
+  clear error instead of a hang until the process-group timeout. When rank 0 fails to write, every
+  rank raises.
+* replicated backends (single, ddp, zero1, zero2: rank 0 holds the whole model) and plain modules:
+  no collective at all. Rank 0 writes, so a rank-0-only call (the transformers idiom
+  ``if trainer.is_world_process_zero(): trainer.save_model()``) works; called on every rank, the other
+  ranks return once rank 0 has written (they wait on the launch's key-value store, not in a
+  collective), so every rank can read the export right after.
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed onto (or, over
 a previous export, swapped with) ``out_dir`` when complete, so a crash never leaves a half-written
@@ -38,6 +49,10 @@ from .lora import is_peft_model, merge_lora_state_dict
 logger = logging.getLogger("unsloth_dist")
 
 _EXPORT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SHARDED_BACKENDS = ("fsdp", "zero3")
+# how long a collective export waits for every rank to arrive before it says that the call must be
+# made on every rank (bounded by the run's process-group timeout, dist_timeout_s)
+ARRIVAL_TIMEOUT_S = 300.0
 
 
 def _dist_rank() -> int:
@@ -58,9 +73,19 @@ def _any_rank_failed(failed: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _rank0_writes(what: Path):
-    """Around rank 0's writing of an export, on every rank: it ends together, and when rank 0 failed
-    every rank raises (rank 0 its own error) -- no rank goes on, or waits, as if it had been written."""
+def _rank0_writes(what: Path, collective: bool = True):
+    """Around rank 0's writing of an export. `collective` (a sharded export, every rank here): it ends
+    together on every rank, and when rank 0 failed every rank raises (rank 0 its own error) -- no rank
+    goes on, or waits, as if it had been written. Otherwise rank 0's error is its own (no collective)."""
+    if not collective:
+        key = _done_key(what)
+        try:
+            yield
+        except Exception as exc:
+            _announce(key, f"{type(exc).__name__}: {exc}")
+            raise
+        _announce(key, "")
+        return
     err = None
     try:
         yield
@@ -70,6 +95,103 @@ def _rank0_writes(what: Path):
         if err is not None:
             raise err
         raise RuntimeError(f"rank 0 failed to write {what}; its error is in rank 0's output")
+
+
+# A replicated export (rank 0 holds the whole model) has no collective, so that rank 0 may call it
+# alone; when the other ranks call it too they wait on the launch's key-value store (no collective:
+# a rank-0-only call leaves a key nobody reads) until rank 0 says the files are in place, so they can
+# read them right after. Keys are numbered per output path and call.
+_export_calls: dict[str, int] = {}
+
+
+def _done_key(out: Path) -> str:
+    n = _export_calls.get(str(out), 0) + 1
+    _export_calls[str(out)] = n
+    return f"unsloth_dist/export/{out}#{n}"
+
+
+def _store() -> Any:
+    try:
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store() if dist.is_available() and dist.is_initialized() else None
+    except Exception:  # no default store (a group made without one): no waiting
+        return None
+
+
+def _announce(key: str, error: str) -> None:
+    store = _store()
+    if store is not None:
+        store.set(key, error or "ok")
+
+
+def _wait_for_rank0(out: Path) -> None:
+    """On a rank other than 0 of a replicated export: return once rank 0 has written `out` (raise
+    when it failed)."""
+    key = _done_key(out)
+    store = _store()
+    if store is None:
+        return
+    store.wait([key])
+    status = store.get(key).decode()
+    if status != "ok":
+        raise RuntimeError(f"rank 0 failed to write {out}: {status}")
+
+
+def _inner_trainer(obj: Any) -> Any:
+    """The ``unsloth_dist.Trainer`` behind `obj` (itself, or the one a seed-API UnslothTrainer wraps), or None."""
+    inner = getattr(obj, "trainer", None)
+    if inner is not None and hasattr(inner, "full_state_dict") and hasattr(inner, "backend"):
+        return inner
+    if hasattr(obj, "full_state_dict") and hasattr(obj, "backend") and not isinstance(obj, nn.Module):
+        return obj
+    return None
+
+
+def is_sharded_trainer(obj: Any) -> bool:
+    """Whether `obj` is a trainer whose backend shards the weights over the ranks (fsdp, zero3): its
+    exports are collective. False for single / ddp / zero1 / zero2, a module or a state dict."""
+    inner = _inner_trainer(obj)
+    return inner is not None and inner.world_size > 1 and inner.backend.name in SHARDED_BACKENDS
+
+
+def _export_rank(obj: Any) -> int:
+    inner = _inner_trainer(obj)
+    return inner.rank if inner is not None else _dist_rank()
+
+
+def check_all_ranks_called(trainer: Any, what: str = "the export") -> None:
+    """Before a collective export of a sharded model: every rank must be here. A gloo
+    ``monitored_barrier`` (on the trainer's host group) in which rank 0 gives up after
+    ARRIVAL_TIMEOUT_S (at most the process-group timeout; the other ranks wait the process-group
+    timeout) with an error that says to call it on every rank -- a rank-0-only call would otherwise
+    wait in the gather until the process-group timeout."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from .. import distributed as D
+
+    inner = _inner_trainer(trainer)
+    if inner is None or inner.world_size <= 1 or not D.is_dist():
+        return
+    group = D.cpu_group()
+    # rank 0 (the one a `rank == 0` guard leaves alone) gives up early; the others wait as long as any
+    # collective would (rank 0 may legitimately arrive late, e.g. after rank-0-only generation)
+    timeout = float(inner.cfg.dist_timeout_s)
+    if inner.rank == 0:
+        timeout = max(1.0, min(timeout, ARRIVAL_TIMEOUT_S))
+    try:
+        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout), wait_all_ranks=True)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(
+            f"{what} after {inner.backend.name} training is collective: the weights are sharded over the "
+            f"{inner.world_size} ranks and every rank must call it (rank {inner.rank} waited {timeout:.0f} s for "
+            "the others). Call it on every rank, not under `if trainer.is_world_process_zero():` / "
+            "`if rank == 0:` (that guard works with the replicated backends single, ddp, zero1, zero2 only); "
+            f"rank 0 writes. ({detail})") from None
 
 
 def gather_state(trainer_or_state: Any, model: Optional[nn.Module] = None):
@@ -87,10 +209,33 @@ def gather_state(trainer_or_state: Any, model: Optional[nn.Module] = None):
         return trainer_or_state, model, _dist_rank()
     if isinstance(trainer_or_state, nn.Module):
         module = trainer_or_state
+        _refuse_sharded_module(module)
         sd = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
         return sd, (model if model is not None else module), _dist_rank()
     raise TypeError(
         f"export needs a Trainer, a model or a state dict, not {type(trainer_or_state).__name__}")
+
+
+def _refuse_sharded_module(module: nn.Module) -> None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        raise ValueError(
+            f"{type(module).__name__} holds FSDP-sharded parameters: export it through the trainer that sharded it "
+            "(trainer.save_model(), FastLanguageModel.save_pretrained_merged(trainer, ...), or "
+            "model.save_pretrained_merged(...) while that trainer exists), on every rank")
+
+
+def _module_of(trainer_or_state: Any, model: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The module an export writes, without gathering anything."""
+    if model is not None:
+        return model
+    inner = _inner_trainer(trainer_or_state)
+    if inner is not None:
+        return inner.backend.module
+    return trainer_or_state if isinstance(trainer_or_state, nn.Module) else None
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -173,19 +318,33 @@ class _AtomicDir:
 
 def save_lora_adapter(trainer_or_state: Any, peft_model: Optional[nn.Module], out_dir: Union[str, os.PathLike],
                       adapter: str = "default", tokenizer: Any = None) -> Path:
-    """Write the LoRA adapter of `peft_model` in peft's ``save_pretrained`` layout (collective with
-    a trainer: call it on every rank; rank 0 writes). Returns `out_dir` on every rank."""
-    sd, module, rank = gather_state(trainer_or_state, peft_model)
+    """Write the LoRA adapter of `peft_model` in peft's ``save_pretrained`` layout; rank 0 writes.
+    Collective after fsdp / zero3 training (call it on every rank); otherwise rank 0 may call it alone
+    (see the module docstring). Returns `out_dir` on every rank that called it."""
+    out = Path(out_dir).expanduser().resolve()
+    sharded = is_sharded_trainer(trainer_or_state)
+    known = _module_of(trainer_or_state, peft_model)
+    if known is not None:
+        _check_adapter(known, adapter)
+    if not sharded and _export_rank(trainer_or_state) != 0:
+        _wait_for_rank0(out)  # the weights are whole on rank 0: it writes alone
+        return out
+    if sharded:
+        check_all_ranks_called(trainer_or_state, "save_lora_adapter / trainer.save_model()")
+    with _rank0_writes(out, collective=sharded):  # (a failure in the gather too reaches every rank)
+        sd, module, rank = gather_state(trainer_or_state, peft_model)
+        _check_adapter(module, adapter)
+        if rank == 0:
+            _write_adapter(module, sd, out, adapter, tokenizer)
+    return out
+
+
+def _check_adapter(module: nn.Module, adapter: str) -> None:
     if not is_peft_model(module):
         raise TypeError(f"save_lora_adapter needs a peft model, got {type(module).__name__}; use save_merged "
                         "for a fully fine-tuned model")
     if adapter not in module.peft_config:
         raise ValueError(f"adapter {adapter!r} is not in the model (has {list(module.peft_config)})")
-    out = Path(out_dir).expanduser().resolve()
-    with _rank0_writes(out):
-        if rank == 0:
-            _write_adapter(module, sd, out, adapter, tokenizer)
-    return out
 
 
 def _write_adapter(module: nn.Module, sd: dict, out: Path, adapter: str, tokenizer: Any) -> None:
@@ -211,17 +370,24 @@ def save_merged(trainer_or_state: Any, out_dir: Union[str, os.PathLike], dtype: 
                 tokenizer: Any = None, peft_model: Optional[nn.Module] = None, adapter: str = "default",
                 max_shard_size: Union[int, str] = "5GB") -> Path:
     """Write the merged model (LoRA folded into the base weights; a fully fine-tuned model as is)
-    in `dtype` (bf16, fp16 or fp32) as safetensors + config.json, loadable by plain transformers
-    (collective with a trainer; rank 0 writes). Returns `out_dir` on every rank."""
+    in `dtype` (bf16, fp16 or fp32) as safetensors + config.json, loadable by plain transformers; rank 0
+    writes. Collective after fsdp / zero3 training (call it on every rank); otherwise rank 0 may call it
+    alone (see the module docstring). Returns `out_dir` on every rank that called it."""
     if isinstance(dtype, str):
         from .loader import resolve_dtype
 
         dtype = resolve_dtype(dtype)
     if dtype not in _EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype}: the merged export is written in bf16, fp16 or fp32")
-    sd, module, rank = gather_state(trainer_or_state, peft_model)
     out = Path(out_dir).expanduser().resolve()
-    with _rank0_writes(out):
+    sharded = is_sharded_trainer(trainer_or_state)
+    if not sharded and _export_rank(trainer_or_state) != 0:
+        _wait_for_rank0(out)  # the weights are whole on rank 0: it writes alone
+        return out
+    if sharded:
+        check_all_ranks_called(trainer_or_state, "save_merged / save_pretrained_merged / trainer.save_model()")
+    with _rank0_writes(out, collective=sharded):  # (a failure in the gather too reaches every rank)
+        sd, module, rank = gather_state(trainer_or_state, peft_model)
         if rank == 0:
             if is_peft_model(module):
                 merged = merge_lora_state_dict(sd, module, adapter=adapter, dtype=dtype)
@@ -283,6 +449,42 @@ def _write_safetensors(sd: dict[str, torch.Tensor], out: Path, max_shard_size: U
 # --------------------------------------------------------------------------- model.save_pretrained
 
 
+_TRAINER_REF = "_unsloth_dist_trainer"
+
+
+class _WeakTrainer:
+    """A weak reference to the trainer that set a model up (the model does not keep a finished trainer
+    alive); a copy or a pickle of the model gets an empty one."""
+
+    def __init__(self, trainer: Any = None) -> None:
+        import weakref
+
+        self._ref = weakref.ref(trainer) if trainer is not None else None
+
+    def __call__(self) -> Any:
+        return self._ref() if self._ref is not None else None
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._ref = None
+
+
+def trainer_of(module: nn.Module) -> Any:
+    """The live ``unsloth_dist.Trainer`` that last set `module` up (None when there is none, or its
+    process group is gone)."""
+    from .. import distributed as D
+
+    ref = module.__dict__.get(_TRAINER_REF) if hasattr(module, "__dict__") else None
+    trainer = ref() if ref is not None else None
+    if trainer is None or getattr(trainer, "backend", None) is None or trainer.backend.module is not module:
+        return None
+    if trainer.world_size > 1 and not D.is_dist():
+        return None
+    return trainer
+
+
 def install_save_pretrained(trainer: Any) -> None:
     """Make the notebook line ``model.save_pretrained(dir)`` right after multi-rank training (called by
     the Trainer once the backend is set up; per instance):
@@ -296,6 +498,8 @@ def install_save_pretrained(trainer: Any) -> None:
     A call with an explicit ``state_dict=`` goes to the model's own method unchanged."""
     module = trainer.backend.module
     module.__dict__.pop("save_pretrained", None)  # an earlier Trainer's (a later run on the same model)
+    # the trainer that now holds the model: model.save_pretrained_merged(...) exports through it
+    module.__dict__[_TRAINER_REF] = _WeakTrainer(trainer)
     method = getattr(type(module), "save_pretrained", None)
     if method is None or trainer.world_size <= 1:
         return

@@ -27,6 +27,21 @@ from torch import nn
 logger = logging.getLogger("unsloth_dist")
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# named in target_modules, these are trained in full (modules_to_save) rather than given a LoRA
+_FULL_TRAIN_TARGETS = ("embed_tokens", "lm_head")
+
+
+def _rank() -> int:
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -171,6 +186,19 @@ def add_lora(
         targets = target_modules  # "all-linear" or a regex, as peft takes it
     else:
         targets = list(target_modules)
+        # unsloth's continued-pretraining list names the embeddings and the head: they are trained in
+        # full (peft's modules_to_save), not given a LoRA, as unsloth does
+        leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        full = [t for t in targets if t in _FULL_TRAIN_TARGETS and t in leaves]
+        if full:
+            targets = [t for t in targets if t not in full]
+            modules_to_save = list(modules_to_save or []) + [t for t in full if t not in (modules_to_save or [])]
+            if _rank() == 0:
+                logger.warning("get_peft_model: %s in target_modules are trained in full (modules_to_save), not "
+                               "with LoRA, as unsloth does", full)
+            if not targets:
+                raise ValueError(f"target_modules {list(target_modules)}: no linear layer is left for LoRA once "
+                                 f"{full} are trained in full; add the projections (e.g. q_proj, v_proj)")
         missing = [t for t in targets if t not in present]
         if missing:
             raise ValueError(
