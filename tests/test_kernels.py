@@ -860,6 +860,77 @@ def test_fused_ce_no_grad_forward():
     close(loss, ref.detach(), torch.float32, "no-grad loss")
 
 
+@needs_interp
+def test_glu_reusing_buffers_makes_another_saver_of_gate_fail_loudly():
+    """The GLU backward writes its gradients over the saved gate / up: another op that saved gate
+    and runs its backward later (here gate * c, created before the GLU) must not read gradients as
+    activations (it did silently: dc 100% off) -- the version counter makes it an error."""
+    with K.poison_outputs(False):
+        x = torch.randn(6, 40, requires_grad=True)
+        c = torch.randn(6, 40, requires_grad=True)
+        gate, up = x * 2.0, x + 1.0
+        aux = (gate * c).sum()  # MulBackward saved gate; its backward runs after the GLU's
+        h = K.glu(gate, up, "silu")
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (h.sum() + aux).backward()
+
+
+@needs_interp
+def test_fused_ce_target_outside_the_vocabulary_is_an_error():
+    h, w = torch.randn(6, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    for bad in (50, 53, -1):
+        t = torch.randint(0, 50, (6,))
+        t[2] = bad
+        with pytest.raises(IndexError, match=f"target {bad} is out of bounds for the 50 logits"):
+            K.fused_linear_cross_entropy(h, w, t, reduction="sum")
+    t[2] = -100  # ignore_index stays fine
+    K.fused_linear_cross_entropy(h, w, t, reduction="sum").backward()
+
+
+@needs_interp
+def test_fused_ce_a_first_block_of_minus_inf_logits():
+    # a masking bias of -inf over the first vocabulary block: the online max started at -inf and
+    # exp(-inf - -inf) made the loss NaN
+    from unsloth_dist.kernels.cross_entropy import _block_v
+
+    V = _block_v(5000, torch.device("cpu")) + 300
+    h, w = torch.randn(5, 8, requires_grad=True), torch.randn(V, 8, requires_grad=True)
+    bias = torch.zeros(V)
+    bias[: V - 300] = float("-inf")  # the whole first block
+    t = torch.randint(V - 300, V, (5,))
+    with launched("cross_entropy"):
+        loss = K.fused_linear_cross_entropy(h, w, t, bias, reduction="sum", chunk_size=5)
+    ref = K.fused_linear_cross_entropy_reference(h, w, t, bias, reduction="sum")
+    assert torch.isfinite(loss) and torch.allclose(loss, ref, rtol=1e-5)
+
+
+@needs_interp
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_ce_fp16_gradients_come_after_the_loss_scale(reduction):
+    """fp16 (T4 / V100 training under GradScaler): the gradients were computed in the forward and
+    rounded to fp16 before the scale -- mean underflowed (grad_W 80x HF's error), sum overflowed to
+    inf whatever the scale. They are computed in backward now, as HF's unfused loss."""
+    import torch.nn.functional as F
+
+    if reduction == "mean":  # small gradients: 1 / N of a softmax over a large vocabulary
+        N, H, V, S = 1024, 16, 4096, 65536.0
+        h0, w0, t = torch.randn(N, H), torch.randn(V, H) * 0.05, torch.randint(0, V, (N,))
+    else:  # large grad_W entries before the caller's 1 / N: many tokens of one target, large hidden
+        N, H, V, S = 1024, 16, 64, 128.0
+        h0, w0, t = torch.randn(N, H) + 80.0, torch.randn(V, H) * 0.01, torch.full((N,), 3)
+    h64, w64 = h0.half().double().requires_grad_(), w0.half().double().requires_grad_()
+    F.cross_entropy(F.linear(h64, w64), t, reduction=reduction).div(1 if reduction == "mean" else N).backward()
+    hf, wf = h0.half().requires_grad_(), w0.half().requires_grad_()
+    with launched("cross_entropy"):
+        # a few chunks: the grad_W accumulation across chunks in fp16 is another matter (NOTES)
+        loss = K.fused_linear_cross_entropy(hf, wf, t, reduction=reduction, chunk_size=N // 4)
+    (loss / (1 if reduction == "mean" else N) * S).backward()
+    assert torch.isfinite(wf.grad).all() and torch.isfinite(hf.grad).all()
+    for got, ref in ((wf.grad, w64.grad), (hf.grad, h64.grad)):
+        rel = ((got.double() / S - ref).norm() / ref.norm()).item()
+        assert rel < 7e-4, (reduction, rel)  # HF's own fp16 error here ~3e-4; the old forward-side rounding 1.2e-3
+
+
 def test_cpu_without_interpreter_uses_the_references(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     before = dict(K.LAUNCHES)

@@ -84,7 +84,9 @@ def _ce_kernel(X, DX, stride_x, stride_dx, TARGET, LOSS, LSE, ROW_SCALE, stride_
     t_safe = tl.where(valid, t, 0)
 
     # pass 1: online max / sum-exp over the vocabulary
-    m = float("-inf")
+    # the lowest finite float, not -inf: a first block of -inf logits (a masking bias) must not
+    # give exp(-inf - -inf) = NaN; a logit at the lowest float still counts
+    m = -3.4028234663852886e38
     s = 0.0
     for off in range(0, V, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
@@ -253,15 +255,29 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         V = weight.shape[0]
         hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
         target = target.contiguous()
-        count = (target != ignore_index).sum()
-        n_valid = int(count)  # the one host sync: how many rows there are to compute
+        valid = target != ignore_index
+        count = valid.sum()
+        out_of_range = (valid & ((target < 0) | (target >= V))).sum()
+        # the one host sync: how many rows there are to compute, and whether a target is outside the vocabulary
+        n_valid, n_bad = torch.stack([count, out_of_range]).tolist()
+        if n_bad:
+            bad = target[valid & ((target < 0) | (target >= V))][0].item()
+            raise IndexError(
+                f"target {bad} is out of bounds for the {V} logits of the head ({n_bad} such label(s); labels are token "
+                f"ids or ignore_index {ignore_index}): tokenize with the model's own tokenizer, or resize the "
+                "embeddings and head after adding tokens (model.resize_token_embeddings(len(tokenizer)))")
         C = chunk_size or default_chunk_size(N, V, H)
         rows, ignored, C = _plan_rows(target, ignore_index, n_valid, N, C, chunk_size is not None)
         n = N if rows is None else n_valid
         target_r = target if rows is None else target.index_select(0, rows)
         loss_r = empty((n,), torch.float32, hidden.device)
         lse_r = empty((n,), torch.float32, hidden.device)
-        grads_now = need_grad and reduction != "none"
+        # fp16: gradients computed here would be rounded to fp16 before the loss scale that backward
+        # brings (GradScaler), so small ones underflow and, with the sum reduction, large grad_W
+        # entries overflow whatever the scale; they are computed in backward then, from recomputed
+        # logits, scaled by the incoming gradient as transformers' unfused loss is
+        defer = need_grad and reduction != "none" and _defers(hidden.dtype, weight.dtype)
+        grads_now = need_grad and reduction != "none" and not defer
         # "mean": the kernel scales d_logits by 1 / count, read from device memory (no sync)
         mean_scale = (1.0 / count.clamp(min=1).float()).reshape(1) if grads_now and reduction == "mean" else None
         want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
@@ -282,8 +298,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             if reduction == "mean":
                 loss = loss / count
         ctx.reduction = reduction
+        ctx.defer = defer
         ctx.mark_non_differentiable(count)
-        if reduction == "none":
+        if reduction == "none" or defer:
+            ctx.count = count if reduction == "mean" else None
             ctx.save_for_backward(hidden, weight, bias, target)
             ctx.opts = (ignore_index, softcap, z_loss, C, want_h, want_w, want_b)
             ctx.rows = (rows, ignored)
@@ -294,7 +312,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_count):
-        if ctx.reduction != "none":
+        if ctx.reduction != "none" and not ctx.defer:
             if ctx.grads is None:
                 raise RuntimeError(
                     "a second backward through unsloth_dist's fused linear cross-entropy (retain_graph=True): its "
@@ -323,10 +341,16 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.rows = None
         N = hidden.shape[0]
         n = N if rows is None else rows.numel()
-        row_scale = grad_loss.float().contiguous()
-        target_r = target
-        if rows is not None:
-            row_scale, target_r = row_scale.index_select(0, rows), target.index_select(0, rows)
+        target_r = target if rows is None else target.index_select(0, rows)
+        if ctx.reduction == "none":
+            row_scale = grad_loss.float().contiguous()
+            if rows is not None:
+                row_scale = row_scale.index_select(0, rows)
+        else:  # deferred sum / mean: one scale for every row
+            row_scale = grad_loss.float().reshape(1)
+            if ctx.count is not None:
+                row_scale = row_scale / ctx.count.clamp(min=1).float()
+            ctx.count = None
         grad_h = empty(hidden.shape, hidden.dtype, hidden.device) if want_h else None
         grad_w = None
         if want_w:
@@ -346,10 +370,19 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 def reads_weight_in_backward(hidden: torch.Tensor, reduction: str) -> bool:
     """Whether :func:`fused_linear_cross_entropy` on `hidden` keeps `weight` for its backward: the
     PyTorch reference (no Triton for this device) is plain autograd (``F.linear`` saves it) and the
-    ``"none"`` reduction recomputes the logits; the Triton path with ``"sum"`` / ``"mean"`` computes
-    every gradient in the forward and does not. (An FSDP2 head of its own need not be gathered again
+    ``"none"`` reduction and fp16 recompute the logits; the Triton path with ``"sum"`` / ``"mean"`` in
+    bf16 / fp32 computes every gradient in the forward and does not. (An FSDP2 head of its own need not be gathered again
     for backward then: models.patching.)"""
-    return reduction not in ("sum", "mean") or not use_triton(hidden)
+    if reduction not in ("sum", "mean") or not use_triton(hidden):
+        return True
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    return _defers(dtype, dtype)
+
+
+def _defers(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether the sum / mean reductions compute their gradients in backward (fp16: see the forward)."""
+    return torch.float16 in (hidden_dtype, weight_dtype)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,

@@ -7,7 +7,9 @@
 The op is elementwise and memory bound: one flat kernel over all elements, fp32 math, one
 rounding to the input dtype. The backward writes the two input gradients into the buffers of
 the saved ``gate`` and ``up`` activations (they are dead after this backward), so it allocates
-nothing; autograd's version counters still catch any other user of those tensors.
+nothing; it bumps their version counters first, so another autograd user of those tensors that
+runs its backward later fails with PyTorch's "modified by an inplace operation" error instead of
+reading gradients (patch with ``swiglu=False`` for such a model).
 """
 from __future__ import annotations
 
@@ -118,8 +120,12 @@ class GLUFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dh = dh.contiguous()
         if ctx.reuse and not poisoning() and gate.dtype == up.dtype and gate.data_ptr() != up.data_ptr():
-            da, db = gate, up  # write the gradients over the dead activations
+            da, db = gate, up  # write the gradients over the activations, dead to this op from here
             ctx.consumed = True
+            # the kernel's stores bypass autograd: bump the version counters so that another node
+            # that saved these tensors (e.g. a forward hook's loss term on gate_proj's output) fails
+            # loudly in its backward instead of reading gradients as activations
+            torch.autograd.graph.increment_version((gate, up))
         else:
             da, db = empty_like(gate), empty_like(up)
         n = gate.numel()
