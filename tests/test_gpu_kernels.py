@@ -221,6 +221,32 @@ def test_fused_linear_cross_entropy_bf16(_gpu, opts):
     close(dw, rdw, "CE d weight")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_linear_cross_entropy_fp16_under_a_loss_scale(_gpu, reduction):
+    """fp16 (T4 / V100 users, GradScaler): the gradients are computed in backward after the scale,
+    as transformers' unfused loss; within 3x of its fp16 error against fp64, finite for the sum."""
+    import torch.nn.functional as F
+
+    K = _gpu
+    N, S = 8192, 4096.0
+    h0 = torch.randn(N, HIDDEN, device="cuda") * 0.5
+    w0 = torch.randn(VOCAB, HIDDEN, device="cuda") * 0.02
+    t = torch.randint(0, VOCAB, (N,), device="cuda")
+    div = 1.0 if reduction == "mean" else float(N)  # the Trainer's sum / global count
+    h64, w64 = h0.half().double().requires_grad_(), w0.half().double().requires_grad_()
+    F.cross_entropy(F.linear(h64, w64), t, reduction=reduction).div(div).backward()
+    hh, wh = h0.half().requires_grad_(), w0.half().requires_grad_()
+    (F.cross_entropy(F.linear(hh, wh).float(), t, reduction=reduction) / div * S).backward()
+    hf, wf = h0.half().requires_grad_(), w0.half().requires_grad_()
+    (K.fused_linear_cross_entropy(hf, wf, t, reduction=reduction) / div * S).backward()
+    assert torch.isfinite(wf.grad).all() and torch.isfinite(hf.grad).all()
+    for name, got, hf_ref, ref in (("W", wf.grad, wh.grad, w64.grad), ("h", hf.grad, hh.grad, h64.grad)):
+        e_ours = ((got.double() / S - ref).norm() / ref.norm()).item()
+        e_hf = ((hf_ref.double() / S - ref).norm() / ref.norm()).item()
+        print(f"fp16 {reduction} grad_{name}: rel err ours {e_ours:.2e}, transformers {e_hf:.2e}")
+        assert e_ours <= 3 * e_hf + 1e-4, (name, e_ours, e_hf)
+
+
 def test_master_adamw_bf16_against_torch_adamw(_gpu):
     """fused_master_adamw on the GPU: three steps (one clipped) over Llama-sized tensors against
     torch's fused AdamW on fp32 copies of the masters with clip_grad_norm_; the bf16 weights must be
