@@ -241,3 +241,14 @@ def test_model_save_pretrained_merged_notebook_line(model_dir, tmp_path):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="save_method='merged_4bit'"):
         model.save_pretrained_merged(str(tmp_path / "q"), tok, save_method="merged_4bit")
+
+
+def test_a_training_checkpoint_is_not_loaded_as_a_model(tmp_path):
+    from unsloth_dist.models.loader import resolve_model_path
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "unsloth_checkpoint.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="training checkpoint.*resume_from_checkpoint.*checkpoint consolidate"):
+        resolve_model_path(str(ckpt))

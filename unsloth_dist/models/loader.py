@@ -55,6 +55,12 @@ def resolve_model_path(model_name: Union[str, os.PathLike]) -> str:
     name = str(model_name)
     path = Path(name).expanduser()
     if path.is_dir():
+        if (path / "unsloth_checkpoint.json").is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} is an unsloth_dist training checkpoint (weights and optimizer state as the backend "
+                "wrote them), not a model directory: resume it with resume_from_checkpoint, or write a loadable "
+                f"model from it: `unsloth-dist checkpoint consolidate {str(path)} -o OUT` (full fine-tuning), or after "
+                "training model.save_pretrained(dir) / save_pretrained_merged(dir, tokenizer) (LoRA)")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"model directory {str(path)!r} has no config.json; give a directory written by save_pretrained")
