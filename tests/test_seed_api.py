@@ -384,3 +384,12 @@ def test_rank0_only_save_under_torchrun(tmp_path):
     assert (out / "fsdp-final" / "adapter_model.safetensors").is_file()
     assert "every rank must call it" in r0["fsdp_rank0"] and r0["fsdp_rank0_s"] < 30, r0
     assert not (out / "fsdp-rank0").exists()
+
+
+def test_pre_tokenized_rows_are_cut_to_max_seq_length():
+    # TRL's SFTTrainer truncates tokenized rows to max_length; they went through whole
+    from unsloth_dist.seed_api import _prepare_dataset
+
+    rows = [{"input_ids": list(range(1, 21)), "labels": list(range(1, 21)), "extra": "x"}]
+    ds = _prepare_dataset(rows, None, 8, "text", "train_dataset")
+    assert ds[0] == {"input_ids": list(range(1, 9)), "labels": list(range(1, 9))}

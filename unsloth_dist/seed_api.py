@@ -449,15 +449,19 @@ class _Columns:
 
     KEEP = ("input_ids", "labels", "attention_mask", "position_ids")
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, max_length: Optional[int] = None) -> None:
         self.data = data
+        self.max_length = max_length  # pre-tokenized rows are cut to it, as TRL's SFTTrainer does
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> dict:
         row = self.data[int(i)]
-        return {k: row[k] for k in self.KEEP if k in row and row[k] is not None}
+        out = {k: row[k] for k in self.KEEP if k in row and row[k] is not None}
+        if self.max_length:
+            out = {k: v[: self.max_length] for k, v in out.items()}
+        return out
 
 
 def _first_null(ds: Any, column: str) -> Optional[int]:
@@ -537,7 +541,7 @@ def _prepare_dataset(ds: Any, tokenizer: Any, max_length: int, text_field: str, 
         raise TypeError(f"{name}[0] is a {type(first).__name__}; samples must be dicts with input_ids or {text_field!r}")
     if "input_ids" in first and formatting_func is None:
         _check_token_rows(ds, name)
-        return _Columns(ds)
+        return _Columns(ds, max_length)
     if formatting_func is None and text_field not in first:
         raise ValueError(f"{name}[0] has neither 'input_ids' nor {text_field!r} (got {sorted(first)}); tokenize the "
                          "data first, or set dataset_text_field")
