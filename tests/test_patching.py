@@ -309,8 +309,11 @@ def test_num_items_in_batch_and_return_dict_false():
     b = pat(input_ids=ids, labels=labels, num_items_in_batch=n).loss
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     t = pat(ids, mask, labels=labels, return_dict=False)  # positional args bind like HF's
-    assert isinstance(t, tuple)
+    r = ref(ids, mask, labels=labels, return_dict=False)
+    assert isinstance(t, tuple) and len(t) == len(r)
     torch.testing.assert_close(t[0], ref(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+    # the logits' slot stays second (None: the fused loss never computes them), the cache after it
+    assert t[1] is None and r[1].shape[-1] == ref.config.vocab_size
 
 
 def test_rope_dispatcher_leaves_unpatched_instances_alone():

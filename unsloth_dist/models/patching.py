@@ -508,7 +508,11 @@ def _causal_lm_forward(self, *args, **kwargs):
         if cache_field in getattr(out_cls, "__dataclass_fields__", {}):
             fields[cache_field] = getattr(outputs, cache_field, None)
     out = out_cls(**fields)
-    return out if return_dict else out.to_tuple()
+    if return_dict:
+        return out
+    # transformers' tuple puts the logits second: keep that slot (None: never computed) so that out[1]
+    # is not the cache
+    return (loss, None) + tuple(v for k, v in out.items() if k not in ("loss", "logits"))
 
 
 def _output_class(causal_lm: nn.Module):
