@@ -154,3 +154,35 @@ def test_train_a_recipe_with_a_data_section_trains_on_it(tmp_path):
     assert "backend=single world_size=1 steps=2" in proc.stdout
     # the files were tokenized: the cache holds them (the byte-level default corpus would not be cached)
     assert any((tmp_path / "cache").iterdir())
+
+
+def test_cli_audit_one_line_errors_and_flags(tmp_path):
+    """From a CLI audit: each of these was a traceback, a silently ignored flag or a wrong exit status."""
+    tiny = str(ROOT / "configs/tiny_llama.yaml")
+    # an output_dir whose 'latest' names a checkpoint that is gone
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest").write_text("checkpoint-99\n")
+    r = runner.invoke(app, ["checkpoint", "inspect", str(run)])
+    assert r.exit_code == 2 and "no complete checkpoint" in r.output, r.output
+    # -o naming a directory / a file where a directory is wanted: one line, before any work
+    r = runner.invoke(app, ["config", "deepspeed", "--stage", "3", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "is a directory" in r.output, r.output
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = runner.invoke(app, ["checkpoint", "consolidate", str(run), "-o", str(afile)])
+    assert r.exit_code == 2, r.output
+    # --offload-optimizer none wins over a recipe that offloads
+    out = tmp_path / "ds.json"
+    r = runner.invoke(app, ["config", "deepspeed", "--stage", "3", "-c", tiny, "--set", "backend.offload_optimizer=cpu",
+                            "--offload-optimizer", "none", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "none"
+    # plan --json exits 1 when nothing fits, as the table form does
+    r = runner.invoke(app, ["plan", "--model", "llama-3.1-8b", "--gpus", "1", "--gpu-memory", "1", "--json"])
+    assert r.exit_code == 1, r.output
+    r = runner.invoke(app, ["plan", "--model", "llama-3.1-8b", "--gpus", "1", "--gpu-memory", "1"])
+    assert r.exit_code == 1 and r.output.count("nothing fits") == 1, r.output
+    # backend single on 2 processes: refused before anything starts
+    r = runner.invoke(app, ["launch", tiny, "--nproc", "2", "--backend", "single", "--dry-run"])
+    assert r.exit_code == 2 and "backend 'single' with 2 processes" in r.output, r.output

@@ -291,3 +291,20 @@ def test_zero_bucket_is_the_trainable_count_unless_set():
     assert estimate(m, V["zero3"], "bf16", zero=set_, **kw).parts["buckets"] == 4 * 500_000_000
     full = estimate(m, V["zero3"], "bf16", gpus=2, seq=2048, micro_batch=1, gradient_checkpointing=True)
     assert full.parts["buckets"] == 4 * 500_000_000  # 8B trainable elements: the default stays
+
+
+def test_planner_refuses_moe_and_prequantized_configs_and_prefers_no_offload():
+    from unsloth_dist.config import ConfigError
+    from unsloth_dist.launch import planner as P
+
+    base = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8}
+    with pytest.raises(ConfigError, match="mixture of experts.*num_local_experts"):
+        P.shape_from_hf_config(base | {"num_local_experts": 8}, "mixtral")
+    with pytest.raises(ConfigError, match="pre-quantized.*quantization_config"):
+        P.shape_from_hf_config(base | {"quantization_config": {"load_in_4bit": True}}, "bnb")
+    # 8B on 8 GPUs of 40 GiB: plain fsdp fits, so no CPU-offloading variant is recommended
+    plan = P.plan(P.PRESETS["llama-3.1-8b"], 8, 40.0, precisions=("bf16",))
+    assert plan.recommended is not None and plan.recommended.backend == "fsdp", plan.recommended  # was zero2+offload_opt
+    offloading = [v.name for v in P.VARIANTS if v.offload_optimizer or v.offload_param]
+    assert P.PREFERENCE[-len(offloading):] == offloading

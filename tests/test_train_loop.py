@@ -99,3 +99,23 @@ def test_a_checkpoint_of_the_old_order_resumes_with_a_notice(caplog):
     C.check_compatible(meta, backend_format="dcp", backend_name="single", world_size=1, global_batch=4,
                        shuffle=True, seed=1, num_samples=10)
     assert "dropped" not in caplog.text
+
+
+def test_metrics_file_after_a_partial_line_and_a_fresh_run(tmp_path):
+    """A run killed while writing left a partial last line: the next row starts on a line of its
+    own (it was glued to it and the file became unplottable). A fresh run (no resume) in an
+    output_dir with an earlier run's metrics keeps that file aside instead of appending to it."""
+    from unsloth_dist.plotting import read_run
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "lr": 0.1}\n{"step": 2, "lo')
+    trainer = _trainer(tmp_path, max_steps=2, logging_steps=1)
+    trainer._log({"step": 3, "loss": 4.0, "lr": 0.1})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[1] == '{"step": 2, "lo' and json.loads(lines[2])["step"] == 3
+    trainer.train()  # fresh: the earlier file is kept aside
+    assert (tmp_path / "metrics.1.jsonl").read_text().splitlines() == lines
+    assert [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    # plot skips an unterminated last line (a run being written) instead of refusing the file
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    assert read_run(tmp_path) is not None

@@ -70,6 +70,27 @@ def fail(message: str, code: int = USER_EXIT) -> "typer.Exit":
     return typer.Exit(code)
 
 
+def _check_output_dir(path: str, flag: str) -> None:
+    """An output directory the command may create or write into, checked before any work."""
+    dest = Path(path).expanduser()
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{flag} {path!r} is a file; give a directory")
+    parent = next((q for q in [dest, *dest.parents] if q.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path!r}: {parent} is not writable")
+
+
+def _check_output_file(path: str, flag: str) -> Path:
+    """An output file the command writes, checked before any work (not a directory, its folder writable)."""
+    dest = Path(path).expanduser()
+    if dest.is_dir():
+        raise UserError(f"{flag} {path!r} is a directory; give a file name")
+    parent = next((q for q in dest.parents if q.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise UserError(f"{flag} {path!r}: {parent} is not a writable directory")
+    return dest
+
+
 class _guard:
     """Turn user-mistake exceptions into `fail` (exit 2); anything else stays a traceback."""
 
@@ -111,11 +132,13 @@ def train(
 ) -> None:
     """Train in this process, under whatever launcher started it (none, torchrun, deepspeed, accelerate).
 
-    The recipe is a TrainConfig; it has no model / data section yet, so the model and data come
-    from --model / --text / --seq-len (a `model:` / `data:` section comes later)."""
+    The recipe is a TrainConfig; the model comes from --model (default: a small byte-level Llama
+    built from --hidden / --layers), the data from the recipe's `data:` section (with --model's
+    tokenizer) or else --text / --seq-len."""
     from .recipes import RecipeOptions, train_recipe
 
-    with _guard((ValueError,)):
+    # FloatingPointError: nan_policy stop, whose message names the step and the fix
+    with _guard((ValueError, FloatingPointError)):
         cfg = _load(config, overrides, backend)
         opts = RecipeOptions(model=model, text=text, seq_len=seq_len, hidden=hidden, layers=layers)
         opts.check()
@@ -173,6 +196,9 @@ def launch(
         spec.check()
         cfg = _load(config, overrides, backend)  # a bad recipe fails here, before any process starts
         cfg.check_world_size(spec.world_size)
+        if spec.world_size > 1 and cfg.backend.name == "single":
+            raise UserError(f"backend 'single' with {spec.world_size} processes: pick ddp, fsdp or zero1/2/3 "
+                            "(--backend), or --nproc 1")
         if spec.master_port is None and spec.nnodes == 1:
             spec.master_port = C.free_port()
         spec.train_args = ([f"--backend={backend}"] if backend else []) + [f"--set={o}" for o in overrides] + extra
@@ -257,6 +283,7 @@ def config_accelerate(
     from .launch.accelerate_config import write_accelerate_config
 
     with _guard():
+        _check_output_file(str(output), "--output")
         cfg = _recipe_with_backend(recipe, backend.value, overrides)
         path = write_accelerate_config(
             output, cfg, cfg.backend, num_processes=num_processes, num_machines=num_machines,
@@ -273,8 +300,10 @@ class Offload(str, Enum):
 @config_app.command("deepspeed", context_settings={"help_option_names": ["-h", "--help"]})
 def config_deepspeed(
     stage: int = typer.Option(..., "--stage", min=1, max=3, help="ZeRO stage 1, 2 or 3"),
-    offload_optimizer: Offload = typer.Option(Offload.none, "--offload-optimizer", case_sensitive=False),
-    offload_param: Offload = typer.Option(Offload.none, "--offload-param", case_sensitive=False, help="stage 3 only"),
+    offload_optimizer: Optional[Offload] = typer.Option(None, "--offload-optimizer", case_sensitive=False,
+                                                        help="none | cpu; unset: the recipe's (none without one)"),
+    offload_param: Optional[Offload] = typer.Option(None, "--offload-param", case_sensitive=False,
+                                                    help="stage 3 only; none | cpu; unset: the recipe's"),
     recipe: Optional[str] = typer.Option(None, "--config", "-c", help="recipe YAML (batch size, accumulation, clipping, precision)"),
     overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="dotted override of the recipe, repeatable"),
     world_size: int = typer.Option(1, "--world-size", min=1, help="ranks the file is for (train_batch_size = micro x accumulation x world size)"),
@@ -290,15 +319,16 @@ def config_deepspeed(
     from .launch.deepspeed_config import deepspeed_config
 
     with _guard():
+        output = _check_output_file(str(output), "--output")
         backend = {"name": f"zero{stage}"}
-        if offload_optimizer is Offload.cpu:
-            backend["offload_optimizer"] = "cpu"
-        if offload_param is Offload.cpu:
-            backend["offload_param"] = "cpu"
+        if offload_optimizer is not None:
+            backend["offload_optimizer"] = offload_optimizer.value
+        if offload_param is not None:
+            backend["offload_param"] = offload_param.value
         cfg = _recipe_with_backend(recipe, backend, overrides)
         b = cfg.backend
-        if offload_optimizer is Offload.cpu or offload_param is Offload.cpu:
-            # the flags win over the recipe's backend section
+        if offload_optimizer is not None or offload_param is not None:
+            # the flags given win over the recipe's backend section (none included)
             from .config import load_config
 
             cfg = load_config(cfg, overrides=[f"backend.{k}={v}" for k, v in backend.items() if k != "name"])
@@ -306,7 +336,9 @@ def config_deepspeed(
         cfg.check_world_size(world_size)
         ds = deepspeed_config(cfg, b, world_size)
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(ds, indent=2) + "\n")
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(json.dumps(ds, indent=2) + "\n")
+        os.replace(tmp, output)
     out.print(f"wrote {output} (ZeRO-{b.stage}, world size {world_size}, train_batch_size {ds['train_batch_size']})", markup=False)
 
 
@@ -370,6 +402,8 @@ def plan(
             "rows": [r.gib() | {"max_micro_batch": result.max_micro[(r.backend, r.precision)]} for r in result.rows],
             "recommended": result.recommended.gib() if result.recommended else None, "reason": result.reason,
         }))
+        if result.recommended is None:
+            raise typer.Exit(1)  # as the table form: nothing fits
         return
     trainable = shape.lora_params(lora_r) if lora else shape.params
     out.print(f"[bold]{shape.name}[/bold]: {shape.params / 1e9:.3f} B params, trainable {trainable / 1e6:.1f} M; "
@@ -394,7 +428,8 @@ def plan(
             out.print(f"activation offload: ~{r.host_offload / PL.GiB:.1f} GiB of pinned host memory per GPU (one buffer "
                       "per checkpointed layer, each layer input at the longest micro-batch rounded up to a power of two)")
     else:
-        err.print(f"[bold red]nothing fits:[/bold red] {result.reason}")
+        reason = result.reason.removeprefix("nothing fits: ")
+        err.print(f"[bold red]nothing fits:[/bold red] {reason}")
         raise typer.Exit(1)
 
 
@@ -407,11 +442,16 @@ app.add_typer(ckpt_app, name="checkpoint")
 def _checkpoint_dir(path: str):
     from .checkpoint import CheckpointError, read_meta, resolve
 
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_file():
+        raise UserError(f"checkpoint {path!r} is a file; give a checkpoint-* directory or an output_dir")
     if not p.is_dir():
         raise UserError(f"checkpoint {path!r} does not exist; give a checkpoint-* directory or an output_dir")
     if not (p / "unsloth_checkpoint.json").is_file() and (p / "latest").is_file():
-        p = resolve("latest", str(p))  # an output_dir: its latest checkpoint
+        latest = resolve("latest", str(p))  # an output_dir: its latest checkpoint
+        if latest is None:
+            raise UserError(f"{path!r} holds no complete checkpoint (its 'latest' names one that is gone)")
+        p = latest
     try:
         return p, read_meta(p)
     except CheckpointError as exc:
@@ -454,6 +494,7 @@ def checkpoint_consolidate(
         if dtype not in dtypes:
             raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(dtypes)}")
         p, meta = _checkpoint_dir(path)
+        _check_output_dir(output, "-o")
     import torch
 
     weights = consolidated_weights(p)

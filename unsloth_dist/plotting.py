@@ -23,11 +23,14 @@ without a `resumed_from` row) is treated the same way.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
+
+logger = logging.getLogger("unsloth_dist")
 
 DEFAULT_METRICS = ("loss", "lr", "tokens_per_s", "peak_mem_gib")
 METRICS_FILE = "metrics.jsonl"
@@ -120,12 +123,17 @@ def read_run(run: PathLike) -> Run:
     rows: list[tuple[int, dict]] = []  # (line number, row) in file order, after dropping superseded rows
     last_train_step: Optional[int] = None
     resumed_at: list[int] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
+            if lineno == len(lines) and not text.endswith("\n"):
+                # the unterminated last line of a run being written (or killed while writing)
+                logger.warning("%s: its last line is incomplete (a run writing or killed while writing); skipped", path)
+                continue
             snippet = line if len(line) <= 80 else line[:77] + "..."
             raise PlotError(
                 f"{path} line {lineno} is not valid JSON ({exc.msg} at column {exc.colno}): {snippet!r}; a run killed "

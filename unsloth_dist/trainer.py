@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import time
 import uuid
@@ -287,10 +288,27 @@ class Trainer:
         if self.rank != 0:
             return
         self._metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self._metrics_path, "a+b") as f:
+            if f.tell() > 0:  # a run killed while writing may have left a partial last line: end it
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write((json.dumps(record) + "\n").encode())
         for reporter in self._reporters:
             reporter.log(record)
+
+    def _set_aside_earlier_metrics(self) -> None:
+        """A fresh run (no resume) in an output_dir that holds an earlier run's metrics.jsonl: that
+        file is renamed to metrics.<n>.jsonl (kept, not appended to: plotted as one, the two runs
+        would read as one curve)."""
+        if self.rank != 0 or not self._metrics_path.is_file() or self._metrics_path.stat().st_size == 0:
+            return
+        n = 1
+        while (kept := self._metrics_path.with_name(f"metrics.{n}.jsonl")).exists():
+            n += 1
+        os.replace(self._metrics_path, kept)
+        logger.warning("%s held an earlier run's metrics and this run does not resume it: kept as %s",
+                       self._metrics_path, kept.name)
 
     # ------------------------------------------------------------------ public API
 
@@ -322,7 +340,9 @@ class Trainer:
             self._log({"step": self.global_step, "resumed_from": str(path)})
             if self.rank == 0:
                 logger.info("resumed from %s at step %d", path, self.global_step)
-        elif self.rank == 0 and c.save_steps:
+        else:
+            self._set_aside_earlier_metrics()
+        if path is None and self.rank == 0 and c.save_steps:
             earlier = checkpoint.list_checkpoints(Path(c.output_dir))
             if earlier:
                 logger.warning(

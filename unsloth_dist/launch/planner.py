@@ -131,6 +131,13 @@ PRESETS: dict[str, ModelShape] = {
 
 def shape_from_hf_config(data: dict, name: str = "model") -> ModelShape:
     """A ModelShape from a Hugging Face config.json dict (Llama / Qwen2 / Qwen3 / Mistral layout)."""
+    moe = [k for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size") if data.get(k)]
+    if moe:
+        raise ConfigError(f"model config {name!r} is a mixture of experts ({moe[0]}: {data[moe[0]]}); the planner "
+                          "models dense Llama / Qwen / Mistral layers only and would size it as one expert")
+    if data.get("quantization_config"):
+        raise ConfigError(f"model config {name!r} is a pre-quantized checkpoint (quantization_config); the planner "
+                          "sizes bf16 weights only: give the unquantized model's config.json")
     try:
         h = int(data["hidden_size"])
         nh = int(data["num_attention_heads"])
@@ -195,8 +202,10 @@ VARIANTS: tuple[BackendVariant, ...] = (
     BackendVariant("zero3+offload_all", "zero3", offload_optimizer=True, offload_param=True),
     BackendVariant("fsdp+cpu_offload", "fsdp", offload_optimizer=True, offload_param=True),
 )
-# cheapest communication first: the recommendation is the first variant that fits
-PREFERENCE = [v.name for v in VARIANTS]
+# cheapest communication first, every CPU-offloading variant after every one that keeps the states
+# on the GPU (offload costs the most time): the recommendation is the first variant that fits
+PREFERENCE = [v.name for v in VARIANTS if not (v.offload_optimizer or v.offload_param)] + [
+    v.name for v in VARIANTS if v.offload_optimizer or v.offload_param]
 
 
 @dataclass
