@@ -139,6 +139,18 @@ def _wait_for_rank0(out: Path) -> None:
         raise RuntimeError(f"rank 0 failed to write {out}: {status}")
 
 
+def _other_rank_done(trainer_or_state: Any, out: Path, sharded: bool, what: str) -> bool:
+    """The start of an export on this rank. True: a rank other than 0 of a replicated export, done
+    once rank 0 has written `out`. False: go on (rank 0, or a sharded export, after checking that
+    every rank called it)."""
+    if not sharded and _export_rank(trainer_or_state) != 0:
+        _wait_for_rank0(out)  # the weights are whole on rank 0: it writes alone
+        return True
+    if sharded:
+        check_all_ranks_called(trainer_or_state, what)
+    return False
+
+
 def _inner_trainer(obj: Any) -> Any:
     """The ``unsloth_dist.Trainer`` behind `obj` (itself, or the one a seed-API UnslothTrainer wraps), or None."""
     inner = getattr(obj, "trainer", None)
@@ -326,11 +338,8 @@ def save_lora_adapter(trainer_or_state: Any, peft_model: Optional[nn.Module], ou
     known = _module_of(trainer_or_state, peft_model)
     if known is not None:
         _check_adapter(known, adapter)
-    if not sharded and _export_rank(trainer_or_state) != 0:
-        _wait_for_rank0(out)  # the weights are whole on rank 0: it writes alone
+    if _other_rank_done(trainer_or_state, out, sharded, "save_lora_adapter / trainer.save_model()"):
         return out
-    if sharded:
-        check_all_ranks_called(trainer_or_state, "save_lora_adapter / trainer.save_model()")
     with _rank0_writes(out, collective=sharded):  # (a failure in the gather too reaches every rank)
         sd, module, rank = gather_state(trainer_or_state, peft_model)
         _check_adapter(module, adapter)
@@ -381,11 +390,8 @@ def save_merged(trainer_or_state: Any, out_dir: Union[str, os.PathLike], dtype: 
         raise ValueError(f"dtype={dtype}: the merged export is written in bf16, fp16 or fp32")
     out = Path(out_dir).expanduser().resolve()
     sharded = is_sharded_trainer(trainer_or_state)
-    if not sharded and _export_rank(trainer_or_state) != 0:
-        _wait_for_rank0(out)  # the weights are whole on rank 0: it writes alone
+    if _other_rank_done(trainer_or_state, out, sharded, "save_merged / save_pretrained_merged / trainer.save_model()"):
         return out
-    if sharded:
-        check_all_ranks_called(trainer_or_state, "save_merged / save_pretrained_merged / trainer.save_model()")
     with _rank0_writes(out, collective=sharded):  # (a failure in the gather too reaches every rank)
         sd, module, rank = gather_state(trainer_or_state, peft_model)
         if rank == 0:

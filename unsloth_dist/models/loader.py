@@ -310,12 +310,7 @@ class FastLanguageModel:
         for m in on:
             m.gradient_checkpointing = False
         model.eval()
-        cfg = getattr(model, "config", None)
-        if cfg is not None and hasattr(cfg, "use_cache"):
-            cfg.use_cache = True
-        tok = getattr(model, "_unsloth_tokenizer", None)
-        if tok is not None:
-            tok.padding_side = "left"
+        _set_use_cache_and_padding(model, True, "left")
         return model
 
     @staticmethod
@@ -340,13 +335,8 @@ class FastLanguageModel:
             for m in model.modules():
                 if getattr(m, "gradient_checkpointing", False) is True:
                     m.gradient_checkpointing = False
-        if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-            cfg = getattr(model, "config", None)
-            if cfg is not None and hasattr(cfg, "use_cache"):
-                cfg.use_cache = False
-        tok = getattr(model, "_unsloth_tokenizer", None)
-        if tok is not None:
-            tok.padding_side = "right"
+        checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        _set_use_cache_and_padding(model, False if checkpointed else None, "right")
         return model
 
     @staticmethod
@@ -430,3 +420,14 @@ def _load_tokenizer(path: str, max_seq_length: int, hub_kw: dict):
     tok.model_max_length = max_seq_length
     tok.padding_side = "right"  # training pads on the right; generation helpers switch to left
     return tok
+
+
+def _set_use_cache_and_padding(model: nn.Module, use_cache: Optional[bool], padding_side: str) -> None:
+    """for_inference / for_training: the config's use_cache (None: left as it is) and the padding side
+    of the tokenizer from_pretrained returned with the model."""
+    cfg = getattr(model, "config", None)
+    if use_cache is not None and cfg is not None and hasattr(cfg, "use_cache"):
+        cfg.use_cache = use_cache
+    tok = getattr(model, "_unsloth_tokenizer", None)
+    if tok is not None:
+        tok.padding_side = padding_side
