@@ -112,9 +112,9 @@ def test_metrics_file_after_a_partial_line_and_a_fresh_run(tmp_path):
     trainer._log({"step": 3, "loss": 4.0, "lr": 0.1})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert lines[1] == '{"step": 2, "lo' and json.loads(lines[2])["step"] == 3
-    trainer.train()  # fresh: the earlier file is kept aside
-    assert (tmp_path / "metrics.1.jsonl").read_text().splitlines() == lines
-    assert [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    trainer.train()  # fresh: the earlier run's rows are kept aside, the row this Trainer logged first stays
+    assert (tmp_path / "metrics.1.jsonl").read_text().splitlines() == lines[:2]
+    assert [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())] == [3, 1, 2]
     # plot skips an unterminated last line (a run being written) instead of refusing the file
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')

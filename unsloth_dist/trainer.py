@@ -220,6 +220,9 @@ class Trainer:
         self._loss_history: list[float] = []
         self.lr_scheduler = None
         self._metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
+        # the bytes an earlier run left in it: a fresh train() moves them aside (rows this Trainer
+        # logs before training, such as an evaluation at step 0, stay)
+        self._metrics_before = self._metrics_path.stat().st_size if self._metrics_path.is_file() else 0
 
     # ------------------------------------------------------------------ pieces
 
@@ -299,14 +302,20 @@ class Trainer:
 
     def _set_aside_earlier_metrics(self) -> None:
         """A fresh run (no resume) in an output_dir that holds an earlier run's metrics.jsonl: that
-        file is renamed to metrics.<n>.jsonl (kept, not appended to: plotted as one, the two runs
-        would read as one curve)."""
-        if self.rank != 0 or not self._metrics_path.is_file() or self._metrics_path.stat().st_size == 0:
+        run's rows move to metrics.<n>.jsonl (kept; plotted with this run's, the two runs would read
+        as one curve)."""
+        before, self._metrics_before = self._metrics_before, 0
+        if self.rank != 0 or before == 0 or not self._metrics_path.is_file():
             return
+        data = self._metrics_path.read_bytes()
         n = 1
         while (kept := self._metrics_path.with_name(f"metrics.{n}.jsonl")).exists():
             n += 1
-        os.replace(self._metrics_path, kept)
+        # the earlier run's part first (a crash between the two leaves its rows twice, never none)
+        for dest, part in ((kept, data[:before]), (self._metrics_path, data[before:].lstrip(b"\n"))):
+            tmp = dest.with_name(dest.name + ".tmp")
+            tmp.write_bytes(part)
+            os.replace(tmp, dest)
         logger.warning("%s held an earlier run's metrics and this run does not resume it: kept as %s",
                        self._metrics_path, kept.name)
 
