@@ -253,6 +253,17 @@ def rank() -> int:
     return dist.get_rank() if is_dist() else 0
 
 
+def launch_rank() -> int:
+    """This process's rank: the process group's, else the launcher's (before any group exists; 0
+    when the launcher environment is missing or inconsistent -- the Trainer reports that)."""
+    if is_dist():
+        return dist.get_rank()
+    try:
+        return read_launch_env().rank
+    except Exception:
+        return 0
+
+
 def world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 

@@ -78,20 +78,11 @@ def resolve_model_path(model_name: Union[str, os.PathLike]) -> str:
 _NOTICED: set = set()  # one-line notices already given in this process
 
 
-def _launch_rank() -> int:
-    from .. import distributed as D
-
-    if D.is_dist():
-        return D.rank()
-    try:
-        return D.read_launch_env().rank
-    except Exception:  # an inconsistent launcher environment is reported where it matters (the Trainer)
-        return 0
-
-
 def _notice_once(key: str, msg: str, *args: Any) -> None:
     """A warning on rank 0, once per process."""
-    if key in _NOTICED or _launch_rank() != 0:
+    from .. import distributed as D
+
+    if key in _NOTICED or D.launch_rank() != 0:
         return
     _NOTICED.add(key)
     logger.warning(msg, *args)

@@ -31,19 +31,6 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 _FULL_TRAIN_TARGETS = ("embed_tokens", "lm_head")
 
 
-def _rank() -> int:
-    import os
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    try:
-        return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
-        return 0
-
-
 def is_peft_model(model: nn.Module) -> bool:
     try:
         from peft import PeftModel
@@ -193,7 +180,9 @@ def add_lora(
         if full:
             targets = [t for t in targets if t not in full]
             modules_to_save = list(modules_to_save or []) + [t for t in full if t not in (modules_to_save or [])]
-            if _rank() == 0:
+            from .. import distributed as D
+
+            if D.launch_rank() == 0:
                 logger.warning("get_peft_model: %s in target_modules are trained in full (modules_to_save), not "
                                "with LoRA, as unsloth does", full)
             if not targets:
