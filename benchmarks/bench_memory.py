@@ -7,6 +7,14 @@ same backend, precision, micro-batch, sequence length and checkpointing.
 
     python benchmarks/bench_memory.py --gpus 2 --out results.json          # all cases
     python benchmarks/bench_memory.py --gpus 2 --cases fsdp:full zero3:lora
+    python benchmarks/bench_memory.py --gpus 1 --parallel 3 --memory-peak DIR --cases ddp:full ddp:full:plain ddp:lora:gc
+
+A case is BACKEND:full|lora[:OPT...]; OPT `plain` leaves the model as transformers built it (default: its
+kernels patched in with `patch_model`, what FastLanguageModel.from_pretrained gives), `gc` turns gradient
+checkpointing on (as --checkpointing does for every case), `bf16` / `bf16-mixed` / `fp32` sets the
+precision of that case (default --precision). `--parallel K` runs K cases at once on the
+same GPUs (each case's peak is its own process's; only the wall time changes). `--memory-peak DIR` also
+names what is alive at each case's peak, by call site (benchmarks/mem_peak.py, rank 0).
 """
 from __future__ import annotations
 
@@ -31,7 +39,10 @@ def worker(args) -> None:
     from unsloth_dist import Trainer
     from unsloth_dist.launch import planner as PL
 
-    backend, kind = args.case.split(":")
+    backend, kind, *opts = args.case.split(":")
+    kernels = "plain" not in opts
+    precision = next((o for o in opts if o in PL.PRECISIONS), args.precision)
+    checkpointing = args.checkpointing or "gc" in opts
     shape = PL.resolve_model(args.model)
     cfg = LlamaConfig(
         vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
@@ -46,31 +57,46 @@ def worker(args) -> None:
 
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_r, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    if kernels:
+        from unsloth_dist.models import patch_model
+
+        patch_model(model)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     g = torch.Generator().manual_seed(1)
     n = args.micro_batch * world * args.steps
     data = [{"input_ids": torch.randint(0, shape.vocab, (args.seq,), generator=g).tolist()} for _ in range(n)]
     trainer = Trainer(model, data, backend=backend, args={
-        "output_dir": args.out_dir, "precision": args.precision, "per_device_train_batch_size": args.micro_batch,
-        "max_steps": args.steps, "learning_rate": 1e-5, "gradient_checkpointing": args.checkpointing,
+        "output_dir": args.out_dir, "precision": precision, "per_device_train_batch_size": args.micro_batch,
+        "max_steps": args.steps, "learning_rate": 1e-5, "gradient_checkpointing": checkpointing,
         "disable_tqdm": True, "logging_steps": 1,
     })
     torch.cuda.reset_peak_memory_stats()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mem_peak import MemoryPeak
+
+    mem = MemoryPeak(args.memory_peak if int(os.environ.get("RANK", "0")) == 0 else None, torch.device("cuda", torch.cuda.current_device()),
+                     args.case.replace(":", "_"))
+    mem.start()
     result = trainer.train()
+    mem.finish()
     peak = torch.cuda.max_memory_allocated()
     reserved = torch.cuda.max_memory_reserved()
     peaks = torch.tensor([peak, reserved], dtype=torch.float64, device="cuda")
     import torch.distributed as dist
 
     gathered = [torch.zeros_like(peaks) for _ in range(world)]
-    dist.all_gather(gathered, peaks)
+    if dist.is_initialized():
+        dist.all_gather(gathered, peaks)
+    else:  # backend single: no process group
+        gathered = [peaks]
     if trainer.rank == 0:
         variant = next(v for v in PL.VARIANTS if v.name == backend)
-        est = PL.estimate(shape, variant, args.precision, gpus=world, micro_batch=args.micro_batch, seq=args.seq,
-                          lora=kind == "lora", lora_r=args.lora_r, gradient_checkpointing=args.checkpointing)
+        est = PL.estimate(shape, variant, precision, gpus=world, micro_batch=args.micro_batch, seq=args.seq,
+                          lora=kind == "lora", lora_r=args.lora_r, gradient_checkpointing=checkpointing,
+                          kernels=kernels)
         record = {
-            "case": args.case, "backend": backend, "kind": kind, "gpus": world, "precision": args.precision,
-            "micro_batch": args.micro_batch, "seq": args.seq, "checkpointing": args.checkpointing,
+            "case": args.case, "model": args.model, "backend": backend, "kind": kind, "gpus": world, "precision": precision,
+            "micro_batch": args.micro_batch, "seq": args.seq, "checkpointing": checkpointing, "kernels": kernels,
             "params": shape.params, "losses": result.losses,
             "measured_allocated_gib": [float(x[0]) / 2**30 for x in gathered],
             "measured_reserved_gib": [float(x[1]) / 2**30 for x in gathered],
@@ -82,28 +108,53 @@ def worker(args) -> None:
 
 
 def driver(args) -> int:
-    rows = []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for case in args.cases:
-        res = Path(args.out_dir) / f"{case.replace(':', '_')}.json"
+    results: dict = {}
+    pending = list(enumerate(args.cases))
+    running: list = []
+
+    def launch(i: int, case: str):
+        name = case.replace(":", "_")
+        res = Path(args.out_dir) / f"{name}.json"
         res.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.gpus),
-               "--master_port", str(29600 + len(rows)), __file__, "--worker", "--case", case, "--result", str(res),
+               "--master_port", str(29600 + i), __file__, "--worker", "--case", case, "--result", str(res),
                "--model", args.model, "--seq", str(args.seq), "--micro-batch", str(args.micro_batch),
-               "--precision", args.precision, "--steps", str(args.steps), "--out-dir", args.out_dir,
-               "--lora-r", str(args.lora_r)] + (["--checkpointing"] if args.checkpointing else [])
-        t0 = time.time()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not res.is_file():
-            print(f"[{case}] FAILED ({proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
-            rows.append({"case": case, "error": proc.stderr[-2000:]})
-            continue
-        rec = json.loads(res.read_text())
-        rec["wall_s"] = time.time() - t0
-        rows.append(rec)
-        print(f"[{case}] measured {max(rec['measured_allocated_gib']):.2f} GiB, estimated "
-              f"{rec['estimated_allocated_gib']:.2f} GiB (ratio {rec['ratio_estimated_to_measured']:.3f}), "
-              f"loss {rec['losses'][0]:.3f} -> {rec['losses'][-1]:.3f} ({rec['wall_s']:.0f}s)", flush=True)
+               "--precision", args.precision, "--steps", str(args.steps), "--out-dir", str(Path(args.out_dir) / name),
+               "--lora-r", str(args.lora_r)] + (["--checkpointing"] if args.checkpointing else []) + (
+               ["--memory-peak", args.memory_peak] if args.memory_peak else [])
+        log = open(Path(args.out_dir) / f"{name}.log", "w")
+        return (i, case, res, log, time.time(), subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+
+    while pending or running:
+        while pending and len(running) < max(1, args.parallel):
+            running.append(launch(*pending.pop(0)))
+        time.sleep(1)
+        for item in [r for r in running if r[5].poll() is not None]:
+            running.remove(item)
+            i, case, res, log, t0, proc = item
+            log.close()
+            text = Path(log.name).read_text()
+            for line in text.splitlines():
+                if line.startswith("MEMPEAK"):
+                    print(f"[{case}] {line}", flush=True)
+            if proc.returncode != 0 or not res.is_file():
+                tb = text.find("Traceback")  # the first rank's own error, not the launcher's summary
+                err = text[tb:tb + 3000] if tb >= 0 else text[-3000:]
+                print(f"[{case}] FAILED ({proc.returncode})\n{err}", flush=True)
+                results[i] = {"case": case, "error": err}
+                continue
+            rec = json.loads(res.read_text())
+            rec["wall_s"] = time.time() - t0
+            if args.memory_peak:
+                mp = Path(args.memory_peak) / f"{case.replace(':', '_')}.json"
+                if mp.is_file():
+                    rec["memory_peak"] = json.loads(mp.read_text())
+            results[i] = rec
+            print(f"[{case}] measured {max(rec['measured_allocated_gib']):.2f} GiB, estimated "
+                  f"{rec['estimated_allocated_gib']:.2f} GiB (ratio {rec['ratio_estimated_to_measured']:.3f}), "
+                  f"loss {rec['losses'][0]:.3f} -> {rec['losses'][-1]:.3f} ({rec['wall_s']:.0f}s)", flush=True)
+    rows = [results[i] for i in sorted(results)]
     print("\n| case | GPUs | measured peak allocated GiB (max rank) | planner estimate GiB | estimate / measured |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
@@ -131,6 +182,8 @@ def main() -> int:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--out-dir", default="/tmp/bench_memory")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--parallel", type=int, default=1, help="cases run at once (same GPUs)")
+    ap.add_argument("--memory-peak", default=None, help="folder: what is alive at each case's peak (rank 0)")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--result", default=None)
     args = ap.parse_args()

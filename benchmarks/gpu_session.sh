@@ -14,6 +14,9 @@
 #        TRAIN_PRECISION=bf16-mixed (ours under the baselines' autocast policy; default bf16),
 #        TRAIN_SCALING=1 (with TRAIN_GPUS=N: each backend at one rank too, and the scaling efficiency table),
 #        TRAIN_MEMPEAK=1 (what is alive at the peak of GPU memory, by call site: benchmarks/mem_peak.py)
+# memory: env MEM_GPUS (2), MEM_CASES (bench_memory.py cases, e.g. "ddp:full ddp:full:plain zero3:lora:gc"), MEM_PARALLEL (cases at once),
+#        MEM_PEAK=1 (what is alive at each case's peak), MEM_TIMEOUT (s, 420), MEM_TAIL (log lines shown, 12),
+#        MEM_ARGS (more bench_memory.py arguments, e.g. "--model llama-3.2-3b --micro-batch 1"), MEM_TAG (names the JSON)
 # kernels: env KERNELS_K (a pytest -k expression selecting tests of tests/test_gpu_kernels.py)
 # Needs the wheels of .whl/ (pydantic, DeepSpeed sdist, bitsandbytes, liger-kernel, pytest-timeout, ...).
 # Logs and JSON go to $OUT (the device tool brings that folder back).
@@ -47,7 +50,7 @@ for part in "$@"; do
   case $part in
     kernels) (cd /tmp/t && step gpu_kernels 300 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu_kernels.py ${KERNELS_K:+-k "$KERNELS_K"}) ;;
     kbench) TAILN=40 step bench_kernels 300 python3 benchmarks/bench_kernels.py --check --out "$OUT/bench_kernels.json" ;;
-    memory) TAILN=12 step bench_memory 420 python3 benchmarks/bench_memory.py --gpus ${MEM_GPUS:-2} ${MEM_CASES:+--cases $MEM_CASES} --out "$OUT/bench_memory.json" ;;
+    memory) TAILN=${MEM_TAIL:-12} step bench_memory${MEM_TAG:+_$MEM_TAG} ${MEM_TIMEOUT:-420} python3 benchmarks/bench_memory.py --gpus ${MEM_GPUS:-2} ${MEM_CASES:+--cases $MEM_CASES} --parallel ${MEM_PARALLEL:-1} ${MEM_PEAK:+--memory-peak $OUT/mempeak_memory} ${MEM_ARGS:-} --out "$OUT/bench_memory${MEM_TAG:+_$MEM_TAG}.json" ;;
     models) (cd /tmp/t && TAILN=25 step gpu_models 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_models.py) ;;
     examples) (cd /tmp/t && TAILN=15 step gpu_examples 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_examples.py) ;;
     equivalence) (cd /tmp/t && step gpu_equivalence 420 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu_equivalence.py) ;;

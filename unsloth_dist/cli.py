@@ -381,6 +381,7 @@ def plan(
     checkpoint_layers: Optional[int] = typer.Option(None, "--checkpoint-layers", help="with --gradient-checkpointing: only the first K decoder layers are checkpointed (gradient_checkpointing_layers)"),
     activation_offload: bool = typer.Option(False, "--activation-offload", help="with --gradient-checkpointing: the checkpointed layer inputs in CPU memory (activation_offload)"),
     precision: List[str] = typer.Option([], "--precision", "-p", help="bf16 | bf16-mixed | fp32, repeatable (default: all)"),
+    kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="the model runs unsloth_dist's kernels (FastLanguageModel / patch_model: fused cross-entropy, no logits); --no-kernels: a model as transformers built it"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Estimate per-GPU memory for every backend and precision; recommend a backend and micro-batch that fit."""
@@ -395,7 +396,7 @@ def plan(
         shape = PL.resolve_model(model)
         result = PL.plan(shape, gpus, gpu_memory, precisions=tuple(precision) or PL.PRECISIONS, micro_batch=micro_batch,
                          seq=seq, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
-                         checkpoint_layers=checkpoint_layers, activation_offload=activation_offload)
+                         checkpoint_layers=checkpoint_layers, activation_offload=activation_offload, kernels=kernels)
     if as_json:
         out.print_json(json.dumps({
             "model": shape.name, "params": shape.params, "trainable": shape.lora_params(lora_r) if lora else shape.params,
@@ -409,7 +410,8 @@ def plan(
     out.print(f"[bold]{shape.name}[/bold]: {shape.params / 1e9:.3f} B params, trainable {trainable / 1e6:.1f} M; "
               f"{gpus} GPU(s) x {gpu_memory:g} GiB; seq {seq}; micro-batch {micro_batch or 1}; "
               f"gradient checkpointing {'off' if not gradient_checkpointing else 'on' if checkpoint_layers is None else f'on for the first {checkpoint_layers} of {shape.layers} layers'}"
-              f"{', layer inputs offloaded to CPU' if activation_offload else ''}")
+              f"{', layer inputs offloaded to CPU' if activation_offload else ''}"
+              f"; {'unsloth_dist kernels' if kernels else 'no kernels (transformers as built)'}")
     table = Table(title="per-GPU memory estimate (GiB)")
     for col in ("backend", "precision", "weights", "grads", "optim", "activ.", "other", "peak alloc", "+ctx/frag", "fits", "max micro"):
         table.add_column(col, justify="right" if col not in ("backend", "precision") else "left")

@@ -15,10 +15,15 @@ Partitioning:
     single, ddp   everything on every GPU. DDP's gradient buckets are the grads
                   (gradient_as_bucket_view), so they stay allocated between steps.
     zero1         Adam + fp32 master partitioned (/N); weights and grads full.
-    zero2         also grads partitioned (/N).
-    zero3         also weights partitioned (/N), plus the gathered parameters of ~2 layers.
-                  DeepSpeed keeps an fp32 master partition (4T/N) in every precision, and
-                  reduction buckets of reduce_bucket_size elements (x2 with overlap_comm, stages 1-2).
+    zero2         also grads partitioned (/N): DeepSpeed allocates the partition as backward starts
+                  and keeps it through the step, which flattens it (w T/N) and, under bf16, copies
+                  that to fp32 (4T/N); reduction buckets of reduce_bucket_size elements during backward
+                  (x2 with overlap_comm, which the generated config sets on several ranks only).
+    zero3         also weights partitioned (/N); the gradient partition buffer (w T/N) and the bucket
+                  (communication dtype) live from setup on; the gathered parameters of ~2 layers
+                  during forward / backward; the step works per sub-group of at most 1e9 elements
+                  (flattened gradients + their fp32 copy). DeepSpeed keeps an fp32 master partition
+                  (4T/N) in every precision.
     fsdp          FSDP2 keeps fp32 sharded parameters, grads and Adam: (4 + 4 + 8) / N, plus the
                   unsharded (bf16 under precision bf16, else fp32) parameters of the layers in flight:
                   2 layers + the root (head, final norm; tied embeddings) with sharding full; all layers with grad_op.
@@ -27,24 +32,37 @@ Partitioning:
     LoRA          the frozen base weights are stored like weights above (partitioned by zero3 /
                   fsdp), but have no grads, master or Adam state; T = r x (in + out) per adapted
                   linear (q, k, v, o, gate, up, down by default).
+Optimizer step: no temporaries on a GPU: bf16 single / ddp run the fused master AdamW
+(fused_master_adamw), which reads the bf16 grads in place; the other backends torch's fused AdamW
+(the Trainer's optimizer) or DeepSpeed's step (its flattened / fp32 gradient copies are counted above).
 
-Activations (bytes per token per decoder layer, measured on transformers' Llama with SDPA and
-checked by tests/test_planner.py against the tensors autograd actually saves):
+Activations (bytes per token per decoder layer, checked by tests/test_planner.py against the tensors
+autograd actually saves, and against peaks measured on an H200: benchmarks/RESULTS.md).
+With unsloth_dist's kernels (`kernels=True`, the default: FastLanguageModel / patch_model):
+    fp32        24h + 12I + 8kv + 4nh + 8
+    bf16        12h +  6I + 4kv + 4nh + 8
+    bf16-mixed  22h +  6I + 4kv + 4nh + 8   + autocast's bf16 copies of the layers' matmul weights
+    + 2r (4r under fp32) per LoRA adapter; outside the layers the final norm's input, the loss's input
+    gradient (computed in the forward), RoPE's cos / sin and the ids, and for a trained head its
+    gradient (vocab x hidden, written by the fused cross-entropy in the forward). No logits.
+As transformers builds the model (`kernels=False`; SDPA):
     fp32        32h + 16I + 8kv + 4(nh + 2)
     bf16        20h +  8I + 4kv + 4(nh + 2)     (RMSNorm computes in fp32)
     bf16-mixed  30h +  8I + 4kv + 4(nh + 2)     + the bf16 copies autocast makes of every matmul
                                                  weight (2 B/param), held until backward
     outside the layers: 12.5h (fp32) / 8.25h (bf16) / 10.5h (bf16-mixed) + 4V (fp32 log-softmax of
-    the loss) + 20 per token; gradient checkpointing keeps only each layer's input (4h, or 2h
-    under bf16) and recomputes one layer at a time during backward; with only the first K layers
-    checkpointed (gradient_checkpointing_layers) the other L - K keep their full activations; with
-    activation offload the checkpointed inputs live in CPU memory, one at a time back on the GPU
-    (the next layer's, fetched ahead of its recompute).
-Transients: at the start of backward two fp32 [tokens, V] buffers (the loss gradients); at the
-optimizer step torch's foreach AdamW allocates one fp32 temporary the size of the (local) Adam
-state, and precision bf16 on single / ddp also makes fp32 copies of the grads for the master step.
-Peak = weights + master + Adam + max(backward, step), where backward = activations + loss
-transient (+ grads where they persist: ddp, zero) and step = grads + step transients.
+    the loss) + 20 per token.
+fp32 with grouped-query attention runs torch's math attention on a GPU (no fused kernel takes it):
++ 4 x heads x seq + 12h per token per layer (the probabilities). Gradient checkpointing keeps only
+each layer's input (4h, or 2h under bf16) and recomputes one layer at a time during backward; with
+only the first K layers checkpointed (gradient_checkpointing_layers) the other L - K keep their full
+activations; with activation offload the checkpointed inputs live in CPU memory, one at a time back
+on the GPU (the next layer's, fetched ahead of its recompute).
+Transients (`backward_transient`): unpatched, two fp32 [tokens, V] buffers of the loss; with the
+kernels the first layer's gradient temporaries, or under bf16-mixed the loss's bf16 cast of the head.
+Peak = static + max(backward, step): static = weights + master + Adam (+ grads where they live from
+setup on: ddp buckets, the zero3 partition buffer); backward = activations + transient (+ zero1/2's
+gradient partition and buckets, zero3's gathered layers); step = grads + the step's copies.
 `allocated` is what torch.cuda.max_memory_allocated would report; `reserved` adds the allocator's
 fragmentation (10%) and the CUDA context (0.75 GiB), and is what has to fit in the GPU.
 """
@@ -228,6 +246,7 @@ class Estimate:
     checkpoint_layers: Optional[int] = None  # with gradient checkpointing: the first K layers (None: all)
     activation_offload: bool = False  # with gradient checkpointing: the layer inputs in CPU memory
     host_offload: float = 0.0  # pinned host memory the offloaded inputs take per rank (offload_host_bytes)
+    kernels: bool = True  # the model runs unsloth_dist's kernels (fused cross-entropy: no logits)
 
     def gib(self) -> dict[str, Any]:
         d = asdict(self)
@@ -238,22 +257,75 @@ class Estimate:
 
 
 def activation_bytes(m: ModelShape, precision: str, tokens: int, checkpointing: bool,
-                     checkpoint_layers: Optional[int] = None, offload: bool = False) -> tuple[float, float]:
+                     checkpoint_layers: Optional[int] = None, offload: bool = False, *,
+                     kernels: bool = True, lora_r: int = 0) -> tuple[float, float]:
     """(saved activations, autocast weight copies) in bytes for `tokens` tokens on one GPU.
     `checkpoint_layers`: with checkpointing, how many layers (the first ones) are checkpointed
-    (None: all); `offload`: their inputs are kept in CPU memory (activation_offload)."""
+    (None: all); `offload`: their inputs are kept in CPU memory (activation_offload). `kernels`: the
+    model runs unsloth_dist's kernels (patch_model / FastLanguageModel: fused cross-entropy, no logits);
+    false: as transformers built it. `lora_r`: with kernels, each adapter keeps its [tokens, r] product.
+    Not included: the gradient of a trained head, which the fused cross-entropy writes in the forward
+    (see `estimate`)."""
     h, I, kv, nh, V = m.hidden, m.intermediate, m.kv_dim, m.heads, m.vocab
-    small = 4 * (nh + 2)
-    per_layer = {"fp32": 32 * h + 16 * I + 8 * kv, "bf16": 20 * h + 8 * I + 4 * kv,
-                 "bf16-mixed": 30 * h + 8 * I + 4 * kv}[precision] + small
-    outside = {"fp32": 12.5 * h, "bf16": 8.25 * h, "bf16-mixed": 10.5 * h}[precision] + 4 * V + 20
+    if kernels:
+        cw = 4 if precision == "fp32" else 2  # the dtype the linears compute in
+        # per layer: gate + up (GLU), its output (down's input), the linears' inputs, q / k / v, the
+        # attention's logsumexp (fp32) and the norms' inputs and rstd; bf16-mixed: the linears' bf16
+        # input copies (one per q / k / v / gate / up call) beside the fp32 residual stream
+        per_layer = {"fp32": 24 * h + 12 * I + 8 * kv, "bf16": 12 * h + 6 * I + 4 * kv,
+                     "bf16-mixed": 22 * h + 6 * I + 4 * kv}[precision] + 4 * nh + 8
+        per_layer += cw * lora_r * len(LORA_TARGETS)
+        resid_w = 2 if precision == "bf16" else 4
+        # the final norm's input, the loss's input gradient (computed in the forward), RoPE's
+        # cos / sin (per position: at most one row per token), the token ids
+        outside = resid_w * h + cw * h + 2 * m.head_dim * (4 if precision != "bf16" else 2) + 12
+    else:
+        per_layer = {"fp32": 32 * h + 16 * I + 8 * kv, "bf16": 20 * h + 8 * I + 4 * kv,
+                     "bf16-mixed": 30 * h + 8 * I + 4 * kv}[precision] + 4 * (nh + 2)
+        outside = {"fp32": 12.5 * h, "bf16": 8.25 * h, "bf16-mixed": 10.5 * h}[precision] + 4 * V + 20
     resid = 2 * h if precision == "bf16" else 4 * h
     k = (m.layers if checkpoint_layers is None else min(checkpoint_layers, m.layers)) if checkpointing else 0
     kept = m.layers - k + (1 if k else 0)  # un-checkpointed layers, + the one being recomputed
     held = min(k, 1) if offload else k  # offloaded: only the input fetched ahead of its recompute
     acts = tokens * (held * resid + kept * per_layer + outside)
-    copies = 2.0 * (kept * m.layer_matmul_params + m.vocab * m.hidden) if precision == "bf16-mixed" else 0.0
+    # autocast's bf16 copies of the matmul weights, held until backward (unpatched: the head's too;
+    # the fused cross-entropy's cast of the head is not kept)
+    head_copy = 0 if kernels else m.vocab * m.hidden
+    copies = 2.0 * (kept * m.layer_matmul_params + head_copy) if precision == "bf16-mixed" else 0.0
     return float(acts), copies
+
+
+def math_attention(m: ModelShape, precision: str) -> bool:
+    """fp32 with grouped-query attention on a GPU: no fused SDPA kernel takes it (flash attention has no
+    fp32, the memory-efficient one no GQA), so torch runs the math path, which keeps each layer's
+    [heads, seq, seq] fp32 probabilities (measured: 1.12 GiB per 1B-shape layer at 2 x 2048 tokens)."""
+    return precision == "fp32" and m.kv_heads < m.heads
+
+
+def attention_matrix_bytes(m: ModelShape, precision: str, tokens: int, seq: int) -> float:
+    """Per layer, what the math path of `math_attention` keeps beyond the fused kernels: the
+    probabilities (4 x heads x seq per token), the scaled query and the key / value expanded to every
+    head (12 h per token); 0 where a fused kernel runs."""
+    if not math_attention(m, precision):
+        return 0.0
+    return float(tokens * (4 * m.heads * min(seq, tokens) + 12 * m.hidden))
+
+
+def backward_transient(m: ModelShape, precision: str, tokens: int, kernels: bool = True, seq: Optional[int] = None) -> float:
+    """Bytes alive beside the saved activations at the peak of the loss / the start of backward.
+    Unpatched: the loss's two fp32 [tokens, vocab] buffers (log-softmax and its gradient). With the
+    kernels the logits never exist (the fused cross-entropy works in chunks about the size of the
+    hidden states); the largest is then the first layer's gradient temporaries (the GLU's gate / up
+    gradients, an input gradient) or, under bf16-mixed, the cross-entropy's bf16 cast of the head
+    while the loss runs. The math attention path adds three [heads, seq, seq] fp32 gradients."""
+    seq = seq or tokens
+    attn = 3.0 * 4 * m.heads * min(seq, tokens) * tokens if math_attention(m, precision) else 0.0
+    if not kernels:
+        return max(8.0 * tokens * m.vocab, attn)
+    cw = 4 if precision == "fp32" else 2
+    first_layer = tokens * cw * (2 * m.intermediate + 2 * m.hidden)
+    loss = tokens * m.hidden * cw + (2 * m.vocab * m.hidden + 2 * tokens * m.hidden if precision == "bf16-mixed" else 0)
+    return float(max(first_layer, loss, attn))
 
 
 def offload_host_bytes(m: ModelShape, precision: str, tokens: int, checkpoint_layers: Optional[int] = None) -> float:
@@ -279,6 +351,7 @@ def estimate(
     checkpoint_layers: Optional[int] = None,
     activation_offload: bool = False,
     zero: Optional[ZeroConfig] = None,
+    kernels: bool = True,
 ) -> Estimate:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r}: the planner knows {', '.join(PRECISIONS)}")
@@ -292,8 +365,12 @@ def estimate(
     bf16 = precision == "bf16"
     parts: dict[str, float] = {}
     step_tmp = 0.0
-    persistent_grads = False
+    static_grads = False  # allocated for the whole run (DDP's buckets, ZeRO-3's partition buffer)
+    grads_in_backward = False  # allocated whole as backward starts (ZeRO-1/2's partition)
     head_gathered = 0.0  # fsdp: an untied head in its own group, whole only around the loss
+    backward_only = 0.0  # buffers alive in forward / backward only (ZeRO buckets, gathered layers)
+    # the fused cross-entropy writes a trained head's gradient during the forward (kernels only)
+    head_grad = (4 if precision == "fp32" else 2) * m.vocab * m.hidden if kernels and not lora else 0.0
 
     if variant.backend in ("single", "ddp"):
         w = 2 if bf16 else 4
@@ -301,8 +378,9 @@ def estimate(
         parts["grads"] = w * T
         parts["master"] = 4 * T if bf16 else 0.0
         parts["adam"] = 8 * T
-        step_tmp = 4 * T + (4 * T if bf16 else 0.0)  # foreach temp (+ fp32 master grads)
-        persistent_grads = variant.backend == "ddp"
+        # no step temporaries: bf16 runs the fused master AdamW (fused_master_adamw, on by default on a
+        # GPU), which reads the bf16 gradients in place; the others torch's fused AdamW (Trainer)
+        static_grads = variant.backend == "ddp"
     elif variant.backend == "fsdp":
         on_gpu = 0.0 if variant.offload_param else 1.0
         # trainable weights are fp32 shards; under bf16 a frozen base is kept in bf16 (backends/fsdp.py)
@@ -322,16 +400,16 @@ def estimate(
             unsharded = pb * (2 * layer + m.root_params - own_groups)
             # ... but the untied head is gathered while the loss runs (its forward), the peak counted
             # below; a trained one also gets its gradient there (the fused CE writes it in the forward)
-            head_gathered = 0.0 if m.tie_embeddings else pb * m.vocab * m.hidden * (1 if lora else 2)
+            if not m.tie_embeddings:
+                head_gathered = pb * m.vocab * m.hidden * (1 if lora else 2)
+                head_grad = 0.0
         unsharded += 4 * 2 * (layer if not lora else m.lora_params(lora_r) / m.layers)  # unsharded grads in flight
-        parts["unsharded"] = unsharded
-        step_tmp = on_gpu * 4 * T / N
+        parts["unsharded"] = unsharded  # (torch's fused AdamW on the shards: no step temporaries)
     else:  # zero1/2/3
         stage = int(variant.backend[-1])
         w = 2 if bf16 else 4
         off_opt = variant.offload_optimizer
         parts["weights"] = w * P / (N if stage == 3 and not variant.offload_param else 1) * (0 if variant.offload_param else 1)
-        parts["grads"] = w * T / (N if stage >= 2 else 1) + (0.0 if off_opt or not bf16 else 4 * T / N)
         parts["master"] = 0.0 if off_opt else 4 * T / N
         parts["adam"] = 0.0 if off_opt else 8 * T / N
         # an unset bucket size is lowered to the trainable elements when fewer (backends/deepspeed.py)
@@ -339,38 +417,58 @@ def estimate(
         # ZeRO-3 allocates its bucket in the communication dtype: fp32 on several ranks under the
         # default reduce_dtype, the gradients' dtype on one (deepspeed_config.py)
         comm = 4 if (not bf16 or (N > 1 and zero.reduce_dtype == "fp32")) else 2
-        rb = bucket * (4 if stage == 1 else comm if stage == 3 else w)
-        parts["buckets"] = rb * (2 if zero.overlap_comm and stage < 3 else 1)
         if stage == 3:
+            # the gradient partition buffer (gradient dtype) lives from setup on, on the GPU unless the
+            # optimizer is offloaded (then pinned host memory); the bucket too
+            parts["grads"] = 0.0 if off_opt else w * T / N
+            parts["buckets"] = bucket * comm
+            static_grads = True
+            # the layers in flight, and unpatched the head (gathered again for the logits' backward;
+            # the fused cross-entropy computes its gradients in the forward)
             layer = m.layer_params
-            parts["gathered"] = w * (2 * layer + max(m.vocab * m.hidden, layer))
-        step_tmp = 0.0 if off_opt else 4 * T / N
-        persistent_grads = True
+            parts["gathered"] = w * (2 * layer + (0 if kernels else max(m.vocab * m.hidden, layer)))
+            backward_only = parts["gathered"]
+            # the step, per sub-group of at most sub_group_size (DeepSpeed's 1e9) elements: the
+            # flattened gradients and (bf16) their fp32 copy
+            sub = min(1e9, T / N)
+            step_tmp = 0.0 if off_opt else sub * (w + (4 if bf16 else 0))
+        else:
+            # the gradient partition (stage 1: every gradient) is allocated as backward starts and
+            # kept through the step; the step flattens it and (bf16) copies that to fp32
+            parts["grads"] = w * T / (N if stage == 2 else 1)
+            grads_in_backward = True
+            rb = bucket * (4 if stage == 1 else w)
+            parts["buckets"] = rb * (2 if zero.overlap_comm and N > 1 else 1)
+            backward_only = parts["buckets"]
+            step_tmp = 0.0 if off_opt else w * T / N + (4 * T / N if bf16 else 0.0)
 
     tokens = micro_batch * seq
     acts, copies = activation_bytes(m, precision, tokens, gradient_checkpointing, checkpoint_layers,
-                                    activation_offload and gradient_checkpointing)
+                                    activation_offload and gradient_checkpointing, kernels=kernels,
+                                    lora_r=lora_r if lora else 0)
+    k = (m.layers if checkpoint_layers is None else min(checkpoint_layers, m.layers)) if gradient_checkpointing else 0
+    acts += head_grad + (m.layers - k + (1 if k else 0)) * attention_matrix_bytes(m, precision, tokens, seq)
     parts["activations"] = acts
     parts["autocast_copies"] = copies
     host = (offload_host_bytes(m, precision, tokens, checkpoint_layers)
             if activation_offload and gradient_checkpointing else 0.0)
-    loss_tmp = 8.0 * tokens * m.vocab
-    extra = parts.get("unsharded", 0.0) + parts.get("buckets", 0.0) + parts.get("gathered", 0.0)
-    static = parts["weights"] + parts["master"] + parts["adam"] + extra
+    loss_tmp = backward_transient(m, precision, tokens, kernels, seq)
+    extra = parts.get("unsharded", 0.0) + (parts.get("buckets", 0.0) if static_grads else 0.0)
+    static = parts["weights"] + parts["master"] + parts["adam"] + extra + (parts["grads"] if static_grads else 0.0)
     if head_gathered:
         parts["head_gathered"] = head_gathered
-    backward = acts + copies + loss_tmp + head_gathered + (parts["grads"] if persistent_grads else 0.0)
-    step = parts["grads"] + step_tmp
+    backward = acts + copies + loss_tmp + head_gathered + backward_only + (parts["grads"] if grads_in_backward else 0.0)
+    step = (0.0 if static_grads else parts["grads"]) + step_tmp
     allocated = static + max(backward, step)
     reserved = allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT
     return Estimate(
         backend=variant.name, precision=precision, gpus=N, micro_batch=micro_batch, seq=seq, lora=lora,
         gradient_checkpointing=gradient_checkpointing, weights=parts["weights"], grads=parts["grads"],
         optimizer=parts["master"] + parts["adam"], activations=acts + copies,
-        transient=max(backward - acts - copies, step - parts["grads"]) + extra,
+        transient=max(backward - acts - copies - (parts["grads"] if grads_in_backward else 0.0), step_tmp) + extra,
         allocated=allocated, reserved=reserved, parts=parts,
         checkpoint_layers=checkpoint_layers if gradient_checkpointing else None,
-        activation_offload=activation_offload and gradient_checkpointing, host_offload=host,
+        activation_offload=activation_offload and gradient_checkpointing, host_offload=host, kernels=kernels,
     )
 
 
@@ -411,7 +509,7 @@ class Plan:
 def plan(m: ModelShape, gpus: int, gpu_memory_gib: float = 80.0, *, precisions: tuple[str, ...] = PRECISIONS,
          micro_batch: Optional[int] = None, seq: int = 2048, lora: bool = False, lora_r: int = 16,
          gradient_checkpointing: bool = False, checkpoint_layers: Optional[int] = None,
-         activation_offload: bool = False) -> Plan:
+         activation_offload: bool = False, kernels: bool = True) -> Plan:
     if gpus < 1:
         raise ConfigError(f"--gpus {gpus}: must be at least 1")
     if gpu_memory_gib <= 0:
@@ -426,7 +524,7 @@ def plan(m: ModelShape, gpus: int, gpu_memory_gib: float = 80.0, *, precisions: 
     if activation_offload and not gradient_checkpointing:
         raise ConfigError("--activation-offload needs --gradient-checkpointing (it offloads the inputs checkpointing keeps)")
     kw = dict(gpus=gpus, seq=seq, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
-              checkpoint_layers=checkpoint_layers, activation_offload=activation_offload)
+              checkpoint_layers=checkpoint_layers, activation_offload=activation_offload, kernels=kernels)
     rows, fits = [], {}
     for p in precisions:
         for v in variants:
