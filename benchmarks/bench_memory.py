@@ -9,7 +9,7 @@ same backend, precision, micro-batch, sequence length and checkpointing.
     python benchmarks/bench_memory.py --gpus 2 --cases fsdp:full zero3:lora
     python benchmarks/bench_memory.py --gpus 1 --parallel 3 --memory-peak DIR --cases ddp:full ddp:full:plain ddp:lora:gc
 
-A case is BACKEND:full|lora[:OPT...]; OPT `plain` leaves the model as transformers built it (default: its
+A case is BACKEND:full|lora|qlora[:OPT...] (qlora: an NF4 base built on the GPU as bench_train.py's qlora-8b); OPT `plain` leaves the model as transformers built it (default: its
 kernels patched in with `patch_model`, what FastLanguageModel.from_pretrained gives), `gc` turns gradient
 checkpointing on (as --checkpointing does for every case), `bf16` / `bf16-mixed` / `fp32` sets the
 precision of that case (default --precision). `--parallel K` runs K cases at once on the
@@ -50,8 +50,28 @@ def worker(args) -> None:
         tie_word_embeddings=shape.tie_embeddings, max_position_embeddings=max(args.seq, 4096), attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg)
+    if kind == "qlora":
+        # NF4 base (double quantization, bf16 storage) as bench_train.py's qlora-8b builds it: bf16 on
+        # the GPU, the decoder layers' linears quantized there; then LoRA through add_lora
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from bench_train import quantize_4bit
+
+        from unsloth_dist.models.lora import add_lora
+
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("cuda", torch.cuda.current_device()):
+                model = LlamaForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(prev)
+        quantize_4bit(model, torch.bfloat16)
+        model = add_lora(model, r=args.lora_r, lora_alpha=args.lora_r, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        torch.cuda.empty_cache()
+    else:
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(cfg)
     if kind == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -93,7 +113,7 @@ def worker(args) -> None:
         variant = next(v for v in PL.VARIANTS if v.name == backend)
         est = PL.estimate(shape, variant, precision, gpus=world, micro_batch=args.micro_batch, seq=args.seq,
                           lora=kind == "lora", lora_r=args.lora_r, gradient_checkpointing=checkpointing,
-                          kernels=kernels)
+                          kernels=kernels, qlora=kind == "qlora")
         record = {
             "case": args.case, "model": args.model, "backend": backend, "kind": kind, "gpus": world, "precision": precision,
             "micro_batch": args.micro_batch, "seq": args.seq, "checkpointing": checkpointing, "kernels": kernels,

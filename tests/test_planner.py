@@ -215,20 +215,20 @@ def test_kernel_activation_formula_matches_the_patched_graph(monkeypatch, mode, 
 
 def test_estimates_match_the_measured_gpu_peaks():
     """benchmarks/results/memory_h200_2026-12-04_*.json: peak allocated GPU memory of real training runs
-    (bench_memory.py, one H200, every backend, full / LoRA, bf16 / bf16-mixed / fp32, with and without
-    the kernels and gradient checkpointing, 1B and 3B shapes). The planner's estimate for each must stay
-    within -3% / +10% of what was measured."""
+    (bench_memory.py, one H200, every backend, full / LoRA / QLoRA, bf16 / bf16-mixed / fp32, with and
+    without the kernels and gradient checkpointing, 1B, 3B and 8B shapes). The planner's estimate for each
+    must stay within -3% / +10% of what was measured."""
     from pathlib import Path
 
     files = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("memory_h200_2026-12-04_*.json"))
     rows = [r for f in files for r in json.loads(f.read_text()) if "error" not in r]
-    assert len(rows) >= 20, files
+    assert len(rows) >= 38, files
     off = []
     for r in rows:
         variant = V[r["backend"]]
         est = estimate(PL.resolve_model(r["model"]), variant, r["precision"], gpus=r["gpus"], micro_batch=r["micro_batch"],
-                       seq=r["seq"], lora=r["kind"] == "lora", gradient_checkpointing=r["checkpointing"],
-                       kernels=r.get("kernels", True))
+                       seq=r["seq"], lora=r["kind"] == "lora", qlora=r["kind"] == "qlora",
+                       gradient_checkpointing=r["checkpointing"], kernels=r.get("kernels", True))
         ratio = est.allocated / 2**30 / max(r["measured_allocated_gib"])
         if not 0.97 <= ratio <= 1.10:
             off.append((r["model"], r["case"], round(ratio, 3)))
@@ -425,3 +425,31 @@ def test_plan_no_kernels_counts_the_logits():
     m = PRESETS["llama-3.2-1b"]
     assert plain["single"]["transient"] == pytest.approx(8 * 2 * 2048 * m.vocab / 2**30, abs=1e-3)
     assert plain["single"]["allocated"] > 1.3 * fused["single"]["allocated"]
+
+
+def test_qlora_stores_the_layer_linears_in_nf4():
+    """--qlora: the decoder layers' linears at NF4 with double quantization (0.5 + 1/64 + 4/16384 bytes
+    per weight), embeddings / norms / head in the weight dtype, LoRA adapters trained as under --lora;
+    sharded by fsdp / zero3 like the rest of the base. `--lora-r` without adapters is an error."""
+    from unsloth_dist.cli import app
+
+    m = PRESETS["llama-3.1-8b"]
+    kw = dict(gpus=2, seq=2048, micro_batch=1, gradient_checkpointing=True)
+    T = m.lora_params(16)
+    Q = m.layers * m.layer_matmul_params
+    q = estimate(m, V["ddp"], "bf16", qlora=True, **kw)
+    lo = estimate(m, V["ddp"], "bf16", lora=True, **kw)
+    assert q.lora and q.qlora
+    assert lo.weights - q.weights == pytest.approx((2 - PL.NF4_BYTES) * Q)
+    assert q.weights == pytest.approx(2 * (m.params - Q) + PL.NF4_BYTES * Q + 2 * T)
+    assert (q.grads, q.optimizer) == (lo.grads, lo.optimizer)
+    z3 = estimate(m, V["zero3"], "bf16", qlora=True, **kw)
+    assert z3.weights == pytest.approx(q.weights / 2)
+    fs = estimate(m, V["fsdp"], "bf16", qlora=True, **kw)
+    assert fs.weights == pytest.approx((2 * (m.params - Q) + PL.NF4_BYTES * Q + 4 * T) / 2)
+    r = CliRunner().invoke(app, ["plan", "--model", "llama-3.1-8b", "--gpus", "2", "--qlora", "--json", "-p", "bf16"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["rows"]
+    assert all(row["qlora"] and row["lora"] for row in rows)
+    r = CliRunner().invoke(app, ["plan", "--model", "llama-3.1-8b", "--gpus", "2", "--lora-r", "8"])
+    assert r.exit_code != 0 and "--lora-r 8 without --lora" in r.output, r.output

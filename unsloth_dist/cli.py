@@ -374,7 +374,8 @@ def plan(
     gpus: int = typer.Option(..., "--gpus", "-g", help="number of GPUs"),
     gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="GiB per GPU"),
     lora: bool = typer.Option(False, "--lora", help="LoRA on q,k,v,o,gate,up,down (frozen base)"),
-    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank"),
+    qlora: bool = typer.Option(False, "--qlora", help="QLoRA: LoRA on a 4-bit NF4 base (load_in_4bit; the decoder layers' linears quantized)"),
+    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank (with --lora / --qlora)"),
     seq: int = typer.Option(2048, "--seq", help="sequence length"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="micro-batch to check (default: report the largest that fits)"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing"),
@@ -393,10 +394,14 @@ def plan(
                 raise UserError(f"--precision {p!r}: choose from {', '.join(PL.PRECISIONS)}")
         if lora_r < 1:
             raise UserError(f"--lora-r {lora_r}: must be at least 1")
+        lora = lora or qlora
+        if lora_r != 16 and not lora:
+            raise UserError(f"--lora-r {lora_r} without --lora or --qlora: full fine-tuning has no adapters; add --lora (or --qlora)")
         shape = PL.resolve_model(model)
         result = PL.plan(shape, gpus, gpu_memory, precisions=tuple(precision) or PL.PRECISIONS, micro_batch=micro_batch,
                          seq=seq, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
-                         checkpoint_layers=checkpoint_layers, activation_offload=activation_offload, kernels=kernels)
+                         checkpoint_layers=checkpoint_layers, activation_offload=activation_offload, kernels=kernels,
+                         qlora=qlora)
     if as_json:
         out.print_json(json.dumps({
             "model": shape.name, "params": shape.params, "trainable": shape.lora_params(lora_r) if lora else shape.params,
@@ -411,7 +416,8 @@ def plan(
               f"{gpus} GPU(s) x {gpu_memory:g} GiB; seq {seq}; micro-batch {micro_batch or 1}; "
               f"gradient checkpointing {'off' if not gradient_checkpointing else 'on' if checkpoint_layers is None else f'on for the first {checkpoint_layers} of {shape.layers} layers'}"
               f"{', layer inputs offloaded to CPU' if activation_offload else ''}"
-              f"; {'unsloth_dist kernels' if kernels else 'no kernels (transformers as built)'}")
+              f"; {'unsloth_dist kernels' if kernels else 'no kernels (transformers as built)'}"
+              f"{'; 4-bit NF4 base (QLoRA)' if qlora else ''}")
     table = Table(title="per-GPU memory estimate (GiB)")
     for col in ("backend", "precision", "weights", "grads", "optim", "activ.", "other", "peak alloc", "+ctx/frag", "fits", "max micro"):
         table.add_column(col, justify="right" if col not in ("backend", "precision") else "left")

@@ -32,6 +32,9 @@ Partitioning:
     LoRA          the frozen base weights are stored like weights above (partitioned by zero3 /
                   fsdp), but have no grads, master or Adam state; T = r x (in + out) per adapted
                   linear (q, k, v, o, gate, up, down by default).
+    QLoRA         LoRA on a base whose decoder-layer linears are NF4 with double quantization
+                  (NF4_BYTES = 0.516 bytes per weight; embeddings, norms and head in the weight dtype),
+                  plus one weight dequantized to bf16 per GEMM (two at a time) as a transient.
 Optimizer step: no temporaries on a GPU: bf16 single / ddp run the fused master AdamW
 (fused_master_adamw), which reads the bf16 grads in place; the other backends torch's fused AdamW
 (the Trainer's optimizer) or DeepSpeed's step (its flattened / fp32 gradient copies are counted above).
@@ -76,6 +79,9 @@ from typing import Any, Optional
 from ..config import ConfigError, ZeroConfig
 
 GiB = 2**30
+# bitsandbytes NF4 with double quantization (QLoRA): 4 bits per weight, an 8-bit absmax per block of
+# 64, an fp32 absmax per 256 of those
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 CUDA_CONTEXT = 0.75 * GiB
 FRAGMENTATION = 0.10
 PRECISIONS = ("bf16", "bf16-mixed", "fp32")
@@ -247,6 +253,7 @@ class Estimate:
     activation_offload: bool = False  # with gradient checkpointing: the layer inputs in CPU memory
     host_offload: float = 0.0  # pinned host memory the offloaded inputs take per rank (offload_host_bytes)
     kernels: bool = True  # the model runs unsloth_dist's kernels (fused cross-entropy: no logits)
+    qlora: bool = False  # the decoder layers' linears in 4-bit NF4 (LoRA on top)
 
     def gib(self) -> dict[str, Any]:
         d = asdict(self)
@@ -352,15 +359,23 @@ def estimate(
     activation_offload: bool = False,
     zero: Optional[ZeroConfig] = None,
     kernels: bool = True,
+    qlora: bool = False,
 ) -> Estimate:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r}: the planner knows {', '.join(PRECISIONS)}")
     _check_checkpoint_layers(m, gradient_checkpointing, checkpoint_layers)
+    lora = lora or qlora
     N = 1 if variant.backend == "single" else gpus
     P = float(m.params)
     T = float(m.lora_params(lora_r)) if lora else P
     if lora:
         P += T
+    # QLoRA: the decoder layers' linears are NF4 (embeddings, norms and head stay in the weight dtype)
+    Q = float(m.layers * m.layer_matmul_params) if qlora else 0.0
+
+    def stored(wb: float, n: float, quantized: float = Q) -> float:
+        """Bytes of `n` parameters at `wb` bytes each, of which `quantized` are NF4."""
+        return wb * n - (wb - NF4_BYTES) * quantized
     zero = zero or ZeroConfig(name=variant.backend if variant.backend.startswith("zero") else "zero2")
     bf16 = precision == "bf16"
     parts: dict[str, float] = {}
@@ -374,7 +389,7 @@ def estimate(
 
     if variant.backend in ("single", "ddp"):
         w = 2 if bf16 else 4
-        parts["weights"] = w * P
+        parts["weights"] = stored(w, P)
         parts["grads"] = w * T
         parts["master"] = 4 * T if bf16 else 0.0
         parts["adam"] = 8 * T
@@ -384,20 +399,20 @@ def estimate(
     elif variant.backend == "fsdp":
         on_gpu = 0.0 if variant.offload_param else 1.0
         # trainable weights are fp32 shards; under bf16 a frozen base is kept in bf16 (backends/fsdp.py)
-        parts["weights"] = on_gpu * ((2 if bf16 else 4) * (P - T) + 4 * T) / N
+        parts["weights"] = on_gpu * (stored(2 if bf16 else 4, P - T) + 4 * T) / N
         parts["grads"] = on_gpu * 4 * T / N
         parts["master"] = 0.0
         parts["adam"] = on_gpu * 8 * T / N
         pb = 2 if bf16 else 4
         layer = m.layer_params + (m.lora_params(lora_r) / m.layers if lora else 0)
         if variant.sharding == "grad_op":
-            unsharded = pb * (m.layers * layer + m.root_params)
+            unsharded = stored(pb, m.layers * layer) + pb * m.root_params
         else:
             # an untied input embedding and an untied head are groups of their own, each freed after
             # its forward (backends/fsdp.py): the root kept whole through the step is the final norm
             # (and, tied, the shared embedding / head)
             own_groups = 0 if m.tie_embeddings else 2 * m.vocab * m.hidden
-            unsharded = pb * (2 * layer + m.root_params - own_groups)
+            unsharded = 2 * stored(pb, layer, Q / m.layers) + pb * (m.root_params - own_groups)
             # ... but the untied head is gathered while the loss runs (its forward), the peak counted
             # below; a trained one also gets its gradient there (the fused CE writes it in the forward)
             if not m.tie_embeddings:
@@ -409,7 +424,7 @@ def estimate(
         stage = int(variant.backend[-1])
         w = 2 if bf16 else 4
         off_opt = variant.offload_optimizer
-        parts["weights"] = w * P / (N if stage == 3 and not variant.offload_param else 1) * (0 if variant.offload_param else 1)
+        parts["weights"] = stored(w, P) / (N if stage == 3 and not variant.offload_param else 1) * (0 if variant.offload_param else 1)
         parts["master"] = 0.0 if off_opt else 4 * T / N
         parts["adam"] = 0.0 if off_opt else 8 * T / N
         # an unset bucket size is lowered to the trainable elements when fewer (backends/deepspeed.py)
@@ -426,7 +441,7 @@ def estimate(
             # the layers in flight, and unpatched the head (gathered again for the logits' backward;
             # the fused cross-entropy computes its gradients in the forward)
             layer = m.layer_params
-            parts["gathered"] = w * (2 * layer + (0 if kernels else max(m.vocab * m.hidden, layer)))
+            parts["gathered"] = 2 * stored(w, layer, Q / m.layers) + (0 if kernels else w * max(m.vocab * m.hidden, layer))
             backward_only = parts["gathered"]
             # the step, per sub-group of at most sub_group_size (DeepSpeed's 1e9) elements: the
             # flattened gradients and (bf16) their fp32 copy
@@ -453,16 +468,20 @@ def estimate(
     host = (offload_host_bytes(m, precision, tokens, checkpoint_layers)
             if activation_offload and gradient_checkpointing else 0.0)
     loss_tmp = backward_transient(m, precision, tokens, kernels, seq)
+    if qlora:  # a 4-bit weight dequantized to bf16 for its GEMM, forward and backward (two at a time)
+        loss_tmp += 2 * 2 * m.intermediate * m.hidden
     extra = parts.get("unsharded", 0.0) + (parts.get("buckets", 0.0) if static_grads else 0.0)
     static = parts["weights"] + parts["master"] + parts["adam"] + extra + (parts["grads"] if static_grads else 0.0)
     if head_gathered:
         parts["head_gathered"] = head_gathered
-    backward = acts + copies + loss_tmp + head_gathered + backward_only + (parts["grads"] if grads_in_backward else 0.0)
+    # an untied fsdp head is whole while the loss runs, then freed (the fused cross-entropy does not
+    # need it in backward): it meets the loss's transient, not the first layer's gradient temporaries
+    backward = acts + copies + max(loss_tmp, head_gathered) + backward_only + (parts["grads"] if grads_in_backward else 0.0)
     step = (0.0 if static_grads else parts["grads"]) + step_tmp
     allocated = static + max(backward, step)
     reserved = allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT
     return Estimate(
-        backend=variant.name, precision=precision, gpus=N, micro_batch=micro_batch, seq=seq, lora=lora,
+        backend=variant.name, precision=precision, gpus=N, micro_batch=micro_batch, seq=seq, lora=lora, qlora=qlora,
         gradient_checkpointing=gradient_checkpointing, weights=parts["weights"], grads=parts["grads"],
         optimizer=parts["master"] + parts["adam"], activations=acts + copies,
         transient=max(backward - acts - copies - (parts["grads"] if grads_in_backward else 0.0), step_tmp) + extra,
@@ -509,7 +528,7 @@ class Plan:
 def plan(m: ModelShape, gpus: int, gpu_memory_gib: float = 80.0, *, precisions: tuple[str, ...] = PRECISIONS,
          micro_batch: Optional[int] = None, seq: int = 2048, lora: bool = False, lora_r: int = 16,
          gradient_checkpointing: bool = False, checkpoint_layers: Optional[int] = None,
-         activation_offload: bool = False, kernels: bool = True) -> Plan:
+         activation_offload: bool = False, kernels: bool = True, qlora: bool = False) -> Plan:
     if gpus < 1:
         raise ConfigError(f"--gpus {gpus}: must be at least 1")
     if gpu_memory_gib <= 0:
@@ -524,7 +543,7 @@ def plan(m: ModelShape, gpus: int, gpu_memory_gib: float = 80.0, *, precisions: 
     if activation_offload and not gradient_checkpointing:
         raise ConfigError("--activation-offload needs --gradient-checkpointing (it offloads the inputs checkpointing keeps)")
     kw = dict(gpus=gpus, seq=seq, lora=lora, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
-              checkpoint_layers=checkpoint_layers, activation_offload=activation_offload, kernels=kernels)
+              checkpoint_layers=checkpoint_layers, activation_offload=activation_offload, kernels=kernels, qlora=qlora)
     rows, fits = [], {}
     for p in precisions:
         for v in variants:
