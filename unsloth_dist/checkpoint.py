@@ -320,6 +320,9 @@ def save(trainer, losses: list[float]) -> Path:
             "seed": cfg.seed,
             # what a resume must train again: the trainable parameters' names and full shapes
             "trainable": trainable_shapes(trainer.backend.module),
+            # the steps the learning-rate schedule spans (max_steps, or the steps of num_train_epochs):
+            # a resume with another total says how the schedule changes
+            "total_steps": trainer.total_steps,
             "run_id": trainer.run_id,  # the run (kept across resumes) whose checkpoints save_total_limit prunes
             # what fixes the data order: a resume must read the same samples in the same order
             # order 2: the epochs run on into one another (before, each epoch's tail was dropped)
@@ -393,14 +396,79 @@ def load(trainer, path: Path) -> dict:
         backend.load_checkpoint(path / STATE)
     ts = torch.load(path / "trainer_state.pt", weights_only=False)
     trainer.lr_scheduler.load_state_dict(ts["lr_scheduler"])
+    saved_lrs = list(trainer.lr_scheduler.get_last_lr())
+    lrs = _reposition_schedule(trainer.lr_scheduler)
     # the optimizer's learning rate is the scheduler's (some optimizer loads keep their own)
-    for group, lr in zip(trainer.backend.optimizer.param_groups, trainer.lr_scheduler.get_last_lr()):
+    for group, lr in zip(trainer.backend.optimizer.param_groups, lrs):
         group["lr"] = lr
+    if trainer.rank == 0:
+        _warn_if_schedule_changed(trainer, meta, saved_lrs, lrs)
     rng = path / f"rng_state_{trainer.rank}.pth"
     if rng.is_file():  # a rank that did not exist in the saved run keeps its seeded state
         _set_rng_state(torch.load(rng, weights_only=False))
     trainer.global_step = int(meta["step"])
     return meta
+
+
+def _reposition_schedule(scheduler) -> list:
+    """The learning rates at the restored position (`last_epoch`) of the schedule this run built.
+
+    The saved state carries the position and the saved run's last rates (`_last_lr`); the schedule
+    itself (its lambdas: total steps, warm-up) is this run's, rebuilt from the config. Where the
+    total grew or shrank (max_steps / num_train_epochs changed), the saved rates are the old
+    schedule's and would drive the first step after the resume, with the new schedule's only from
+    the second step on; so the rates are recomputed from this run's schedule at the position (where
+    the schedule is unchanged this gives the saved rates exactly: the same product that stepping computed)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if not isinstance(scheduler, LambdaLR):  # (every transformers schedule offered is one)
+        return list(scheduler.get_last_lr())
+    lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    scheduler._last_lr = list(lrs)
+    return lrs
+
+
+def _scheduled_total(meta: dict, trainer) -> Optional[int]:
+    """The total steps the checkpoint's run scheduled its learning rate over (recorded since
+    `total_steps` was added to the metadata; before, derived from its config)."""
+    if meta.get("total_steps") is not None:
+        return int(meta["total_steps"])
+    cfg = meta.get("config") or {}
+    if cfg.get("max_steps"):
+        return int(cfg["max_steps"])
+    if cfg.get("num_train_epochs") and getattr(trainer, "sampler", None) is not None:
+        return trainer.sampler.steps_for_epochs(cfg["num_train_epochs"])
+    return None
+
+
+def _warn_if_schedule_changed(trainer, meta: dict, saved_lrs: list, lrs: list) -> None:
+    """A resume whose schedule differs from the checkpoint's run (other total steps, or other
+    schedule settings) follows this run's schedule from the saved step on: the learning-rate curve
+    changes shape there, and may jump. Say so, with the numbers."""
+    old_total, new_total = _scheduled_total(meta, trainer), trainer.total_steps
+    lr_next = float(lrs[0]) if lrs else float("nan")
+    lr_saved = float(saved_lrs[0]) if saved_lrs else float("nan")
+    step = int(meta["step"])
+    if old_total is not None and old_total != new_total:
+        logger.warning(
+            "resuming at step %d a run whose learning-rate schedule spanned %d steps; this run has %d "
+            "(max_steps / num_train_epochs changed): the learning rate follows the %d-step schedule from "
+            "step %d on (as transformers' Trainer rebuilds its scheduler for the new total; warm-up and "
+            "decay as computed for %d steps): %.6g at the next step, where the saved run's schedule had "
+            "%.6g. The steps already taken keep the %d-step schedule's rates, so the curve changes shape "
+            "at step %d. The data order carries on unchanged",
+            step, old_total, new_total, new_total, step, new_total, lr_next, lr_saved, old_total, step,
+        )
+    elif lr_next != lr_saved:
+        logger.warning(
+            "resuming at step %d with other learning-rate schedule settings than the checkpoint's run "
+            "(lr_scheduler_type, warmup_steps / warmup_ratio, lr_scheduler_kwargs%s): the learning rate follows "
+            "this run's schedule from step %d on: %.6g at the next step, where the saved run's schedule had %.6g",
+            step, "" if old_total is not None else ", or the total steps", step, lr_next, lr_saved,
+        )
+    if new_total <= step:
+        logger.warning("the checkpoint is at step %d, already at or past this run's %d steps: nothing is left "
+                       "to train; raise max_steps (or num_train_epochs) to continue", step, new_total)
 
 
 def backend_format(backend_name: str) -> str:

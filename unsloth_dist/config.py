@@ -581,7 +581,11 @@ class TrainConfig(_Strict):
         description="`latest`: continue from the newest complete checkpoint in output_dir (a fresh start "
         "when there is none); or the path of a `checkpoint-N` directory, from any backend or world size. "
         "The global batch must be the one the checkpoint was trained with, and so must what fixes the data order: "
-        "shuffle, the seed when shuffling, and the number of training samples.",
+        "shuffle, the seed when shuffling, and the number of training samples. Another max_steps / "
+        "num_train_epochs than the checkpoint's run is accepted: the learning rate continues from the saved "
+        "step on the schedule for the new total (warm-up and decay computed for it, as transformers' Trainer "
+        "rebuilds its scheduler), so the curve changes shape at that step (a warning gives the rates); the "
+        "data order carries on unchanged.",
     )
     # a step whose global loss is NaN/inf: stop (raise, naming the step) or skip (no update)
     nan_policy: Literal["stop", "skip"] = Field(
