@@ -30,8 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="local Hugging Face model directory (default: a small Llama from config)")
     p.add_argument("--text", default=None, help="UTF-8 text file(s) to train on, comma separated")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=128, help="width of the built-in model")
-    p.add_argument("--layers", type=int, default=4, help="depth of the built-in model")
+    p.add_argument("--hidden", type=int, default=None, help="width of the built-in model (default 128; not with --model)")
+    p.add_argument("--layers", type=int, default=None, help="depth of the built-in model (default 4; not with --model)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 

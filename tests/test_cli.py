@@ -80,6 +80,7 @@ def test_config_accelerate_fsdp_follows_the_recipe(tmp_path):
     (["train", "missing.yaml"], "does not exist"),
     (["train", "configs/tiny_llama.yaml", "--backend", "zero4"], "backend 'zero4' is unknown"),
     (["train", "configs/tiny_llama.yaml", "--text", "nope.txt"], "--text file 'nope.txt' does not exist"),
+    (["train", "configs/tiny_llama.yaml", "--model", "some/dir", "--layers", "2"], "--layers shape the built-in model"),
     (["plan", "--model", "llama-9", "--gpus", "2"], "neither a preset"),
 ])
 def test_user_errors_exit_2(args, message, tmp_path, monkeypatch):

@@ -126,8 +126,8 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", help="local Hugging Face model directory (default: a small byte-level Llama)"),
     text: Optional[str] = typer.Option(None, "--text", help="UTF-8 text file(s) to train on, comma separated (default: this package's sources)"),
     seq_len: int = typer.Option(128, "--seq-len", help="tokens per sample"),
-    hidden: int = typer.Option(128, "--hidden", help="width of the built-in model"),
-    layers: int = typer.Option(4, "--layers", help="depth of the built-in model"),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="width of the built-in model (default 128; not with --model)"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="depth of the built-in model (default 4; not with --model)"),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """Train in this process, under whatever launcher started it (none, torchrun, deepspeed, accelerate).

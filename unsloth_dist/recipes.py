@@ -30,12 +30,20 @@ class RecipeOptions:
     model: Optional[str] = None  # local HF model directory; None = built-in byte-level Llama
     text: Optional[str] = None  # comma-separated UTF-8 files; None = this package's sources
     seq_len: int = 128
-    hidden: int = 128
-    layers: int = 4
+    hidden: Optional[int] = None  # the built-in model's width (None: 128); not with `model`
+    layers: Optional[int] = None  # the built-in model's depth (None: 4); not with `model`
+
+    def __post_init__(self) -> None:
+        self._shape_given = [f"--{k}" for k in ("hidden", "layers") if getattr(self, k) is not None]
+        self.hidden = 128 if self.hidden is None else self.hidden
+        self.layers = 4 if self.layers is None else self.layers
 
     def check(self) -> None:
         if self.seq_len < 2:
             raise RecipeError(f"--seq-len {self.seq_len}: must be at least 2")
+        if self.model is not None and self._shape_given:
+            raise RecipeError(f"{' / '.join(self._shape_given)} shape the built-in model; --model {self.model!r} "
+                              "brings its own config.json: drop them")
         if self.hidden < 32 or self.hidden % 32:
             raise RecipeError(f"--hidden {self.hidden}: must be a positive multiple of 32 (heads of 32)")
         if self.layers < 1:
