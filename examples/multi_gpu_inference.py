@@ -38,9 +38,13 @@ def parse_max_memory(text):
     return out
 
 
-def generate(model, tokenizer, prompts, max_new_tokens, sample, temperature, top_p, seed, batch_size):
+def generate(model, tokenizer, prompts, max_new_tokens, sample, temperature, top_p, seed, batch_size, indices=None):
+    """Completions of `prompts` in batches. Sampling seeds each batch with `seed` + the global index
+    of its first prompt (`indices`: each prompt's index in the whole list; default 0, 1, ...), so
+    ranks that hold different prompts never draw the same random stream."""
     import torch
 
+    indices = list(range(len(prompts))) if indices is None else list(indices)
     tokenizer.padding_side = "left"  # decoder-only batch generation pads on the left
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     results = []
@@ -50,7 +54,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, sample, temperature, top
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         if sample:
-            torch.manual_seed(seed + start)
+            torch.manual_seed(seed + indices[start])
             kw.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kw.update(do_sample=False)
@@ -115,7 +119,7 @@ def main(argv=None) -> int:
     local_results = {}
     for name, sample in modes:
         res = generate(model, tok, texts, args.max_new_tokens, sample, args.temperature, args.top_p, args.seed,
-                       args.batch_size) if texts else []
+                       args.batch_size, indices=[i for i, _ in mine]) if texts else []
         local_results[name] = [(i, r) for (i, _), r in zip(mine, res)]
     if world > 1:
         gathered = [None] * world

@@ -52,5 +52,21 @@ def test_data_parallel_matches_one_process(single, tmp_path):
     assert [r["tokens"] for r in dp["greedy"]] == [r["tokens"] for r in res["greedy"]]
 
 
+def test_sampling_seed_follows_the_global_prompt_index(single):
+    """Under torchrun each rank generates its own prompts; the sampling seed of a batch is the seed plus
+    the global index of its first prompt, not the rank-local offset (which gave every rank's first batch
+    the same random stream). Same prompt, two global positions: two different draws; same position: the same."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, _ = single
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    gen = lambda idx: _example().generate(model, tok, ["the cat sat on the"], 24, True, 2.0, 1.0, 0, 1, indices=[idx])  # noqa: E731
+    assert gen(0)[0]["tokens"] == gen(0)[0]["tokens"]
+    assert gen(0)[0]["tokens"] != gen(1)[0]["tokens"]
+
+
 def test_parse_max_memory():
     assert _example().parse_max_memory("0=20GiB,1=10GiB,cpu=64GiB") == {0: "20GiB", 1: "10GiB", "cpu": "64GiB"}
