@@ -48,6 +48,14 @@ How each op is patched, and why:
   Without ``loss_reduction`` the patched forward behaves like HF's: no labels -> logits; labels
   in training mode -> the HF mean loss (or sum / ``num_items_in_batch``), computed fused, with
   ``logits=None``; labels in eval mode -> HF's own forward (logits and loss).
+  The fused CE computes exactly one loss, transformers' ``ForCausalLMLoss`` (next-token CE, with its
+  ``ignore_index`` / ``shift_labels`` / ``num_items_in_batch``). A model whose own loss is another one
+  -- ``model.loss_function = fn`` (transformers' setter), a ``model.loss_type`` other than a
+  ``ForCausalLM`` one, a subclass overriding ``loss_function`` -- is checked per call
+  (`_custom_loss`; it may be set after patching): HF-style labelled calls then run HF's own forward,
+  i.e. that loss on materialised logits (warned once per model); ``loss_reduction=`` calls, whose
+  contract is the CE token loss, raise a ValueError naming the attribute, as does
+  ``loss_reduction=`` together with ``num_items_in_batch`` (which it would otherwise ignore).
 
 * **LoRA** (peft's LoRA ``Linear`` and bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` wrappers): the
   instance ``forward`` adds ``scaling * lora_B(lora_A(x))`` into the base output in one GEMM
@@ -74,6 +82,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import sys
 import threading
 import types
@@ -88,6 +97,8 @@ from unsloth_dist.kernels import quant
 from unsloth_dist.kernels import (apply_rope, fused_linear_cross_entropy, glu, lora_add, lora_linear, lora_xa, qlora_linear,
                                   rms_norm)
 from unsloth_dist.kernels.cross_entropy import reads_weight_in_backward
+
+logger = logging.getLogger("unsloth_dist")
 
 IGNORE_INDEX = -100
 OPS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "lora")
@@ -440,6 +451,57 @@ def _unfused_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str, ig
                            ignore_index=ignore_index, reduction=reduction)
 
 
+@functools.lru_cache(maxsize=None)
+def _hf_causal_lm_loss():
+    """transformers' ``ForCausalLMLoss``: the one loss the fused CE computes (None: no transformers.loss)."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except Exception:  # pragma: no cover
+        return None
+    return ForCausalLMLoss
+
+
+def _custom_loss(causal: nn.Module) -> Optional[str]:
+    """Why `causal`'s own loss is not transformers' ``ForCausalLMLoss`` (the attribute that makes it
+    so, for a message), or None when it is. Resolved through the model's ``loss_function`` exactly as
+    its HF forward does -- the instance set by ``model.loss_function = fn``, else
+    ``LOSS_MAPPING[model.loss_type]`` (an unknown type falls back to ForCausalLMLoss there), or a
+    subclass's override -- so that whatever HF would call is what is compared. Anything but that very
+    function (a wrapper or partial of it, ``loss_type="ForMaskedLM"`` which does not shift the labels,
+    a library that swapped ``LOSS_MAPPING["ForCausalLM"]``) counts as custom: the fused path would
+    compute a different loss. Looked up per call: it may be set after `patch_model`."""
+    default = _hf_causal_lm_loss()
+    if default is None:
+        return None
+    try:
+        fn = causal.loss_function
+    except AttributeError:  # not a transformers PreTrainedModel: nothing to honour
+        return None
+    if fn is default:
+        return None
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    cls = type(causal).__name__
+    if "_loss_function" in causal.__dict__:
+        return f"{cls}.loss_function is {name} (set by model.loss_function = ...; undo: del model._loss_function)"
+    loss_type = getattr(causal, "loss_type", None)
+    if loss_type is not None and fn is getattr(sys.modules.get("transformers.loss.loss_utils"), "LOSS_MAPPING",
+                                               {}).get(loss_type):
+        return f"{cls}.loss_type is {loss_type!r} ({name}; undo: model.loss_type = 'ForCausalLM')"
+    return f"{cls}.loss_function is {name}"
+
+
+def _warn_unfused_once(causal: nn.Module, reason: str) -> None:
+    warned = causal._unsloth_ce.setdefault("warned", set())
+    if reason in warned:
+        return
+    warned.add(reason)
+    logger.warning(
+        "%s, not transformers' ForCausalLMLoss, which is the only loss the fused linear cross-entropy "
+        "computes: labelled training calls of this model run its own (unfused) forward and loss, which "
+        "materialise the [tokens, vocab] logits. Remove the custom loss to use the fused path, or patch "
+        "with patch_model(model, fused_cross_entropy=False) to run unfused explicitly.", reason)
+
+
 def _causal_lm_forward(self, *args, **kwargs):
     """Instance forward of a patched *ForCausalLM (see the module docstring for the contract)."""
     loss_reduction = kwargs.pop("loss_reduction", None)
@@ -455,6 +517,23 @@ def _causal_lm_forward(self, *args, **kwargs):
             kwargs[n] = a
     cls_forward = type(self).forward
     labels = kwargs.get("labels")
+    if loss_reduction is not None and labels is not None:
+        # loss_reduction's contract is the next-token CE token loss (fused or from the logits below):
+        # what would make that differ from what the caller expects is refused, never dropped
+        if kwargs.get("num_items_in_batch") is not None:
+            raise ValueError(
+                f"{type(self).__name__}.forward got both loss_reduction={loss_reduction!r} and "
+                "num_items_in_batch: loss_reduction returns the token-loss sum / mean / per-token losses and "
+                "would ignore num_items_in_batch. Pass one of them: loss_reduction='sum' and divide by the "
+                "token count yourself, or num_items_in_batch alone (transformers' sum / num_items_in_batch).")
+        reason = _custom_loss(self)
+        if reason is not None:
+            raise ValueError(
+                f"{reason}, not transformers' ForCausalLMLoss: loss_reduction={loss_reduction!r} returns the "
+                "next-token cross-entropy (the loss unsloth_dist.Trainer trains), not that loss. Remove the "
+                "custom loss to train the cross-entropy, or train your loss through calls with labels and "
+                "without loss_reduction (e.g. transformers' Trainer), which run the model's own forward and "
+                "loss.")
     head = getattr(self, "lm_head", None)
     head_ok = isinstance(head, nn.Linear) and head.__dict__.get("_unsloth_patch") == "fused_cross_entropy"
     logits_to_keep = kwargs.get("logits_to_keep", 0)
@@ -464,6 +543,11 @@ def _causal_lm_forward(self, *args, **kwargs):
         and (loss_reduction is not None or (self.training and torch.is_grad_enabled()))
         and (logits_to_keep is None or (isinstance(logits_to_keep, int) and logits_to_keep == 0))
     )
+    if fuse and loss_reduction is None and (reason := _custom_loss(self)) is not None:
+        # an HF-style call of a model with its own loss: HF's forward computes that loss (materialising
+        # the logits) rather than the fused CE computing a different one
+        _warn_unfused_once(self, reason)
+        fuse = False
     if not fuse:
         if labels is None or loss_reduction is None:
             return cls_forward(self, **kwargs)
@@ -640,6 +724,10 @@ def patch_model(model: nn.Module, kernels: bool = True, rms_norm: bool = True, r
                 _set_forward(causal, _causal_lm_forward, "fused_cross_entropy")
             softcap = causal._unsloth_ce["softcap"]
             report.details["fused_cross_entropy"] = "in lm_head's forward" + (f", softcap {softcap:g}" if softcap else "")
+            custom = _custom_loss(causal)
+            if custom is not None:  # (checked again per call: it may also be set or removed later)
+                report.details["fused_cross_entropy"] += (
+                    f"; not used while {custom}: labelled calls run HF's forward, loss_reduction= raises")
             report.add("fused_cross_entropy", head, "lm_head")
             report.add("fused_cross_entropy", causal, "")
             report.fused_loss = True
