@@ -84,3 +84,23 @@ def test_zero3_leaf_layers_by_default_fall_back_without_decoder_layers():
     assert leaf_layers(_Flat(), required=False) is None
     model = tiny_llama(seed=0)
     assert leaf_layers(model, required=True) == list(model.model.layers)
+
+
+@pytest.mark.parametrize("how", ["loss_function", "loss_type", "peft"])
+def test_a_model_with_its_own_loss_is_refused_before_the_process_group(tmp_path, how):
+    """The loop trains the next-token cross-entropy; a model whose own loss is another one (transformers'
+    `model.loss_function = fn`, or a loss_type such as ForMaskedLM) would silently train something else."""
+    model = tiny_llama()
+    if how == "loss_type":
+        model.loss_type = "ForMaskedLM"
+    else:
+        model.loss_function = lambda logits, labels, vocab_size, **kw: logits.float().pow(2).mean()
+    if how == "peft":
+        from tiny import add_lora
+
+        model = add_lora(model)
+    with pytest.raises(ConfigError, match="would not train that loss"):
+        Trainer(model, ragged_dataset(n=8), args=_args(tmp_path))
+    assert not torch.distributed.is_initialized()
+    model = tiny_llama()  # the default loss trains
+    Trainer(model, ragged_dataset(n=8), args=_args(tmp_path)).train()

@@ -130,6 +130,14 @@ class Trainer:
         self.backend_cfg = backend_cfg
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        from .models.patching import _causal_lm, _custom_loss
+
+        custom_loss = _custom_loss(_causal_lm(model))
+        if custom_loss is not None:  # the loop trains the next-token cross-entropy, fused or from the logits
+            raise ConfigError(
+                f"{custom_loss}: this Trainer trains the next-token cross-entropy (transformers' ForCausalLMLoss) "
+                "and would not train that loss; remove the custom loss, or train it with transformers' Trainer"
+            )
         self._ckpt_off = _layers_without_checkpointing(model, cfg.gradient_checkpointing_layers)
         if cfg.activation_offload and not offloadable_layers(model):
             raise ConfigError(
