@@ -12,7 +12,9 @@ same backend, precision, micro-batch, sequence length and checkpointing.
 A case is BACKEND:full|lora|qlora[:OPT...] (qlora: an NF4 base built on the GPU as bench_train.py's qlora-8b); OPT `plain` leaves the model as transformers built it (default: its
 kernels patched in with `patch_model`, what FastLanguageModel.from_pretrained gives), `gc` turns gradient
 checkpointing on (as --checkpointing does for every case), `bf16` / `bf16-mixed` / `fp32` sets the
-precision of that case (default --precision). `--parallel K` runs K cases at once on the
+precision of that case (default --precision), `gpu` builds the model in bf16 on the GPU (fast for large
+shapes). BACKEND is one of the planner's variants: single, ddp, zero1, zero2, zero3, fsdp, fsdp(grad_op),
+zero2+offload_opt, zero3+offload_opt, zero3+offload_all, fsdp+cpu_offload. `--parallel K` runs K cases at once on the
 same GPUs (each case's peak is its own process's; only the wall time changes). `--memory-peak DIR` also
 names what is alive at each case's peak, by call site (benchmarks/mem_peak.py, rank 0).
 """
@@ -40,6 +42,16 @@ def worker(args) -> None:
     from unsloth_dist.launch import planner as PL
 
     backend, kind, *opts = args.case.split(":")
+    variant = next((v for v in PL.VARIANTS if v.name == backend), None)
+    if variant is None:
+        raise SystemExit(f"case {args.case!r}: backend {backend!r} is none of the planner's {[v.name for v in PL.VARIANTS]}")
+    # the planner's variant as a backend config
+    backend_cfg: dict = {"name": variant.backend}
+    if variant.backend == "fsdp":
+        backend_cfg.update(sharding=variant.sharding, **({"cpu_offload": True} if variant.offload_param else {}))
+    elif variant.backend.startswith("zero"):
+        backend_cfg.update(**({"offload_optimizer": "cpu"} if variant.offload_optimizer else {}),
+                           **({"offload_param": "cpu"} if variant.offload_param else {}))
     kernels = "plain" not in opts
     precision = next((o for o in opts if o in PL.PRECISIONS), args.precision)
     checkpointing = args.checkpointing or "gc" in opts
@@ -69,6 +81,14 @@ def worker(args) -> None:
         model = add_lora(model, r=args.lora_r, lora_alpha=args.lora_r, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         torch.cuda.empty_cache()
+    elif "gpu" in opts:  # bf16 on the GPU (fast for large shapes; precision bf16 only)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("cuda", torch.cuda.current_device()):
+                model = LlamaForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(prev)
     else:
         with torch.device("cpu"):
             model = LlamaForCausalLM(cfg)
@@ -85,7 +105,7 @@ def worker(args) -> None:
     g = torch.Generator().manual_seed(1)
     n = args.micro_batch * world * args.steps
     data = [{"input_ids": torch.randint(0, shape.vocab, (args.seq,), generator=g).tolist()} for _ in range(n)]
-    trainer = Trainer(model, data, backend=backend, args={
+    trainer = Trainer(model, data, backend=backend_cfg, args={
         "output_dir": args.out_dir, "precision": precision, "per_device_train_batch_size": args.micro_batch,
         "max_steps": args.steps, "learning_rate": 1e-5, "gradient_checkpointing": checkpointing,
         "disable_tqdm": True, "logging_steps": 1,
@@ -110,7 +130,6 @@ def worker(args) -> None:
     else:  # backend single: no process group
         gathered = [peaks]
     if trainer.rank == 0:
-        variant = next(v for v in PL.VARIANTS if v.name == backend)
         est = PL.estimate(shape, variant, precision, gpus=world, micro_batch=args.micro_batch, seq=args.seq,
                           lora=kind == "lora", lora_r=args.lora_r, gradient_checkpointing=checkpointing,
                           kernels=kernels, qlora=kind == "qlora")

@@ -20,14 +20,17 @@ Partitioning:
                   that to fp32 (4T/N); reduction buckets of reduce_bucket_size elements during backward
                   (x2 with overlap_comm, which the generated config sets on several ranks only).
     zero3         also weights partitioned (/N); the gradient partition buffer (w T/N) and the bucket
-                  (communication dtype) live from setup on; the gathered parameters of ~2 layers
-                  during forward / backward; the step works per sub-group of at most 1e9 elements
+                  (communication dtype) live from setup on; gathered parameters during forward /
+                  backward: whole copies kept while reused soon, up to stage3_max_live_parameters
+                  elements (on several ranks, or with offload_param; at one rank with the parameters
+                  on the GPU nothing is copied: ~2 layers); the step works per sub-group of at most 1e9 elements
                   (flattened gradients + their fp32 copy). DeepSpeed keeps an fp32 master partition
                   (4T/N) in every precision.
     fsdp          FSDP2 keeps fp32 sharded parameters, grads and Adam: (4 + 4 + 8) / N, plus the
                   unsharded (bf16 under precision bf16, else fp32) parameters of the layers in flight:
                   2 layers + the root (head, final norm; tied embeddings) with sharding full; all layers with grad_op.
-    offload       zero *_offload_opt: master + Adam + fp32 grads live on the CPU;
+    offload       zero *_offload_opt: master + Adam + fp32 grads live on the CPU (zero1/2: two
+                  buckets, overlap_comm being on, and a buffer the size of the largest parameter);
                   zero3 offload_param: weights too; fsdp cpu_offload: sharded params, grads, Adam.
     LoRA          the frozen base weights are stored like weights above (partitioned by zero3 /
                   fsdp), but have no grads, master or Adam state; T = r x (in + out) per adapted
@@ -438,10 +441,17 @@ def estimate(
             parts["grads"] = 0.0 if off_opt else w * T / N
             parts["buckets"] = bucket * comm
             static_grads = True
-            # the layers in flight, and unpatched the head (gathered again for the logits' backward;
-            # the fused cross-entropy computes its gradients in the forward)
             layer = m.layer_params
-            parts["gathered"] = 2 * stored(w, layer, Q / m.layers) + (0 if kernels else w * max(m.vocab * m.hidden, layer))
+            if N > 1 or variant.offload_param:
+                # gathered parameters are whole copies, kept while they will be used again soon
+                # (stage3_max_reuse_distance): up to stage3_max_live_parameters elements at the turn
+                # from forward to backward (measured with offload_param at one rank: 1.87 GiB = 1e9 bf16)
+                parts["gathered"] = min(zero.stage3_max_live_parameters, P) / P * stored(w, P)
+            else:
+                # one rank, parameters on the GPU: the partition is the parameter, nothing is copied;
+                # the layers in flight, and unpatched the head (gathered again for the logits'
+                # backward; the fused cross-entropy computes its gradients in the forward)
+                parts["gathered"] = 2 * stored(w, layer, Q / m.layers) + (0 if kernels else w * max(m.vocab * m.hidden, layer))
             backward_only = parts["gathered"]
             # the step, per sub-group of at most sub_group_size (DeepSpeed's 1e9) elements: the
             # flattened gradients and (bf16) their fp32 copy
@@ -450,10 +460,13 @@ def estimate(
         else:
             # the gradient partition (stage 1: every gradient) is allocated as backward starts and
             # kept through the step; the step flattens it and (bf16) copies that to fp32
-            parts["grads"] = w * T / (N if stage == 2 else 1)
+            # (offloaded optimizer: the partition lives in pinned host memory; measured on the GPU
+            # instead, at one rank, a buffer the size of the largest parameter in the gradient dtype)
+            parts["grads"] = w * (max(m.vocab * m.hidden, m.intermediate * m.hidden) if off_opt else T / (N if stage == 2 else 1))
             grads_in_backward = True
             rb = bucket * (4 if stage == 1 else w)
-            parts["buckets"] = rb * (2 if zero.overlap_comm and N > 1 else 1)
+            # overlap_comm (two buckets) is set on several ranks or with the optimizer offloaded (deepspeed_config.py)
+            parts["buckets"] = rb * (2 if zero.overlap_comm and (N > 1 or off_opt) else 1)
             backward_only = parts["buckets"]
             step_tmp = 0.0 if off_opt else w * T / N + (4 * T / N if bf16 else 0.0)
 
