@@ -140,6 +140,9 @@ def worker(args) -> None:
             "measured_allocated_gib": [float(x[0]) / 2**30 for x in gathered],
             "measured_reserved_gib": [float(x[1]) / 2**30 for x in gathered],
             "estimated_allocated_gib": est.allocated / 2**30, "estimated_reserved_gib": est.reserved / 2**30,
+            # the Trainer's own pre-flight estimate (read off the model object): must be the same
+            "trainer_estimate_gib": (trainer.memory_estimate.allocated / 2**30 if trainer.memory_estimate is not None
+                                     else None),
             "estimate_parts_gib": {k: v / 2**30 for k, v in est.parts.items()},
         }
         record["ratio_estimated_to_measured"] = record["estimated_allocated_gib"] / max(record["measured_allocated_gib"])

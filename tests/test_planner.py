@@ -453,3 +453,45 @@ def test_qlora_stores_the_layer_linears_in_nf4():
     assert all(row["qlora"] and row["lora"] for row in rows)
     r = CliRunner().invoke(app, ["plan", "--model", "llama-3.1-8b", "--gpus", "2", "--lora-r", "8"])
     assert r.exit_code != 0 and "--lora-r 8 without --lora" in r.output, r.output
+
+
+def test_trainer_memory_preflight_estimates_the_run_it_is_given(tmp_path, caplog):
+    """Before the process group, the Trainer sizes its own run with the planner (on a GPU; here with a
+    given GPU size): the shape from the model's config, LoRA from peft, the kernels from patch_model,
+    the sequence from the longest sample; a warning when the estimate does not fit the GPU."""
+    import logging
+
+    from unsloth_dist import Trainer
+    from unsloth_dist.config import load_config
+    from unsloth_dist.distributed import read_launch_env, resolve_backend
+    from unsloth_dist.trainer import _memory_preflight
+
+    model, cfg = hf_llama(h=128, I=352, L=2, vocab=512)
+    data = [{"input_ids": list(range(40))}, {"input_ids": list(range(24))}]
+    tc = load_config({"output_dir": str(tmp_path), "precision": "bf16", "per_device_train_batch_size": 2,
+                      "backend": "ddp", "max_steps": 1})
+    env = read_launch_env()
+    backend = resolve_backend(tc.backend, env)
+    shape = shape_from_hf_config(cfg.to_dict())
+    est = _memory_preflight(model, tc, backend, env, 40, gpu_bytes=2**40)
+    want = estimate(shape, V["ddp"], "bf16", gpus=1, micro_batch=2, seq=40, kernels=False)
+    assert est is not None and est.allocated == want.allocated and not est.lora
+    with caplog.at_level(logging.WARNING, logger="unsloth_dist"):
+        _memory_preflight(model, tc, backend, env, 40, gpu_bytes=2**20)
+    assert "will likely run out of memory" in caplog.text and "micro-batch 2 x 40 tokens" in caplog.text
+    # LoRA (peft) and the kernels (patch_model) are read off the model
+    from peft import LoraConfig, get_peft_model
+
+    from unsloth_dist.models import patch_model
+
+    lora = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                  "gate_proj", "up_proj", "down_proj"]))
+    patch_model(lora)
+    est = _memory_preflight(lora, tc, backend, env, 40, gpu_bytes=2**40)
+    assert est.lora and est.kernels
+    assert est.allocated == estimate(shape, V["ddp"], "bf16", gpus=1, micro_batch=2, seq=40, lora=True, lora_r=8).allocated
+    # a model the planner cannot size: no estimate, no error
+    assert _memory_preflight(torch.nn.Linear(2, 2), tc, backend, env, 40, gpu_bytes=2**40) is None
+    # on CPU the Trainer itself does not guess a GPU
+    assert Trainer(hf_llama()[0], data, args={"output_dir": str(tmp_path), "max_steps": 1,
+                                              "per_device_train_batch_size": 1}).memory_estimate is None

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint
 from . import distributed as D
-from .config import ConfigError, load_config
+from .config import ConfigError, TrainConfig, load_config
 from .data import IGNORE_INDEX, GlobalBatchSampler, PadCollator, WithLabels, check_sample, model_inputs, uses_varlen_attention
 from .integrations import close_reporters, make_reporters
 from .models.offload import (disable_activation_offload, offloadable_layers, release_host_memory,
@@ -165,6 +165,7 @@ class Trainer:
             train_dataset, built_eval, self.data_report = build_datasets(cfg.data, tokenizer, seed=cfg.seed)
             if eval_dataset is None:
                 eval_dataset = built_eval
+        longest_train = 0  # the longest training sample, where known (the memory pre-flight below)
         for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if ds is None:
                 continue
@@ -173,11 +174,14 @@ class Trainer:
             if len(ds) == 0:
                 raise ValueError(f"{name} is empty")
             if isinstance(ds, (list, tuple)):  # in memory: every row, now rather than at its step
-                _check_rows(ds, name, model, self.env.rank)
+                n = _check_rows(ds, name, model, self.env.rank)
             else:
                 check_sample(ds[0], 0, name)
+                n = 0
                 if hasattr(ds, "max_token_id") and hasattr(ds, "longest_sample"):  # the data section's
-                    _check_tokenized(ds, name, model, self.env.rank)
+                    n = _check_tokenized(ds, name, model, self.env.rank)
+            if name == "train_dataset":
+                longest_train = n
         checkpoint.validate_resume_config(cfg, backend_cfg.name, self.env.world_size,
                                           num_samples=len(train_dataset) if train_dataset is not None else None,
                                           model=model)
@@ -192,6 +196,7 @@ class Trainer:
         self.collator = (WithLabels(data_collator) if data_collator is not None
                          else PadCollator(pad if pad is not None else 0, flatten_packed=uses_varlen_attention(model)))
         self.callbacks = list(callbacks or [])
+        self.memory_estimate = _memory_preflight(model, cfg, backend_cfg, self.env, longest_train)
 
         # ---- process group, then the backend
         self.device = D.device_for(self.env)
@@ -589,10 +594,10 @@ class _nullctx:
         return False
 
 
-def _check_rows(ds: Sequence[dict], name: str, model: nn.Module, rank: int) -> None:
+def _check_rows(ds: Sequence[dict], name: str, model: nn.Module, rank: int) -> int:
     """Every row of an in-memory dataset: its shape (`check_sample`), token ids inside the model's
     vocabulary (an id past it fails deep in the embedding, on a GPU as a device-side assert), and
-    its length against the model's positions."""
+    its length against the model's positions. Returns the longest row's length."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(emb, "num_embeddings", None)
     longest = 0
@@ -614,9 +619,10 @@ def _check_rows(ds: Sequence[dict], name: str, model: nn.Module, rank: int) -> N
                     "adding tokens (model.resize_token_embeddings(len(tokenizer)))"
                 )
     _check_positions(model, longest, f"the longest {name} sample", rank)
+    return longest
 
 
-def _check_tokenized(ds: Any, name: str, model: nn.Module, rank: int) -> None:
+def _check_tokenized(ds: Any, name: str, model: nn.Module, rank: int) -> int:
     """The data section's tokenized samples, as `_check_rows` checks rows in memory: token ids inside
     the model's vocabulary and the longest sample against the model's positions (from the cache's
     token arrays and lengths, without reading the samples one by one)."""
@@ -632,6 +638,55 @@ def _check_tokenized(ds: Any, name: str, model: nn.Module, rank: int) -> None:
     longest = ds.longest_sample()
     if longest:
         _check_positions(model, longest, f"the longest {name} sample", rank)
+    return int(longest or 0)
+
+
+def _memory_preflight(model: nn.Module, cfg: TrainConfig, backend_cfg: Any, env: Any, longest: int,
+                      gpu_bytes: Optional[int] = None):
+    """The memory planner's estimate for this run (unsloth_dist.launch.planner.estimate_model), before
+    any process group or GPU allocation: rank 0 logs it against the GPU's memory, as a warning when it
+    does not fit (the estimate is within -3% / +10% of measured peaks, benchmarks/RESULTS.md). Only on
+    CUDA (or with `gpu_bytes` given); None where it cannot be sized (the sequence length unknown, a model
+    the planner does not know). Returns the Estimate."""
+    if gpu_bytes is None:
+        if not torch.cuda.is_available():
+            return None
+        try:  # the device's properties: no context is created on it
+            gpu_bytes = torch.cuda.get_device_properties(env.local_rank % max(torch.cuda.device_count(), 1)).total_memory
+        except Exception:  # pragma: no cover - a broken driver is reported later, where it is used
+            return None
+    seq = longest or (cfg.data.max_seq_length if cfg.data is not None and cfg.data.max_seq_length else 0)
+    if not seq:
+        return None
+    from .launch import planner as PL
+
+    offload = cfg.activation_offload if cfg.activation_offload is not None else uses_activation_offload(model)
+    try:
+        est = PL.estimate_model(model, backend_cfg, cfg.precision, gpus=env.world_size,
+                                micro_batch=cfg.per_device_train_batch_size, seq=seq,
+                                gradient_checkpointing=cfg.gradient_checkpointing,
+                                checkpoint_layers=cfg.gradient_checkpointing_layers,
+                                activation_offload=bool(offload and cfg.gradient_checkpointing))
+    except ConfigError:
+        return None
+    if est is None or env.rank != 0:
+        return est
+    gib = 2**30
+    what = (f"backend {est.backend}, precision {est.precision}, micro-batch {est.micro_batch} x {seq} tokens"
+            f"{', LoRA' if est.lora and not est.qlora else ', QLoRA' if est.qlora else ''}"
+            f"{', gradient checkpointing' if est.gradient_checkpointing else ''}, {est.gpus} GPU(s)")
+    if est.reserved > gpu_bytes:
+        logger.warning(
+            "memory: the planner estimates ~%.1f GiB per GPU for this run (%s; peak allocated %.1f GiB + the "
+            "allocator's slack and the CUDA context) and the GPU has %.1f GiB: it will likely run out of memory. "
+            "Lower per_device_train_batch_size (raise gradient_accumulation_steps for the same global batch), turn "
+            "on gradient_checkpointing, or pick a backend that shards more; `unsloth-dist plan --model <model dir> "
+            "--gpus N --gpu-memory %.0f` lists what fits", est.reserved / gib, what, est.allocated / gib,
+            gpu_bytes / gib, gpu_bytes / gib)
+    else:
+        logger.info("memory: the planner estimates ~%.1f GiB per GPU for this run (%s); the GPU has %.1f GiB",
+                    est.reserved / gib, what, gpu_bytes / gib)
+    return est
 
 
 def _check_positions(model: nn.Module, length: int, what: str, rank: int, exact: bool = True) -> None:

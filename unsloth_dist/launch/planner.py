@@ -504,6 +504,54 @@ def estimate(
     )
 
 
+def estimate_model(model: Any, backend: Any, precision: str, *, gpus: int, micro_batch: int, seq: int,
+                   gradient_checkpointing: bool = False, checkpoint_layers: Optional[int] = None,
+                   activation_offload: bool = False) -> Optional[Estimate]:
+    """The estimate for a model object about to be trained: its shape from its config, LoRA / QLoRA and
+    the kernels from what is on it, the variant from `backend` (a resolved backend config: name,
+    sharding / cpu_offload, offload_optimizer / offload_param). None where the planner cannot size
+    it (not a dense Llama / Qwen / Mistral-style config)."""
+    causal = model
+    for _ in range(4):  # peft's wrappers
+        inner = causal.get_base_model() if hasattr(causal, "get_base_model") else causal
+        if inner is causal:
+            break
+        causal = inner
+    config = getattr(causal, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    data = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
+    try:
+        shape = shape_from_hf_config(data, getattr(config, "_name_or_path", "") or type(causal).__name__)
+    except ConfigError:
+        return None
+    qlora = any(type(mod).__name__ == "Linear4bit" for mod in causal.modules())
+    peft_cfg = getattr(model, "peft_config", None)
+    lora_r = 0
+    if isinstance(peft_cfg, dict) and peft_cfg:
+        active = getattr(model, "active_adapter", None)
+        first = peft_cfg.get(active) if isinstance(active, str) else None
+        lora_r = int(getattr(first or next(iter(peft_cfg.values())), "r", 0) or 0)
+    name = getattr(backend, "name", backend)
+    if name == "fsdp":
+        cpu = bool(getattr(backend, "cpu_offload", False))
+        grad_op = getattr(backend, "sharding", "full") in ("grad_op", "none")
+        variant = BackendVariant(name, "fsdp", "grad_op" if grad_op else "full", cpu, cpu)
+    elif str(name).startswith("zero"):
+        variant = BackendVariant(name, name, offload_optimizer=getattr(backend, "offload_optimizer", "none") == "cpu",
+                                 offload_param=getattr(backend, "offload_param", "none") == "cpu")
+    elif name in ("single", "ddp"):
+        variant = BackendVariant(name, name)
+    else:
+        return None
+    precision = precision if precision in PRECISIONS else "bf16-mixed"  # fp16-mixed: the same sizes
+    return estimate(shape, variant, precision, gpus=gpus, micro_batch=micro_batch, seq=max(int(seq), 1),
+                    lora=lora_r > 0 or qlora, lora_r=lora_r or 16, qlora=qlora,
+                    gradient_checkpointing=gradient_checkpointing, checkpoint_layers=checkpoint_layers,
+                    activation_offload=activation_offload, kernels=bool(getattr(model, "unsloth_fused_loss", False)),
+                    zero=backend if str(name).startswith("zero") else None)
+
+
 def _check_checkpoint_layers(m: ModelShape, checkpointing: bool, k: Optional[int]) -> None:
     if k is None:
         return
