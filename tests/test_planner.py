@@ -64,10 +64,11 @@ def test_consistency():
     kw = dict(gpus=8, seq=2048, micro_batch=1)
     for p in PL.PRECISIONS:
         full = {n: estimate(m, V[n], p, **kw) for n in ("ddp", "zero1", "zero2", "zero3")}
-        static = {n: e.weights + e.grads + e.optimizer for n, e in full.items()}
+        static = {n: sum(e.parts[k] for k in ("weights", "grads", "master", "adam")) for n, e in full.items()}
         assert static["zero3"] < static["zero2"] < static["zero1"] < static["ddp"], static
         lora = estimate(m, V["ddp"], p, lora=True, **kw)
-        assert lora.grads + lora.optimizer < 0.02 * (full["ddp"].grads + full["ddp"].optimizer)
+        opt = lambda e: sum(e.parts[k] for k in ("grads", "master", "adam"))  # noqa: E731
+        assert opt(lora) < 0.02 * opt(full["ddp"])
         assert lora.allocated < 0.6 * full["ddp"].allocated
         for v in VARIANTS[1:]:
             # peak = static + max(backward, step): never decreasing, strictly once activations dominate
@@ -75,11 +76,11 @@ def test_consistency():
             b = [estimate(m, v, p, gpus=8, seq=1024, micro_batch=mb) for mb in (1, 2, 4, 8, 16)]
             for series in (a, b):
                 peak = [e.allocated for e in series]
-                acts = [e.activations for e in series]
+                acts = [e.parts["activations"] + e.parts["autocast_copies"] for e in series]
                 assert peak == sorted(peak) and acts == sorted(acts) and len(set(acts)) == 5, v
                 assert peak[-1] > peak[-2], v
             ck = estimate(m, v, p, gpus=8, seq=4096, micro_batch=4, gradient_checkpointing=True)
-            assert ck.activations < estimate(m, v, p, gpus=8, seq=4096, micro_batch=4).activations / 4
+            assert ck.parts["activations"] < estimate(m, v, p, gpus=8, seq=4096, micro_batch=4).parts["activations"] / 4
     # more GPUs never need more memory per GPU with sharding
     e = [estimate(m, V["zero3"], "bf16", gpus=g, seq=2048).allocated for g in (2, 4, 8)]
     assert e == sorted(e, reverse=True)
@@ -323,7 +324,7 @@ def test_activation_offload_keeps_one_layer_input_on_the_gpu():
     plain = estimate(m, V["fsdp"], "bf16", **kw)
     off = estimate(m, V["fsdp"], "bf16", activation_offload=True, **kw)
     # 31 of the 32 bf16 layer inputs (2h bytes per token) leave the GPU; the next one to recompute stays
-    assert plain.activations - off.activations == 31 * 4 * 2048 * 2 * m.hidden
+    assert plain.parts["activations"] - off.parts["activations"] == 31 * 4 * 2048 * 2 * m.hidden
     assert off.activation_offload and not plain.activation_offload
     # on the host: every layer's input (the one fetched back too), 16 MiB x 4 here, a power of two
     assert off.host_offload == 32 * 4 * 2048 * 2 * m.hidden and plain.host_offload == 0
@@ -332,8 +333,8 @@ def test_activation_offload_keeps_one_layer_input_on_the_gpu():
     assert odd.host_offload == 32 * 2**25
     # with only the first 8 layers checkpointed, 7 of their 8 inputs leave
     part = dict(kw, checkpoint_layers=8)
-    assert (estimate(m, V["fsdp"], "bf16", **part).activations
-            - estimate(m, V["fsdp"], "bf16", activation_offload=True, **part).activations) == 7 * 4 * 2048 * 2 * m.hidden
+    assert (estimate(m, V["fsdp"], "bf16", **part).parts["activations"]
+            - estimate(m, V["fsdp"], "bf16", activation_offload=True, **part).parts["activations"]) == 7 * 4 * 2048 * 2 * m.hidden
     with pytest.raises(PL.ConfigError, match="--activation-offload needs --gradient-checkpointing"):
         PL.plan(m, 2, 80, activation_offload=True)
     from unsloth_dist.cli import app
@@ -364,8 +365,9 @@ def test_fsdp_keeps_at_most_one_vocabulary_matrix_whole():
     # the untied head is whole while the loss runs (its forward): counted at that moment
     assert estimate(untied, V["fsdp"], "bf16", **kw).parts["head_gathered"] == 2 * untied.vocab * untied.hidden
     assert "head_gathered" not in estimate(tied, V["fsdp"], "bf16", **kw).parts
-    trained = estimate(untied, V["fsdp"], "bf16", **{**kw, "lora": False})  # + the head's gradient
-    assert trained.parts["head_gathered"] == 2 * 2 * untied.vocab * untied.hidden
+    # + the head's gradient, and its reduce-scatter: an fp32 input and the fp32 shard (1/N) it leaves
+    trained = estimate(untied, V["fsdp"], "bf16", **{**kw, "lora": False})
+    assert trained.parts["head_gathered"] == 2 * 2 * untied.vocab * untied.hidden + 4 * untied.vocab * untied.hidden * 1.5
     lora = estimate(untied, V["fsdp"], "bf16", **kw)
     T = untied.lora_params(16)
     assert lora.parts["weights"] == (2 * untied.params + 4 * T) / 2
@@ -444,9 +446,9 @@ def test_qlora_stores_the_layer_linears_in_nf4():
     assert q.weights == pytest.approx(2 * (m.params - Q) + PL.NF4_BYTES * Q + 2 * T)
     assert (q.grads, q.optimizer) == (lo.grads, lo.optimizer)
     z3 = estimate(m, V["zero3"], "bf16", qlora=True, **kw)
-    assert z3.weights == pytest.approx(q.weights / 2)
+    assert z3.parts["weights"] == pytest.approx(q.weights / 2)
     fs = estimate(m, V["fsdp"], "bf16", qlora=True, **kw)
-    assert fs.weights == pytest.approx((2 * (m.params - Q) + PL.NF4_BYTES * Q + 4 * T) / 2)
+    assert fs.parts["weights"] == pytest.approx((2 * (m.params - Q) + PL.NF4_BYTES * Q + 4 * T) / 2)
     r = CliRunner().invoke(app, ["plan", "--model", "llama-3.1-8b", "--gpus", "2", "--qlora", "--json", "-p", "bf16"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)["rows"]
@@ -495,3 +497,39 @@ def test_trainer_memory_preflight_estimates_the_run_it_is_given(tmp_path, caplog
     # on CPU the Trainer itself does not guess a GPU
     assert Trainer(hf_llama()[0], data, args={"output_dir": str(tmp_path), "max_steps": 1,
                                               "per_device_train_batch_size": 1}).memory_estimate is None
+
+
+def test_setup_phase_and_columns_that_add_up_to_the_peak():
+    """fsdp and zero3 move the whole model to each GPU before sharding it (backends/fsdp.py, deepspeed.py):
+    a setup peak the planner counts on any GPU count. The columns are what is alive at the peak."""
+    m = PRESETS["llama-3.1-8b"]
+    T = m.lora_params(16)
+    lora = estimate(m, V["fsdp"], "bf16", gpus=8, seq=512, micro_batch=1, lora=True, gradient_checkpointing=True)
+    assert lora.phase == "setup" and lora.allocated == 2 * m.params + 4 * T  # the bf16 base + fp32 adapters, whole
+    z3 = estimate(m, V["zero3"], "bf16", gpus=8, seq=512, micro_batch=1, lora=True, gradient_checkpointing=True)
+    assert z3.phase == "setup" and z3.allocated == 2 * (m.params + T)
+    ddp = estimate(m, V["ddp"], "bf16", gpus=8, seq=512, micro_batch=1, lora=True)
+    assert ddp.parts["setup"] == 0 and ddp.phase == "backward"
+    for v in VARIANTS:
+        for kw in (dict(lora=True), dict(), dict(gradient_checkpointing=True)):
+            e = estimate(m, v, "bf16", gpus=8, seq=2048, micro_batch=2, **kw)
+            assert e.weights + e.grads + e.optimizer + e.activations + e.transient == pytest.approx(e.allocated), (v, kw)
+            assert e.phase != "step" or e.activations == 0
+
+
+def test_estimate_model_maps_the_backend_settings():
+    from types import SimpleNamespace as NS
+
+    model, cfg = hf_llama(h=128, I=352, L=2, vocab=512)
+    shape = shape_from_hf_config(cfg.to_dict())
+    kw = dict(gpus=8, micro_batch=2, seq=64)
+    est = lambda b, p="bf16", **k: PL.estimate_model(model, b, p, **kw, **k)  # noqa: E731
+    # sharding none replicates (sized as one GPU); hybrid shards within a node
+    none = estimate(shape, V["fsdp(grad_op)"], "bf16", **(kw | {"gpus": 1}), kernels=False)
+    assert est(NS(name="fsdp", sharding="none", cpu_offload=False)).allocated == none.allocated
+    assert est(NS(name="fsdp", sharding="hybrid", cpu_offload=False), gpus_per_node=4).gpus == 4
+    # fp16-mixed: DeepSpeed's half weights under ZeRO, autocast elsewhere
+    from unsloth_dist.config import ZeroConfig
+
+    assert est(ZeroConfig(name="zero2"), "fp16-mixed").precision == "bf16"
+    assert est(NS(name="ddp"), "fp16-mixed").precision == "bf16-mixed"

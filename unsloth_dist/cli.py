@@ -418,15 +418,15 @@ def plan(
               f"{', layer inputs offloaded to CPU' if activation_offload else ''}"
               f"; {'unsloth_dist kernels' if kernels else 'no kernels (transformers as built)'}"
               f"{'; 4-bit NF4 base (QLoRA)' if qlora else ''}")
-    table = Table(title="per-GPU memory estimate (GiB)")
-    for col in ("backend", "precision", "weights", "grads", "optim", "activ.", "other", "peak alloc", "+ctx/frag", "fits", "max micro"):
+    table = Table(title="per-GPU memory estimate (GiB): what is alive at the peak (backward, optimizer step, or setup)")
+    for col in ("backend", "precision", "weights", "grads", "optim", "activ.", "other", "peak alloc", "peak in", "+ctx/frag", "fits", "max micro"):
         table.add_column(col, justify="right" if col not in ("backend", "precision") else "left")
     for r in result.rows:
         mm = result.max_micro[(r.backend, r.precision)]
         fits = r.reserved <= gpu_memory * PL.GiB
         g = lambda x: f"{x / PL.GiB:.2f}"  # noqa: E731
         table.add_row(r.backend, r.precision, g(r.weights), g(r.grads), g(r.optimizer), g(r.activations), g(r.transient),
-                      g(r.allocated), g(r.reserved), "[green]yes[/green]" if fits else "[red]no[/red]", str(mm))
+                      g(r.allocated), r.phase, g(r.reserved), "[green]yes[/green]" if fits else "[red]no[/red]", str(mm))
     wide.print(table)
     if result.recommended:
         r = result.recommended

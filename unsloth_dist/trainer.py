@@ -666,7 +666,8 @@ def _memory_preflight(model: nn.Module, cfg: TrainConfig, backend_cfg: Any, env:
                                 micro_batch=cfg.per_device_train_batch_size, seq=seq,
                                 gradient_checkpointing=cfg.gradient_checkpointing,
                                 checkpoint_layers=cfg.gradient_checkpointing_layers,
-                                activation_offload=bool(offload and cfg.gradient_checkpointing))
+                                activation_offload=bool(offload and cfg.gradient_checkpointing),
+                                gpus_per_node=env.local_world_size)
     except ConfigError:
         return None
     if est is None or env.rank != 0:
@@ -681,8 +682,10 @@ def _memory_preflight(model: nn.Module, cfg: TrainConfig, backend_cfg: Any, env:
             "allocator's slack and the CUDA context) and the GPU has %.1f GiB: it will likely run out of memory. "
             "Lower per_device_train_batch_size (raise gradient_accumulation_steps for the same global batch), turn "
             "on gradient_checkpointing, or pick a backend that shards more; `unsloth-dist plan --model <model dir> "
-            "--gpus N --gpu-memory %.0f` lists what fits", est.reserved / gib, what, est.allocated / gib,
-            gpu_bytes / gib, gpu_bytes / gib)
+            "--gpus N --gpu-memory %.0f` lists what fits%s", est.reserved / gib, what, est.allocated / gib,
+            gpu_bytes / gib, gpu_bytes / gib,
+            "" if est.phase != "setup" else (" (the peak is at setup: this backend moves the whole model to each GPU "
+                                              "before it shards it; a CPU-offloading variant does so too)"))
     else:
         logger.info("memory: the planner estimates ~%.1f GiB per GPU for this run (%s); the GPU has %.1f GiB",
                     est.reserved / gib, what, gpu_bytes / gib)

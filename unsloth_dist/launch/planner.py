@@ -10,6 +10,7 @@ Precision semantics (what our backends do, see backends/base.py, fsdp.py, deepsp
     fp32         4 B/param        4 B      -             8 B
     bf16-mixed   4 B (autocast)   4 B      -             8 B
     bf16         2 B              2 B      4 B           8 B      (2 + 2 + 12 per trainable param)
+    (ZeRO keeps an fp32 master partition, 4T/N, in every precision.)
 
 Partitioning:
     single, ddp   everything on every GPU. DDP's gradient buckets are the grads
@@ -18,7 +19,8 @@ Partitioning:
     zero2         also grads partitioned (/N): DeepSpeed allocates the partition as backward starts
                   and keeps it through the step, which flattens it (w T/N) and, under bf16, copies
                   that to fp32 (4T/N); reduction buckets of reduce_bucket_size elements during backward
-                  (x2 with overlap_comm, which the generated config sets on several ranks only).
+                  (x2 with overlap_comm, which the generated config sets on several ranks or with the
+                  optimizer offloaded), and on several ranks each flush's flat copy and its fp32 cast.
     zero3         also weights partitioned (/N); the gradient partition buffer (w T/N) and the bucket
                   (communication dtype) live from setup on; gathered parameters during forward /
                   backward: whole copies kept while reused soon, up to stage3_max_live_parameters
@@ -26,9 +28,13 @@ Partitioning:
                   on the GPU nothing is copied: ~2 layers); the step works per sub-group of at most 1e9 elements
                   (flattened gradients + their fp32 copy). DeepSpeed keeps an fp32 master partition
                   (4T/N) in every precision.
-    fsdp          FSDP2 keeps fp32 sharded parameters, grads and Adam: (4 + 4 + 8) / N, plus the
-                  unsharded (bf16 under precision bf16, else fp32) parameters of the layers in flight:
-                  2 layers + the root (head, final norm; tied embeddings) with sharding full; all layers with grad_op.
+    fsdp          FSDP2 keeps fp32 sharded parameters, grads and Adam: (4 + 4 + 8) / N, plus in forward /
+                  backward the unsharded (bf16 under precision bf16, else fp32) parameters of the layers in
+                  flight: 2 layers + the root (final norm; tied embeddings and head; an untied head or
+                  input embedding is a group of its own) with sharding full; all layers with grad_op. As
+                  backward ends: the grads + the fp32 reduce-scatter input of the last group (the embedding).
+    setup         fsdp and zero3 move the whole model to each GPU before sharding it (fsdp with its
+                  trained weights cast to fp32): a peak of its own, on any number of GPUs.
     offload       zero *_offload_opt: master + Adam + fp32 grads live on the CPU (zero1/2: two
                   buckets, overlap_comm being on, and a buffer the size of the largest parameter);
                   zero3 offload_param: weights too; fsdp cpu_offload: sharded params, grads, Adam.
@@ -66,9 +72,10 @@ activations; with activation offload the checkpointed inputs live in CPU memory,
 on the GPU (the next layer's, fetched ahead of its recompute).
 Transients (`backward_transient`): unpatched, two fp32 [tokens, V] buffers of the loss; with the
 kernels the first layer's gradient temporaries, or under bf16-mixed the loss's bf16 cast of the head.
-Peak = static + max(backward, step): static = weights + master + Adam (+ grads where they live from
-setup on: ddp buckets, the zero3 partition buffer); backward = activations + transient (+ zero1/2's
-gradient partition and buckets, zero3's gathered layers); step = grads + the step's copies.
+Peak = max(static + backward, static + step, setup): static = weights + master + Adam (+ grads where
+they live from setup on: ddp buckets, the zero3 partition buffer); backward = activations + transient
+(+ zero1/2's gradient partition and buckets, zero3's gathered layers, fsdp's unsharded layers); step =
+grads + the step's copies. `Estimate.phase` names the winner; its columns are what is alive then.
 `allocated` is what torch.cuda.max_memory_allocated would report; `reserved` adds the allocator's
 fragmentation (10%) and the CUDA context (0.75 GiB), and is what has to fit in the GPU.
 """
@@ -248,7 +255,7 @@ class Estimate:
     grads: float
     optimizer: float  # Adam state + fp32 master
     activations: float
-    transient: float  # the larger of the backward / step transients, + buckets / unsharded layers
+    transient: float  # the rest of the peak: loss / gradient temporaries, buckets, gathered layers, step copies
     allocated: float  # peak, like torch.cuda.max_memory_allocated
     reserved: float  # + fragmentation + CUDA context: what must fit
     parts: dict[str, float] = field(default_factory=dict)
@@ -257,6 +264,7 @@ class Estimate:
     host_offload: float = 0.0  # pinned host memory the offloaded inputs take per rank (offload_host_bytes)
     kernels: bool = True  # the model runs unsloth_dist's kernels (fused cross-entropy: no logits)
     qlora: bool = False  # the decoder layers' linears in 4-bit NF4 (LoRA on top)
+    phase: str = "backward"  # where the peak is: backward (activations alive), step (optimizer) or setup
 
     def gib(self) -> dict[str, Any]:
         d = asdict(self)
@@ -420,9 +428,18 @@ def estimate(
             # below; a trained one also gets its gradient there (the fused CE writes it in the forward)
             if not m.tie_embeddings:
                 head_gathered = pb * m.vocab * m.hidden * (1 if lora else 2)
+                if not lora:  # its gradient's reduce-scatter: an fp32 input, and the fp32 shard it leaves
+                    head_gathered += 4 * m.vocab * m.hidden * (1 + 1 / N)
                 head_grad = 0.0
         unsharded += 4 * 2 * (layer if not lora else m.lora_params(lora_r) / m.layers)  # unsharded grads in flight
-        parts["unsharded"] = unsharded  # (torch's fused AdamW on the shards: no step temporaries)
+        # FSDP2 reshards every group after backward (the root too): gathered copies are not alive in the
+        # step (torch's fused AdamW on the shards: no step temporaries either)
+        parts["unsharded"] = unsharded
+        backward_only = unsharded
+        # as backward ends the sharded gradients are all there, beside the fp32 reduce-scatter input of
+        # the last group reduced: the embedding (tied: the root; untied: its own group) when trained
+        # (measured at one rank: 4.6 + 0.98 GiB on the 1B shape, 11.97 + 1.47 on the 3B)
+        step_tmp = on_gpu * 4 * (max(m.vocab * m.hidden, layer) if not lora else m.lora_params(lora_r) / m.layers)
     else:  # zero1/2/3
         stage = int(variant.backend[-1])
         w = 2 if bf16 else 4
@@ -453,6 +470,8 @@ def estimate(
                 # backward; the fused cross-entropy computes its gradients in the forward)
                 parts["gathered"] = 2 * stored(w, layer, Q / m.layers) + (0 if kernels else w * max(m.vocab * m.hidden, layer))
             backward_only = parts["gathered"]
+            if N > 1:  # reduce_scatter_coalesced concatenates the bucket into one comm-dtype tensor
+                backward_only += bucket * comm
             # the step, per sub-group of at most sub_group_size (DeepSpeed's 1e9) elements: the
             # flattened gradients and (bf16) their fp32 copy
             sub = min(1e9, T / N)
@@ -462,12 +481,16 @@ def estimate(
             # kept through the step; the step flattens it and (bf16) copies that to fp32
             # (offloaded optimizer: the partition lives in pinned host memory; measured on the GPU
             # instead, at one rank, a buffer the size of the largest parameter in the gradient dtype)
-            parts["grads"] = w * (max(m.vocab * m.hidden, m.intermediate * m.hidden) if off_opt else T / (N if stage == 2 else 1))
+            largest = (lora_r * max(m.intermediate, m.q_dim, m.hidden) if lora
+                       else max(m.vocab * m.hidden, m.intermediate * m.hidden))  # the largest trainable parameter
+            parts["grads"] = w * (largest if off_opt else T / (N if stage == 2 else 1))
             grads_in_backward = True
             rb = bucket * (4 if stage == 1 else w)
             # overlap_comm (two buckets) is set on several ranks or with the optimizer offloaded (deepspeed_config.py)
             parts["buckets"] = rb * (2 if zero.overlap_comm and (N > 1 or off_opt) else 1)
             backward_only = parts["buckets"]
+            if N > 1:  # each flush flattens the bucket and casts it to the communication dtype (fp32 by default)
+                backward_only += bucket * (w + (4 if (not bf16 or zero.reduce_dtype == "fp32") else 2))
             step_tmp = 0.0 if off_opt else w * T / N + (4 * T / N if bf16 else 0.0)
 
     tokens = micro_batch * seq
@@ -476,6 +499,8 @@ def estimate(
                                     lora_r=lora_r if lora else 0)
     k = (m.layers if checkpoint_layers is None else min(checkpoint_layers, m.layers)) if gradient_checkpointing else 0
     acts += head_grad + (m.layers - k + (1 if k else 0)) * attention_matrix_bytes(m, precision, tokens, seq)
+    if qlora:  # the 4-bit weights are dequantized per call, never cached by autocast
+        copies = max(0.0, copies - 2.0 * (m.layers - k + (1 if k else 0)) * m.layer_matmul_params)
     parts["activations"] = acts
     parts["autocast_copies"] = copies
     host = (offload_host_bytes(m, precision, tokens, checkpoint_layers)
@@ -483,21 +508,38 @@ def estimate(
     loss_tmp = backward_transient(m, precision, tokens, kernels, seq)
     if qlora:  # a 4-bit weight dequantized to bf16 for its GEMM, forward and backward (two at a time)
         loss_tmp += 2 * 2 * m.intermediate * m.hidden
-    extra = parts.get("unsharded", 0.0) + (parts.get("buckets", 0.0) if static_grads else 0.0)
+    extra = parts.get("buckets", 0.0) if static_grads else 0.0
     static = parts["weights"] + parts["master"] + parts["adam"] + extra + (parts["grads"] if static_grads else 0.0)
     if head_gathered:
         parts["head_gathered"] = head_gathered
     # an untied fsdp head is whole while the loss runs, then freed (the fused cross-entropy does not
     # need it in backward): it meets the loss's transient, not the first layer's gradient temporaries
-    backward = acts + copies + max(loss_tmp, head_gathered) + backward_only + (parts["grads"] if grads_in_backward else 0.0)
+    grads_b = parts["grads"] if grads_in_backward else 0.0
+    backward = acts + copies + max(loss_tmp, head_gathered) + backward_only + grads_b
     step = (0.0 if static_grads else parts["grads"]) + step_tmp
-    allocated = static + max(backward, step)
+    # setup: fsdp and zero3 move the whole model to the GPU before they shard it (backends/fsdp.py,
+    # deepspeed.py; fsdp casts the trained weights to fp32 there), whatever the GPU count
+    setup = 0.0
+    if variant.backend == "fsdp":
+        setup = stored(2 if bf16 else 4, P - T) + 4 * T
+    elif variant.backend == "zero3":
+        setup = stored(2 if bf16 else 4, P)
+    parts["setup"] = setup
+    phases = {"backward": static + backward, "step": static + step, "setup": setup}
+    phase = max(phases, key=phases.get)
+    allocated = phases[phase]
     reserved = allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT
+    # the columns: what is alive at the peak (they add up to `allocated`)
+    if phase == "setup":
+        col_w, col_g, col_o, col_a = setup, 0.0, 0.0, 0.0
+    else:
+        col_w, col_o = parts["weights"], parts["master"] + parts["adam"]
+        col_g = parts["grads"] if (static_grads or phase == "step" or grads_in_backward) else 0.0
+        col_a = acts + copies if phase == "backward" else 0.0
     return Estimate(
         backend=variant.name, precision=precision, gpus=N, micro_batch=micro_batch, seq=seq, lora=lora, qlora=qlora,
-        gradient_checkpointing=gradient_checkpointing, weights=parts["weights"], grads=parts["grads"],
-        optimizer=parts["master"] + parts["adam"], activations=acts + copies,
-        transient=max(backward - acts - copies - (parts["grads"] if grads_in_backward else 0.0), step_tmp) + extra,
+        gradient_checkpointing=gradient_checkpointing, weights=col_w, grads=col_g, optimizer=col_o, activations=col_a,
+        transient=max(0.0, allocated - col_w - col_g - col_o - col_a), phase=phase,
         allocated=allocated, reserved=reserved, parts=parts,
         checkpoint_layers=checkpoint_layers if gradient_checkpointing else None,
         activation_offload=activation_offload and gradient_checkpointing, host_offload=host, kernels=kernels,
@@ -506,7 +548,7 @@ def estimate(
 
 def estimate_model(model: Any, backend: Any, precision: str, *, gpus: int, micro_batch: int, seq: int,
                    gradient_checkpointing: bool = False, checkpoint_layers: Optional[int] = None,
-                   activation_offload: bool = False) -> Optional[Estimate]:
+                   activation_offload: bool = False, gpus_per_node: Optional[int] = None) -> Optional[Estimate]:
     """The estimate for a model object about to be trained: its shape from its config, LoRA / QLoRA and
     the kernels from what is on it, the variant from `backend` (a resolved backend config: name,
     sharding / cpu_offload, offload_optimizer / offload_param). None where the planner cannot size
@@ -535,8 +577,13 @@ def estimate_model(model: Any, backend: Any, precision: str, *, gpus: int, micro
     name = getattr(backend, "name", backend)
     if name == "fsdp":
         cpu = bool(getattr(backend, "cpu_offload", False))
-        grad_op = getattr(backend, "sharding", "full") in ("grad_op", "none")
+        sharding = getattr(backend, "sharding", "full")
+        grad_op = sharding in ("grad_op", "none")
         variant = BackendVariant(name, "fsdp", "grad_op" if grad_op else "full", cpu, cpu)
+        if sharding == "none":  # replicated on every GPU: sized as one
+            gpus = 1
+        elif sharding == "hybrid":  # sharded within a node, replicated across nodes
+            gpus = min(gpus, gpus_per_node or gpus)
     elif str(name).startswith("zero"):
         variant = BackendVariant(name, name, offload_optimizer=getattr(backend, "offload_optimizer", "none") == "cpu",
                                  offload_param=getattr(backend, "offload_param", "none") == "cpu")
@@ -544,7 +591,8 @@ def estimate_model(model: Any, backend: Any, precision: str, *, gpus: int, micro
         variant = BackendVariant(name, name)
     else:
         return None
-    precision = precision if precision in PRECISIONS else "bf16-mixed"  # fp16-mixed: the same sizes
+    if precision not in PRECISIONS:  # fp16-mixed: DeepSpeed's half weights under ZeRO, else autocast's sizes
+        precision = "bf16" if str(name).startswith("zero") else "bf16-mixed"
     return estimate(shape, variant, precision, gpus=gpus, micro_batch=micro_batch, seq=max(int(seq), 1),
                     lora=lora_r > 0 or qlora, lora_r=lora_r or 16, qlora=qlora,
                     gradient_checkpointing=gradient_checkpointing, checkpoint_layers=checkpoint_layers,
@@ -625,8 +673,10 @@ def plan(m: ModelShape, gpus: int, gpu_memory_gib: float = 80.0, *, precisions: 
         if recommended is not None:
             break
     if recommended is None:
-        reason = ("nothing fits: use --lora, --gradient-checkpointing, a shorter --seq, more GPUs, "
-                  "or a bigger GPU")
+        tips = ([] if lora or qlora else ["--lora"]) + ([] if qlora else ["--qlora"]) + (
+            ["--gradient-checkpointing"] if not gradient_checkpointing else
+            ["--activation-offload"] if not activation_offload else []) + ["a shorter --seq", "more GPUs", "a bigger GPU"]
+        reason = "nothing fits: try " + ", ".join(tips[:-1]) + " or " + tips[-1]
     return Plan(m, gpus, gpu_memory_gib, rows, fits, recommended, reason)
 
 
