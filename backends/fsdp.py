@@ -55,22 +55,7 @@ class FSDPBackend(Backend):
         return init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
 
     def setup(self, model: nn.Module, optimizer_factory: OptimizerFactory) -> nn.Module:
-        model.to(device=self.device)
         bf16 = self.cfg.precision == "bf16"
-        for p in model.parameters():
-            # trainable weights are the fp32 masters the optimizer updates; under precision bf16 a
-            # frozen weight (a LoRA base) is kept in bf16: MixedPrecisionPolicy casts every parameter
-            # to bf16 for compute anyway, and a frozen one never changes, so a wider copy is memory for
-            # nothing (peft's prepare_model_for_kbit_training leaves a QLoRA model's embeddings, head
-            # and norms in fp32: 3.9 GiB instead of 2 on the 8B shape, NOTES 32). Packed 4/8-bit
-            # weights stay packed.
-            dtype = _kept_dtype(p, bf16)
-            if dtype is not None and p.dtype != dtype:
-                p.data = p.data.to(dtype)
-        for b in model.buffers():
-            if b.is_floating_point():
-                b.data = b.data.float()
-        _broadcast_from_rank0(model)
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                  reduce_dtype=torch.bfloat16 if self.bcfg.reduce_dtype == "bf16" else torch.float32)
@@ -81,10 +66,18 @@ class FSDPBackend(Backend):
         kwargs = dict(mesh=self._mesh(), mp_policy=mp, offload_policy=offload)
         reshard = self.bcfg.resolved_reshard_after_forward
         layers = decoder_layers(model)
+        in_layers = {id(m) for layer in layers for m in layer.modules()}
         for i, layer in enumerate(layers):
+            # one decoder layer at a time: placed on the GPU, cast, given rank 0's weights and sharded at
+            # once, so no rank ever holds the whole model (moving the model first put every weight on
+            # every GPU, trained ones in fp32, before any sharding: 4 bytes per parameter at setup
+            # whatever the GPU count, NOTES 39); under cpu_offload the shard then goes to the CPU
+            _place_and_broadcast(list(layer.modules()), self.device, bf16)
             # the last layer's backward comes right after the loss: keep its parameters gathered
             # instead of freeing them at the end of its forward and gathering them again at once
             fully_shard(layer, reshard_after_forward=reshard and i < len(layers) - 1, **kwargs)
+        # the rest (embeddings, final norm, head, rotary buffers), before their own groups / the root
+        _place_and_broadcast([m for m in model.modules() if id(m) not in in_layers], self.device, bf16)
         self._set_prefetch(layers)
         embed = _untied_input_embeddings(model) if reshard else None
         if embed is not None:
@@ -210,7 +203,10 @@ class FSDPBackend(Backend):
 
 def _kept_dtype(p: nn.Parameter, bf16: bool) -> Optional[torch.dtype]:
     """The dtype FSDP keeps parameter `p`'s shard in (None: as it is): fp32 for a trained one (the
-    optimizer's master) and for everything outside precision bf16; bf16 for a frozen one under it."""
+    optimizer's master) and for everything outside precision bf16; bf16 for a frozen one under it
+    (MixedPrecisionPolicy casts every parameter to bf16 for compute anyway and a frozen one never
+    changes: peft's prepare_model_for_kbit_training leaves a QLoRA model's embeddings, head and norms in
+    fp32, 3.9 GiB instead of 2 on the 8B shape, NOTES 32). Packed 4/8-bit weights stay packed."""
     if type(p).__name__ in PACKED_PARAMS or not p.is_floating_point():
         return None
     return torch.float32 if p.requires_grad or not bf16 else torch.bfloat16
@@ -240,14 +236,34 @@ def _untied_output_head(model: nn.Module) -> Optional[nn.Module]:
 
 
 @torch.no_grad()
-def _broadcast_from_rank0(model: nn.Module) -> None:
-    """Every rank starts from rank 0's weights, as DDP and DeepSpeed make sure at wrapping:
-    `fully_shard` keeps each rank's own slice, so a model built differently per rank (a script
-    seeding with seed + rank, adapters initialised after rank-dependent draws) would train a mix
-    of the ranks' inits. Packed quantized weights (uint8 / int8 storage) come from the checkpoint
-    file on every rank and are left alone."""
+def _place_and_broadcast(modules: list[nn.Module], device: torch.device, bf16: bool) -> None:
+    """The parameters and buffers `modules` own themselves (not their children's): moved to `device`
+    by the module's own conversion (as `module.to` does, so bitsandbytes quantizes a 4-bit weight on its
+    way to the GPU), cast to what FSDP keeps (`_kept_dtype`; floating buffers fp32), and given rank 0's
+    values. Every rank starts from rank 0's weights, as DDP and DeepSpeed make sure at wrapping:
+    `fully_shard` keeps each rank's own slice, so a model built differently per rank (a script seeding
+    with seed + rank, adapters initialised after rank-dependent draws) would train a mix of the ranks'
+    inits. Packed quantized weights (uint8 / int8 storage) come from the checkpoint file on every rank
+    and are left alone."""
+    for mod in modules:
+        mod._apply(lambda t: t.to(device=device), recurse=False)
+    seen: set = set()
+    tensors = []
+    for mod in modules:
+        for p in mod.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            dtype = _kept_dtype(p, bf16)
+            if dtype is not None and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+            tensors.append(p)
+        for b in mod.buffers(recurse=False):
+            if b.is_floating_point():
+                b.data = b.data.float()
+                tensors.append(b)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in tensors:
         if t.is_floating_point():
             dist.broadcast(t.data, src=0)

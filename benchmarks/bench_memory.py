@@ -110,6 +110,7 @@ def worker(args) -> None:
         "max_steps": args.steps, "learning_rate": 1e-5, "gradient_checkpointing": checkpointing,
         "disable_tqdm": True, "logging_steps": 1,
     })
+    setup_peak = torch.cuda.max_memory_allocated()  # the Trainer's construction: the backend's setup
     torch.cuda.reset_peak_memory_stats()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from mem_peak import MemoryPeak
@@ -138,6 +139,7 @@ def worker(args) -> None:
             "micro_batch": args.micro_batch, "seq": args.seq, "checkpointing": checkpointing, "kernels": kernels,
             "params": shape.params, "losses": result.losses,
             "measured_allocated_gib": [float(x[0]) / 2**30 for x in gathered],
+            "setup_peak_gib": setup_peak / 2**30,  # rank 0, before the steps (not in the peak above)
             "measured_reserved_gib": [float(x[1]) / 2**30 for x in gathered],
             "estimated_allocated_gib": est.allocated / 2**30, "estimated_reserved_gib": est.reserved / 2**30,
             # the Trainer's own pre-flight estimate (read off the model object): must be the same

@@ -500,12 +500,13 @@ def test_trainer_memory_preflight_estimates_the_run_it_is_given(tmp_path, caplog
 
 
 def test_setup_phase_and_columns_that_add_up_to_the_peak():
-    """fsdp and zero3 move the whole model to each GPU before sharding it (backends/fsdp.py, deepspeed.py):
-    a setup peak the planner counts on any GPU count. The columns are what is alive at the peak."""
+    """zero3 moves the whole model to each GPU before DeepSpeed partitions it (backends/deepspeed.py): a
+    setup peak the planner counts on any GPU count; fsdp places and shards one layer at a time (none).
+    The columns are what is alive at the peak."""
     m = PRESETS["llama-3.1-8b"]
     T = m.lora_params(16)
     lora = estimate(m, V["fsdp"], "bf16", gpus=8, seq=512, micro_batch=1, lora=True, gradient_checkpointing=True)
-    assert lora.phase == "setup" and lora.allocated == 2 * m.params + 4 * T  # the bf16 base + fp32 adapters, whole
+    assert lora.phase == "backward" and lora.parts["setup"] == 0
     z3 = estimate(m, V["zero3"], "bf16", gpus=8, seq=512, micro_batch=1, lora=True, gradient_checkpointing=True)
     assert z3.phase == "setup" and z3.allocated == 2 * (m.params + T)
     ddp = estimate(m, V["ddp"], "bf16", gpus=8, seq=512, micro_batch=1, lora=True)

@@ -33,8 +33,8 @@ Partitioning:
                   flight: 2 layers + the root (final norm; tied embeddings and head; an untied head or
                   input embedding is a group of its own) with sharding full; all layers with grad_op. As
                   backward ends: the grads + the fp32 reduce-scatter input of the last group (the embedding).
-    setup         fsdp and zero3 move the whole model to each GPU before sharding it (fsdp with its
-                  trained weights cast to fp32): a peak of its own, on any number of GPUs.
+    setup         zero3 moves the whole model to each GPU before DeepSpeed partitions it: a peak of
+                  its own, on any number of GPUs (fsdp places and shards one layer at a time).
     offload       zero *_offload_opt: master + Adam + fp32 grads live on the CPU (zero1/2: two
                   buckets, overlap_comm being on, and a buffer the size of the largest parameter);
                   zero3 offload_param: weights too; fsdp cpu_offload: sharded params, grads, Adam.
@@ -517,13 +517,9 @@ def estimate(
     grads_b = parts["grads"] if grads_in_backward else 0.0
     backward = acts + copies + max(loss_tmp, head_gathered) + backward_only + grads_b
     step = (0.0 if static_grads else parts["grads"]) + step_tmp
-    # setup: fsdp and zero3 move the whole model to the GPU before they shard it (backends/fsdp.py,
-    # deepspeed.py; fsdp casts the trained weights to fp32 there), whatever the GPU count
-    setup = 0.0
-    if variant.backend == "fsdp":
-        setup = stored(2 if bf16 else 4, P - T) + 4 * T
-    elif variant.backend == "zero3":
-        setup = stored(2 if bf16 else 4, P)
+    # setup: zero3 moves the whole model to the GPU before DeepSpeed partitions it (backends/deepspeed.py),
+    # whatever the GPU count (fsdp places and shards one decoder layer at a time: no such peak)
+    setup = stored(2 if bf16 else 4, P) if variant.backend == "zero3" else 0.0
     parts["setup"] = setup
     phases = {"backward": static + backward, "step": static + step, "setup": setup}
     phase = max(phases, key=phases.get)
