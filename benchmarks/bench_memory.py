@@ -62,26 +62,7 @@ def worker(args) -> None:
         tie_word_embeddings=shape.tie_embeddings, max_position_embeddings=max(args.seq, 4096), attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    if kind == "qlora":
-        # NF4 base (double quantization, bf16 storage) as bench_train.py's qlora-8b builds it: bf16 on
-        # the GPU, the decoder layers' linears quantized there; then LoRA through add_lora
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from bench_train import quantize_4bit
-
-        from unsloth_dist.models.lora import add_lora
-
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device("cuda", torch.cuda.current_device()):
-                model = LlamaForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(prev)
-        quantize_4bit(model, torch.bfloat16)
-        model = add_lora(model, r=args.lora_r, lora_alpha=args.lora_r, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-        torch.cuda.empty_cache()
-    elif "gpu" in opts:  # bf16 on the GPU (fast for large shapes; precision bf16 only)
+    if kind == "qlora" or "gpu" in opts:  # bf16 on the GPU (fast for large shapes; precision bf16 only)
         prev = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         try:
@@ -92,6 +73,18 @@ def worker(args) -> None:
     else:
         with torch.device("cpu"):
             model = LlamaForCausalLM(cfg)
+    if kind == "qlora":
+        # NF4 base (double quantization, bf16 storage) as bench_train.py's qlora-8b builds it: the
+        # decoder layers' linears quantized on the GPU; then LoRA through add_lora
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from bench_train import quantize_4bit
+
+        from unsloth_dist.models.lora import add_lora
+
+        quantize_4bit(model, torch.bfloat16)
+        model = add_lora(model, r=args.lora_r, lora_alpha=args.lora_r, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        torch.cuda.empty_cache()
     if kind == "lora":
         from peft import LoraConfig, get_peft_model
 
