@@ -549,12 +549,9 @@ def estimate_model(model: Any, backend: Any, precision: str, *, gpus: int, micro
     the kernels from what is on it, the variant from `backend` (a resolved backend config: name,
     sharding / cpu_offload, offload_optimizer / offload_param). None where the planner cannot size
     it (not a dense Llama / Qwen / Mistral-style config)."""
-    causal = model
-    for _ in range(4):  # peft's wrappers
-        inner = causal.get_base_model() if hasattr(causal, "get_base_model") else causal
-        if inner is causal:
-            break
-        causal = inner
+    from ..models.patching import _causal_lm  # (torch / transformers: only where a model is at hand)
+
+    causal = _causal_lm(model)  # inside peft's wrappers
     config = getattr(causal, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return None
